@@ -1,0 +1,35 @@
+# The two commands of the README: `make run` and `make test`. Everything they need is
+# installed here, so a fresh clone on a fresh machine works.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+# A CPU wheel by default. On a GPU host: make run TORCH_SPEC="torch==2.13.0" TORCH_INDEX=https://download.pytorch.org/whl/cu128
+TORCH_SPEC ?= torch==2.13.0
+TORCH_INDEX ?=
+STAMP := $(VENV)/.installed
+
+.PHONY: setup run test test-unit bench clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml Makefile
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q "$(TORCH_SPEC)" $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX))
+	$(BIN)/python -m pip install -q -e ".[test]"
+	touch $@
+
+run: setup
+	$(BIN)/serve run deployments/local.yaml
+
+test: setup
+	$(BIN)/python -m pytest tests
+
+test-unit: setup
+	$(BIN)/python -m pytest tests/unit
+
+bench: setup
+	$(BIN)/python benchmarks/embeddings.py
+
+clean:
+	rm -rf $(VENV) .pytest_cache

@@ -1,0 +1,179 @@
+"""Who is on a subnet: metagraph sources and the cache the router authorises from.
+
+Two sources give the same `MetagraphView`: the live chain through the bittensor SDK
+(`client.subnets.metagraph(netuid)`) and a JSON snapshot file for local/offline use.
+`MetagraphCache` refreshes in the background and keeps the last good view when a
+refresh fails, so a chain outage never blocks callers that view admits.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Mapping, Optional, Protocol, Union
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from serve_app.config import ChainMetagraph, SnapshotMetagraph
+
+log = logging.getLogger("torchrank.metagraph")
+
+
+@dataclass(frozen=True)
+class Neuron:
+    uid: int
+    hotkey: str
+    stake: float
+    validator_permit: bool
+
+
+@dataclass(frozen=True)
+class MetagraphView:
+    netuid: int
+    block: int
+    neurons: Mapping[str, Neuron]
+    fetched_at: float = field(default_factory=time.time)
+
+    def neuron(self, hotkey: str) -> Optional[Neuron]:
+        return self.neurons.get(hotkey)
+
+
+class SnapshotNeuron(BaseModel):
+    """One row of a snapshot: the fields of the SDK's MetagraphNeuron that authorisation uses."""
+
+    model_config = ConfigDict(extra="ignore")
+    uid: int = Field(ge=0)
+    hotkey: str = Field(min_length=1)
+    validator_permit: bool = False
+    total_stake: float = Field(default=0.0, ge=0)
+
+
+class Snapshot(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    netuid: int
+    block: int = 0
+    neurons: list[SnapshotNeuron]
+
+
+def view_from_snapshot(data: object, netuid: int) -> MetagraphView:
+    snap = Snapshot.model_validate(data)
+    if snap.netuid != netuid:
+        raise ValueError(f"snapshot is for netuid {snap.netuid}, not {netuid}")
+    neurons = {
+        n.hotkey: Neuron(uid=n.uid, hotkey=n.hotkey, stake=n.total_stake, validator_permit=n.validator_permit)
+        for n in snap.neurons
+    }
+    return MetagraphView(netuid=netuid, block=snap.block, neurons=neurons)
+
+
+def view_from_sdk(metagraph) -> MetagraphView:
+    """Convert the SDK's `bittensor.metagraph.Metagraph`; stake is `total_stake` in the subnet's units."""
+    neurons = {
+        n.hotkey: Neuron(
+            uid=n.uid, hotkey=n.hotkey, stake=float(n.total_stake.tao), validator_permit=bool(n.validator_permit)
+        )
+        for n in metagraph.neurons
+    }
+    return MetagraphView(netuid=metagraph.netuid, block=metagraph.block, neurons=neurons)
+
+
+class MetagraphSource(Protocol):
+    description: str
+
+    async def fetch(self) -> MetagraphView: ...
+
+
+class SnapshotSource:
+    def __init__(self, cfg: SnapshotMetagraph, netuid: int):
+        self.path = Path(cfg.path)
+        self.netuid = netuid
+        self.description = f"snapshot {self.path}"
+
+    async def fetch(self) -> MetagraphView:
+        return self.load()
+
+    def load(self) -> MetagraphView:
+        try:
+            data = json.loads(self.path.read_text())
+        except (OSError, ValueError) as exc:
+            raise ValueError(f"cannot read metagraph snapshot {self.path}: {exc}") from None
+        return view_from_snapshot(data, self.netuid)
+
+
+class ChainSource:
+    def __init__(self, cfg: ChainMetagraph, netuid: int, client_factory=None):
+        self.cfg = cfg
+        self.netuid = netuid
+        self.description = f"chain {cfg.network}"
+        self._client_factory = client_factory or self._sdk_client
+
+    @staticmethod
+    def _sdk_client(network: str):
+        import bittensor
+
+        return bittensor.Subtensor(network)
+
+    async def fetch(self) -> MetagraphView:
+        async def read():
+            async with self._client_factory(self.cfg.network) as client:
+                return await client.subnets.metagraph(self.netuid, commitments=False)
+
+        try:
+            metagraph = await asyncio.wait_for(read(), self.cfg.timeout_s)
+        except asyncio.TimeoutError:
+            raise TimeoutError(f"metagraph read from {self.cfg.network} took over {self.cfg.timeout_s:g}s") from None
+        if metagraph is None:
+            raise LookupError(f"subnet {self.netuid} does not exist on {self.cfg.network}")
+        return view_from_sdk(metagraph)
+
+
+def make_source(cfg: Union[SnapshotMetagraph, ChainMetagraph], netuid: int) -> MetagraphSource:
+    if isinstance(cfg, SnapshotMetagraph):
+        return SnapshotSource(cfg, netuid)
+    return ChainSource(cfg, netuid)
+
+
+class MetagraphCache:
+    """The latest good view of one subnet, refreshed every `refresh_s` in the background."""
+
+    def __init__(self, source: MetagraphSource, refresh_s: float):
+        self.source = source
+        self.refresh_s = refresh_s
+        self.view: Optional[MetagraphView] = None
+        self.last_error: Optional[str] = None
+        self.failures = 0
+        self._task: Optional[asyncio.Task] = None
+
+    async def refresh(self) -> bool:
+        try:
+            view = await self.source.fetch()
+        except Exception as exc:  # keep the last good view whatever went wrong
+            self.failures += 1
+            self.last_error = f"{type(exc).__name__}: {exc}"
+            log.warning("metagraph refresh from %s failed (%d in a row), keeping the last good copy: %s",
+                        self.source.description, self.failures, self.last_error)
+            return False
+        self.view, self.last_error, self.failures = view, None, 0
+        return True
+
+    def start(self) -> None:
+        if self._task is None:
+            self._task = asyncio.get_running_loop().create_task(self._run())
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            self._task = None
+
+    async def _run(self) -> None:
+        while True:
+            await asyncio.sleep(self.refresh_s)
+            await self.refresh()
+
+    @property
+    def age_s(self) -> Optional[float]:
+        return None if self.view is None else time.time() - self.view.fetched_at

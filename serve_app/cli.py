@@ -1,0 +1,102 @@
+"""`torchrank-miner`: the operator's command.
+
+  torchrank-miner validator embed "some text"     sign as //Alice, call the miner, print the result
+  torchrank-miner config check deployments/x.yaml validate a serve config's miner args
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+DEFAULT_CONFIG = "deployments/local.yaml"
+
+
+def _miner_hotkey(args) -> str:
+    if args.miner_hotkey:
+        return args.miner_hotkey
+    from serve_app.app import load_config
+
+    return load_config(args.config).wallet.hotkey_ss58()
+
+
+def cmd_embed(args) -> int:
+    import httpx
+
+    from serve_app.client import signed_request, signer_for
+
+    signer = signer_for(args.key, args.wallet_name, args.wallet_hotkey, args.wallet_path)
+    payload = {"input": args.text if len(args.text) > 1 else args.text[0]}
+    body, headers = signed_request(signer, args.path, payload, _miner_hotkey(args))
+    try:
+        resp = httpx.post(args.url.rstrip("/") + args.path, content=body, headers=headers, timeout=args.timeout)
+    except httpx.HTTPError as exc:
+        print(f"cannot reach the miner at {args.url}: {exc}", file=sys.stderr)
+        return 2
+    data = resp.json()
+    if resp.status_code != 200:
+        print(f"HTTP {resp.status_code}: {json.dumps(data)}", file=sys.stderr)
+        return 1
+    if args.full:
+        print(json.dumps(data))
+        return 0
+    for item in data["data"]:
+        vec = item["embedding"]
+        head = ", ".join(f"{x:.4f}" for x in vec[:6])
+        print(f"[{item['index']}] dim={len(vec)} [{head}, ...]")
+    print(f"model={data['model']} usage={json.dumps(data['usage'])} request_id={resp.headers.get('x-request-id')}")
+    return 0
+
+
+def cmd_config_check(args) -> int:
+    from pydantic import ValidationError
+
+    from serve_app.app import check_startable, load_config, with_absolute_paths
+
+    try:
+        cfg = with_absolute_paths(load_config(args.file))
+        check_startable(cfg)
+    except (ValidationError, ValueError) as exc:
+        print(f"{args.file}: invalid miner config:\n{exc}", file=sys.stderr)
+        return 1
+    subnets = ", ".join(f"{s.netuid} ({s.metagraph.source})" for s in cfg.subnets)
+    print(f"{args.file}: ok; miner hotkey {cfg.wallet.hotkey_ss58()}; subnets {subnets}")
+    return 0
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="torchrank-miner", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="command", required=True)
+
+    validator = sub.add_parser("validator", help="act as a validator against a running miner")
+    vsub = validator.add_subparsers(dest="action", required=True)
+    embed = vsub.add_parser("embed", help="request embeddings, signed with btauth/1")
+    embed.add_argument("text", nargs="+", help="one or more texts")
+    embed.add_argument("--url", default="http://127.0.0.1:8000")
+    embed.add_argument("--path", default="/v1/embeddings")
+    embed.add_argument("--key", default="//Alice", help="dev key URI to sign with (default //Alice)")
+    embed.add_argument("--wallet-name", help="sign with this wallet's hotkey instead of a dev key")
+    embed.add_argument("--wallet-hotkey", default="default")
+    embed.add_argument("--wallet-path", default="~/.bittensor/wallets")
+    embed.add_argument("--miner-hotkey", help="receiver ss58 (default: the hotkey in --config)")
+    embed.add_argument("--config", default=DEFAULT_CONFIG, help="serve config to read the miner hotkey from")
+    embed.add_argument("--timeout", type=float, default=30.0)
+    embed.add_argument("--full", action="store_true", help="print the whole JSON response")
+    embed.set_defaults(func=cmd_embed)
+
+    config = sub.add_parser("config", help="miner config tools")
+    csub = config.add_subparsers(dest="action", required=True)
+    check = csub.add_parser("check", help="validate a serve config file's miner args")
+    check.add_argument("file", nargs="?", default=DEFAULT_CONFIG)
+    check.set_defaults(func=cmd_config_check)
+    return p
+
+
+def main(argv=None) -> int:
+    args = parser().parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,215 @@
+"""The miner's configuration: one pydantic tree, passed as `args:` in a serve config.
+
+`build_app(args: MinerConfig)` makes Ray Serve validate the tree before any replica
+starts, so a wrong field fails `serve run` with a message naming it. This module
+imports nothing heavy: the builder must import in milliseconds.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Annotated, Literal, Optional, Union
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+DEV_URI = re.compile(r"^//[A-Za-z0-9]+$")
+PROTOCOL_WORKLOAD = {"openai-embeddings": "embeddings"}
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class WalletConfig(Strict):
+    """The miner's hotkey: a wallet on disk, or a Substrate dev URI for local use.
+
+    Only the hotkey's public address is read; no secret is loaded to serve requests.
+    """
+
+    name: Optional[str] = None
+    hotkey: str = "default"
+    path: str = "~/.bittensor/wallets"
+    uri: Optional[str] = Field(
+        default=None, description="A well-known dev key such as //Bob; only with a snapshot metagraph."
+    )
+
+    @model_validator(mode="after")
+    def _one_identity(self) -> "WalletConfig":
+        if (self.name is None) == (self.uri is None):
+            raise ValueError("set exactly one of wallet.name (a wallet on disk) or wallet.uri (a //Dev key)")
+        if self.uri is not None and not DEV_URI.match(self.uri):
+            # Anything else (a mnemonic, a seed) would be a secret in a config file.
+            raise ValueError("wallet.uri accepts only well-known dev keys like //Bob; use wallet.name for real keys")
+        return self
+
+    @property
+    def is_dev_key(self) -> bool:
+        return self.uri is not None
+
+    def hotkey_ss58(self) -> str:
+        """The miner hotkey's ss58 address (raises ValueError with a clear message)."""
+        from bittensor.sp_core import Keypair
+
+        if self.uri is not None:
+            return Keypair.create_from_uri(self.uri).ss58_address
+        import bittensor
+
+        wallet = bittensor.Wallet(name=self.name, hotkey=self.hotkey, path=str(Path(self.path).expanduser()))
+        try:
+            return wallet.hotkeypub.ss58_address
+        except Exception as exc:  # the SDK raises several kinds for a missing/corrupt file
+            raise ValueError(
+                f"cannot read the public hotkey of wallet {self.name!r}/{self.hotkey!r} under {self.path}: {exc}"
+            ) from None
+
+
+class SnapshotMetagraph(Strict):
+    """A metagraph JSON file (see deployments/local-metagraph.json); re-read when it changes."""
+
+    source: Literal["snapshot"] = "snapshot"
+    path: str
+    refresh_s: float = Field(default=5.0, gt=0)
+
+
+class ChainMetagraph(Strict):
+    """The live chain through the bittensor SDK, refreshed in the background."""
+
+    source: Literal["chain"] = "chain"
+    network: str = Field(default="finney", description="finney, test, local, or a ws(s):// endpoint")
+    refresh_s: float = Field(default=120.0, gt=0)
+    timeout_s: float = Field(default=30.0, gt=0)
+
+
+MetagraphSource = Annotated[Union[SnapshotMetagraph, ChainMetagraph], Field(discriminator="source")]
+
+
+class AuthPolicy(Strict):
+    """btauth/1 verification and who may use the subnet's routes."""
+
+    max_age_s: float = Field(default=10.0, gt=0, le=3600)
+    allowed_skew_s: float = Field(default=2.0, ge=0, le=600)
+    require_receiver: bool = Field(
+        default=True, description="Refuse requests not bound to our hotkey (they could be replayed from another miner)."
+    )
+    require_validator_permit: bool = True
+    min_stake: float = Field(default=0.0, ge=0, description="In the subnet's stake units (the neuron's total_stake).")
+    allow_hotkeys: tuple[str, ...] = Field(
+        default=(), description="Admitted after authentication whatever their registration, permit or stake."
+    )
+    deny_hotkeys: tuple[str, ...] = Field(default=(), description="Always refused.")
+
+    @model_validator(mode="after")
+    def _lists_disjoint(self) -> "AuthPolicy":
+        both = set(self.allow_hotkeys) & set(self.deny_hotkeys)
+        if both:
+            raise ValueError(f"hotkeys both allowed and denied: {sorted(both)}")
+        return self
+
+
+class RouteConfig(Strict):
+    path: str = Field(pattern=r"^/[A-Za-z0-9_\-./]*$")
+    protocol: Literal["openai-embeddings"]
+
+
+class SubnetConfig(Strict):
+    netuid: int = Field(ge=0, le=65535)
+    prefix: str = Field(
+        default="",
+        pattern=r"^(/[A-Za-z0-9_\-]+)*$",
+        description="Path prefix of this subnet's routes; one subnet may use '' (the default).",
+    )
+    metagraph: MetagraphSource
+    auth: AuthPolicy = AuthPolicy()
+    routes: tuple[RouteConfig, ...] = (RouteConfig(path="/v1/embeddings", protocol="openai-embeddings"),)
+    timeout_s: float = Field(default=12.0, gt=0, description="Deadline for a request when the validator sends none.")
+
+    @field_validator("routes")
+    @classmethod
+    def _unique_paths(cls, routes: tuple[RouteConfig, ...]) -> tuple[RouteConfig, ...]:
+        paths = [r.path for r in routes]
+        if len(set(paths)) != len(paths):
+            raise ValueError(f"duplicate route paths: {paths}")
+        if not routes:
+            raise ValueError("a subnet needs at least one route")
+        return routes
+
+
+class EmbeddingsConfig(Strict):
+    model: str = Field(
+        default="sentence-transformers/all-MiniLM-L6-v2",
+        description="A hub id or a local directory of a sentence-transformers model.",
+    )
+    served_model_name: Optional[str] = Field(default=None, description="The name in responses; default: the model's last path part.")
+    offline: bool = Field(default=False, description="Set HF_HUB_OFFLINE=1 in the replica: never contact a model hub.")
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    torch_threads: Optional[int] = Field(default=None, ge=1, description="Default: the replica's num_cpus, at least 1.")
+    max_seq_length: Optional[int] = Field(default=None, ge=8, le=8192)
+    # Batching: texts of concurrent requests share forward passes. With a zero wait a
+    # lone request runs at once; requests arriving during a pass form the next batch.
+    max_batch_texts: int = Field(default=64, ge=1, le=4096)
+    batch_wait_timeout_s: float = Field(default=0.0, ge=0, le=1)
+    # Per-request limits -> 422.
+    max_texts_per_request: int = Field(default=64, ge=1)
+    max_chars_per_text: int = Field(default=8192, ge=1)
+    # Placement.
+    num_replicas: int = Field(default=1, ge=1)
+    num_cpus: float = Field(default=1.0, ge=0)
+    num_gpus: float = Field(default=0.0, ge=0)
+    max_ongoing_requests: int = Field(default=128, ge=1)
+
+    @model_validator(mode="after")
+    def _request_fits_a_batch(self) -> "EmbeddingsConfig":
+        if self.max_texts_per_request > self.max_batch_texts:
+            raise ValueError(
+                f"max_texts_per_request ({self.max_texts_per_request}) must not exceed max_batch_texts "
+                f"({self.max_batch_texts}): one request must fit in one batch"
+            )
+        return self
+
+    @property
+    def model_name(self) -> str:
+        return self.served_model_name or self.model.rstrip("/").split("/")[-1]
+
+
+class WorkloadsConfig(Strict):
+    embeddings: Optional[EmbeddingsConfig] = EmbeddingsConfig()
+
+
+class RouterConfig(Strict):
+    num_replicas: int = Field(default=1, ge=1)
+    num_cpus: float = Field(default=0.5, ge=0)
+    max_ongoing_requests: int = Field(default=256, ge=1)
+    max_body_bytes: int = Field(default=1 << 20, ge=1024, description="Larger bodies get 413 before being read.")
+
+
+class MinerConfig(Strict):
+    name: str = Field(default="torchrank-miner", description="Used for the shared replay store's actor name.")
+    wallet: WalletConfig
+    subnets: tuple[SubnetConfig, ...] = Field(min_length=1)
+    workloads: WorkloadsConfig = WorkloadsConfig()
+    router: RouterConfig = RouterConfig()
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "MinerConfig":
+        netuids = [s.netuid for s in self.subnets]
+        if len(set(netuids)) != len(netuids):
+            raise ValueError(f"subnets: duplicate netuid in {netuids}")
+        prefixes = [s.prefix for s in self.subnets]
+        if len(set(prefixes)) != len(prefixes):
+            raise ValueError(f"subnets: two subnets share a prefix in {prefixes}; give each its own")
+        if self.wallet.is_dev_key:
+            live = [s.netuid for s in self.subnets if s.metagraph.source != "snapshot"]
+            if live:
+                raise ValueError(
+                    f"wallet.uri {self.wallet.uri} is a public dev key: it is refused with a live chain "
+                    f"metagraph (subnets {live}); use a wallet on disk, or a snapshot metagraph for local use"
+                )
+        for subnet in self.subnets:
+            for route in subnet.routes:
+                workload = PROTOCOL_WORKLOAD[route.protocol]
+                if getattr(self.workloads, workload) is None:
+                    raise ValueError(
+                        f"subnet {subnet.netuid} route {route.path} needs workload {workload!r}, which is disabled"
+                    )
+        return self

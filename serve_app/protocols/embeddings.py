@@ -1,0 +1,61 @@
+"""OpenAI-compatible embeddings: POST /v1/embeddings."""
+
+from __future__ import annotations
+
+import base64
+from typing import Literal, Optional, Union
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field
+
+from serve_app.config import EmbeddingsConfig
+from serve_app.protocols.base import limit_exceeded, parse_json
+
+
+class EmbeddingsRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    input: Union[str, list[str]] = Field(description="One text or a list of texts.")
+    model: Optional[str] = None
+    encoding_format: Literal["float", "base64"] = "float"
+    user: Optional[str] = None
+
+    @property
+    def texts(self) -> list[str]:
+        return [self.input] if isinstance(self.input, str) else self.input
+
+
+class OpenAIEmbeddings:
+    workload = "embeddings"
+    request_model = EmbeddingsRequest
+
+    def __init__(self, cfg: EmbeddingsConfig):
+        self.cfg = cfg
+        self.accepted_models = {cfg.model_name, cfg.model}
+
+    def parse(self, body: bytes) -> EmbeddingsRequest:
+        req = parse_json(body, EmbeddingsRequest)
+        texts = req.texts
+        if not texts:
+            raise limit_exceeded("input", "at least one text is required")
+        if len(texts) > self.cfg.max_texts_per_request:
+            raise limit_exceeded("input", f"{len(texts)} texts, at most {self.cfg.max_texts_per_request} per request")
+        for i, text in enumerate(texts):
+            if len(text) > self.cfg.max_chars_per_text:
+                field = "input" if isinstance(req.input, str) else f"input[{i}]"
+                raise limit_exceeded(field, f"{len(text)} characters, at most {self.cfg.max_chars_per_text}")
+        if req.model is not None and req.model not in self.accepted_models:
+            raise limit_exceeded("model", f"{req.model!r} is not served here; this miner serves {self.cfg.model_name!r}")
+        return req
+
+    async def run(self, req: EmbeddingsRequest, handle) -> dict:
+        vectors, tokens = await handle.embed.remote(req.texts)
+        if req.encoding_format == "base64":
+            encoded = [base64.b64encode(np.asarray(v, dtype="<f4").tobytes()).decode() for v in vectors]
+        else:
+            encoded = list(vectors)  # numpy rows: orjson writes them directly
+        return {
+            "object": "list",
+            "data": [{"object": "embedding", "index": i, "embedding": e} for i, e in enumerate(encoded)],
+            "model": self.cfg.model_name,
+            "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
+        }

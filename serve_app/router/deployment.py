@@ -1,0 +1,152 @@
+"""The `Router` deployment: the subnet axon in front of the workloads.
+
+The request path, in order; a request refused at any step stops there and never
+reaches a workload:
+  route (404) -> body under the cap (413) -> btauth/1 signature + shared replay check (401)
+  -> authorisation from the subnet's metagraph (403) -> schema and limits (422)
+  -> workload call under the deadline (504) -> response.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import uuid
+from dataclasses import dataclass
+
+import ray
+from fastapi import FastAPI, Request
+from ray import serve
+from ray.serve.handle import DeploymentHandle
+
+from serve_app import __version__
+from serve_app.chain.metagraph import MetagraphCache, make_source
+from serve_app.config import MinerConfig, PROTOCOL_WORKLOAD, SubnetConfig
+from serve_app.errors import ApiError, error_response, json_response, not_found, unavailable
+from serve_app.protocols.base import Adapter
+from serve_app.protocols.registry import make_adapter
+from serve_app.router.auth import Authenticator, shared_nonce_store
+from serve_app.router.body import read_capped
+from serve_app.router.policy import authorise
+
+log = logging.getLogger("torchrank.router")
+
+app = FastAPI(title="torchrank-miner", version=__version__, openapi_url=None, docs_url=None, redoc_url=None)
+
+AUTH_HEADERS = ["X-Bittensor-Version", "X-Bittensor-Hotkey", "X-Bittensor-Nonce", "X-Bittensor-Signature"]
+
+
+@dataclass(frozen=True)
+class Route:
+    path: str
+    subnet: SubnetConfig
+    metagraph: MetagraphCache
+    adapter: Adapter
+    workload: DeploymentHandle
+
+
+def signed_target(request: Request) -> str:
+    """The request target exactly as the client sent it (path and query): what btauth/1 signs."""
+    scope = request.scope
+    target = (scope.get("raw_path") or scope["path"].encode()).decode("latin-1")
+    query = scope.get("query_string") or b""
+    return f"{target}?{query.decode('latin-1')}" if query else target
+
+
+def replica_id() -> str:
+    try:
+        return serve.get_replica_context().replica_id.unique_id
+    except Exception:
+        return "local"
+
+
+@serve.deployment(name="Router")
+@serve.ingress(app)
+class Router:
+    async def __init__(self, cfg: MinerConfig, workloads: dict[str, DeploymentHandle]):
+        self.cfg = cfg
+        self.replica = replica_id()
+        self.auth = Authenticator(cfg.wallet.hotkey_ss58(), shared_nonce_store(cfg.name))
+        self.metagraphs: dict[int, MetagraphCache] = {}
+        self.routes: dict[str, Route] = {}
+        for subnet in cfg.subnets:
+            cache = MetagraphCache(make_source(subnet.metagraph, subnet.netuid), subnet.metagraph.refresh_s)
+            await cache.refresh()  # a failed first read leaves requests at 503 until a refresh succeeds
+            cache.start()
+            self.metagraphs[subnet.netuid] = cache
+            for route in subnet.routes:
+                self.routes[subnet.prefix + route.path] = Route(
+                    path=subnet.prefix + route.path,
+                    subnet=subnet,
+                    metagraph=cache,
+                    adapter=make_adapter(route.protocol, cfg),
+                    workload=workloads[PROTOCOL_WORKLOAD[route.protocol]],
+                )
+
+    @app.get("/health")
+    def health(self):
+        return {"status": "ok"}
+
+    @app.get("/openapi.json")
+    def openapi(self):
+        return self._openapi()
+
+    @app.api_route("/{path:path}", methods=["GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS"])
+    async def dispatch(self, request: Request, path: str):
+        request_id = uuid.uuid4().hex[:16]
+        started = time.perf_counter()
+        headers = {"X-Request-Id": request_id, "X-Miner-Replica": self.replica}
+        caller, netuid, status = "-", "-", 500
+        try:
+            route = self.routes.get(request.url.path)
+            if route is None:
+                raise not_found(request.url.path)
+            netuid = route.subnet.netuid
+            if request.method != "POST":
+                raise ApiError(405, "method_not_allowed", f"{route.path} accepts POST", {"Allow": "POST"})
+            body = await read_capped(request, self.cfg.router.max_body_bytes)
+            caller = await self.auth.authenticate(
+                request.headers, body, method=request.method, path=signed_target(request), policy=route.subnet.auth
+            )
+            authorise(caller, route.metagraph.view, route.subnet.auth)
+            parsed = route.adapter.parse(body)
+            result = await self._call_workload(route, parsed)
+            status = 200
+            return json_response(result, headers=headers)
+        except ApiError as err:
+            status = err.status
+            return error_response(err, headers)
+        except Exception:
+            log.exception("request %s failed inside the miner", request_id)
+            return error_response(ApiError(500, "internal_error", f"the miner failed this request (id {request_id})"), headers)
+        finally:
+            # Never the body, signature or headers: only who, where and how it ended.
+            log.info("request id=%s netuid=%s caller=%s path=%s status=%d ms=%.1f",
+                     request_id, netuid, caller, request.url.path, status, (time.perf_counter() - started) * 1000)
+
+    async def _call_workload(self, route: Route, parsed) -> dict:
+        timeout = route.subnet.timeout_s
+        try:
+            return await asyncio.wait_for(route.adapter.run(parsed, route.workload), timeout)
+        except asyncio.TimeoutError:
+            raise ApiError(504, "deadline_exceeded", f"the work did not finish within {timeout:g}s") from None
+        except (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError):
+            raise unavailable(f"the {route.adapter.workload} workload is restarting", retry_after_s=2) from None
+
+    def _openapi(self) -> dict:
+        error = {"description": "A refusal", "content": {"application/json": {"schema": {
+            "type": "object", "properties": {"error": {"type": "string"}, "detail": {"type": "string"}},
+            "required": ["error", "detail"]}}}}
+        paths = {"/health": {"get": {"summary": "Liveness", "responses": {"200": {"description": "alive"}}}}}
+        for route in self.routes.values():
+            paths[route.path] = {"post": {
+                "summary": f"{route.adapter.workload} for subnet {route.subnet.netuid}",
+                "parameters": [{"name": h, "in": "header", "required": True, "schema": {"type": "string"}}
+                               for h in AUTH_HEADERS],
+                "requestBody": {"required": True, "content": {"application/json": {
+                    "schema": route.adapter.request_model.model_json_schema()}}},
+                "responses": {"200": {"description": "the result"},
+                              **{str(code): error for code in (401, 403, 404, 413, 422, 503, 504)}},
+            }}
+        return {"openapi": "3.1.0", "info": {"title": "torchrank-miner", "version": __version__}, "paths": paths}

@@ -1,0 +1,26 @@
+"""Authorisation: may this authenticated hotkey use this subnet's routes?"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+from serve_app.chain.metagraph import MetagraphView
+from serve_app.config import AuthPolicy
+from serve_app.errors import ApiError, unavailable
+
+
+def authorise(hotkey: str, view: Optional[MetagraphView], policy: AuthPolicy) -> None:
+    """Return if admitted; raise ApiError (403, or 503 with no metagraph yet) otherwise."""
+    if hotkey in policy.deny_hotkeys:
+        raise ApiError(403, "denied", "this hotkey is deny-listed by the miner")
+    if hotkey in policy.allow_hotkeys:
+        return
+    if view is None:
+        raise unavailable("the subnet's metagraph has not been loaded yet", retry_after_s=5)
+    neuron = view.neuron(hotkey)
+    if neuron is None:
+        raise ApiError(403, "not_registered", f"hotkey is not registered on subnet {view.netuid}")
+    if policy.require_validator_permit and not neuron.validator_permit:
+        raise ApiError(403, "no_validator_permit", f"hotkey has no validator permit on subnet {view.netuid}")
+    if neuron.stake < policy.min_stake:
+        raise ApiError(403, "insufficient_stake", f"stake {neuron.stake:g} is below the minimum {policy.min_stake:g}")
