@@ -65,20 +65,24 @@ class SentenceEmbeddingEngine:
         if self.device == "cuda":
             self.model.half()
         self.model.eval()
-        self.dimension = self.model.get_sentence_embedding_dimension()
+        # sentence-transformers 6 renamed these; keep older releases working too.
+        self._tokenize = getattr(self.model, "preprocess", None) or self.model.tokenize
+        dimension = getattr(self.model, "get_embedding_dimension", None) or self.model.get_sentence_embedding_dimension
+        self.dimension = dimension()
         log.info("loaded %s from %s on %s (dim %d, %d threads)", cfg.model, path, self.device, self.dimension, num_threads)
         self.encode(["warm up the kernels"])
 
     def encode(self, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
         """(float32 [n, dim] unit vectors, int [n] token counts), in input order."""
-        features = self.model.tokenize(texts)
+        features = self._tokenize(texts)
         lengths = features["attention_mask"].sum(dim=1)
         order = self.torch.argsort(lengths, descending=True, stable=True)
         out = np.empty((len(texts), self.dimension), dtype=np.float32)
         with self.torch.inference_mode():
             for chunk in self._chunks(order, lengths):
                 width = int(lengths[chunk[0]])
-                batch = {k: v[chunk, :width].to(self.device) for k, v in features.items()}
+                batch = {k: v[chunk, :width].to(self.device) if isinstance(v, self.torch.Tensor) else v
+                         for k, v in features.items()}
                 emb = self.model(batch)["sentence_embedding"]
                 emb = self.torch.nn.functional.normalize(emb.float(), p=2, dim=1)
                 out[chunk.numpy()] = emb.cpu().numpy()

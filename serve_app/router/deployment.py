@@ -7,12 +7,10 @@ reaches a workload:
   -> workload call under the deadline (504) -> response.
 """
 
-from __future__ import annotations
-
+# No `from __future__ import annotations`: FastAPI must see real types through serve.ingress.
 import asyncio
 import logging
 import time
-import uuid
 from dataclasses import dataclass
 
 import ray
@@ -52,6 +50,14 @@ def signed_target(request: Request) -> str:
     target = (scope.get("raw_path") or scope["path"].encode()).decode("latin-1")
     query = scope.get("query_string") or b""
     return f"{target}?{query.decode('latin-1')}" if query else target
+
+
+def request_id() -> str:
+    """Serve's id for this request, which its proxy also returns as x-request-id."""
+    try:
+        return serve.context._get_serve_request_context().request_id
+    except Exception:
+        return "-"
 
 
 def replica_id() -> str:
@@ -94,9 +100,9 @@ class Router:
 
     @app.api_route("/{path:path}", methods=["GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS"])
     async def dispatch(self, request: Request, path: str):
-        request_id = uuid.uuid4().hex[:16]
+        rid = request_id()
         started = time.perf_counter()
-        headers = {"X-Request-Id": request_id, "X-Miner-Replica": self.replica}
+        headers = {"X-Miner-Replica": self.replica}
         caller, netuid, status = "-", "-", 500
         try:
             route = self.routes.get(request.url.path)
@@ -118,12 +124,12 @@ class Router:
             status = err.status
             return error_response(err, headers)
         except Exception:
-            log.exception("request %s failed inside the miner", request_id)
-            return error_response(ApiError(500, "internal_error", f"the miner failed this request (id {request_id})"), headers)
+            log.exception("request %s failed inside the miner", rid)
+            return error_response(ApiError(500, "internal_error", f"the miner failed this request (id {rid})"), headers)
         finally:
             # Never the body, signature or headers: only who, where and how it ended.
             log.info("request id=%s netuid=%s caller=%s path=%s status=%d ms=%.1f",
-                     request_id, netuid, caller, request.url.path, status, (time.perf_counter() - started) * 1000)
+                     rid, netuid, caller, request.url.path, status, (time.perf_counter() - started) * 1000)
 
     async def _call_workload(self, route: Route, parsed) -> dict:
         timeout = route.subnet.timeout_s
