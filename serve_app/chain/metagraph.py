@@ -71,10 +71,10 @@ def view_from_snapshot(data: object, netuid: int) -> MetagraphView:
 
 
 def view_from_sdk(metagraph) -> MetagraphView:
-    """Convert the SDK's `bittensor.metagraph.Metagraph`; stake is `total_stake` in the subnet's units."""
+    """Convert the SDK's `bittensor.metagraph.Metagraph`; stake is `total_stake` in its own units (the subnet's alpha)."""
     neurons = {
         n.hotkey: Neuron(
-            uid=n.uid, hotkey=n.hotkey, stake=float(n.total_stake.tao), validator_permit=bool(n.validator_permit)
+            uid=n.uid, hotkey=n.hotkey, stake=float(n.total_stake.amount), validator_permit=bool(n.validator_permit)
         )
         for n in metagraph.neurons
     }

@@ -36,8 +36,7 @@ def auth_error(exc: AuthError) -> ApiError:
     return ApiError(401, code, str(exc))
 
 
-@ray.remote(num_cpus=0, max_restarts=-1)
-class SharedNonceStore:
+class NonceWindow:
     """Every accepted (hotkey, nonce) pair, kept for its freshness window."""
 
     def __init__(self) -> None:
@@ -57,6 +56,11 @@ class SharedNonceStore:
 
     def size(self) -> int:
         return len(self._seen)
+
+
+# One actor for all router replicas. A restart empties it: replays of requests
+# accepted in the last window would pass then, so keep it on the head node.
+SharedNonceStore = ray.remote(num_cpus=0, max_restarts=-1)(NonceWindow)
 
 
 def shared_nonce_store(miner_name: str):

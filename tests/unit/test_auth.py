@@ -1,0 +1,112 @@
+"""btauth/1 verification with real signatures from the bittensor SDK.
+
+The shared Ray actor is replaced by the same NonceWindow logic in-process: that actor
+is the one thing isolated here (tests/serve proves it across two router replicas).
+"""
+
+import asyncio
+import time
+
+import bittensor
+import pytest
+from bittensor.sp_core import Keypair
+
+from serve_app.config import AuthPolicy
+from serve_app.errors import ApiError
+from serve_app.router.auth import Authenticator, NonceWindow
+
+ALICE = Keypair.create_from_uri("//Alice")
+MINER = Keypair.create_from_uri("//Bob").ss58_address
+OTHER_MINER = Keypair.create_from_uri("//Charlie").ss58_address
+PATH = "/v1/embeddings"
+BODY = b'{"input": "hi"}'
+
+
+class _Method:
+    def __init__(self, fn):
+        self.fn = fn
+
+    def remote(self, *args):
+        async def call():
+            return self.fn(*args)
+
+        return call()
+
+
+class InProcessStore:
+    def __init__(self, fail=False):
+        window = NonceWindow()
+        self.check_and_store = _Method(self._boom if fail else window.check_and_store)
+
+    @staticmethod
+    def _boom(*args):
+        raise ConnectionError("actor died")
+
+
+def authenticate(headers, body=BODY, path=PATH, policy=AuthPolicy(), store=None):
+    auth = Authenticator(MINER, store or InProcessStore())
+    return asyncio.run(auth.authenticate(headers, body, method="POST", path=path, policy=policy))
+
+
+def signed(receiver=MINER, nonce_ns=None, body=BODY, path=PATH):
+    return bittensor.http_auth.sign(ALICE, method="POST", path=path, body=body, receiver_ss58=receiver, nonce_ns=nonce_ns)
+
+
+def refusal(**kw):
+    with pytest.raises(ApiError) as err:
+        authenticate(**kw)
+    return err.value.status, err.value.code
+
+
+def test_valid_signature_names_the_caller():
+    assert authenticate(signed()) == ALICE.ss58_address
+
+
+def test_missing_and_malformed_headers():
+    assert refusal(headers={}) == (401, "malformed_auth")
+    h = signed()
+    h["X-Bittensor-Signature"] = "0xnothex"
+    assert refusal(headers=h) == (401, "malformed_auth")
+    h = signed()
+    h["X-Bittensor-Nonce"] = "soon"
+    assert refusal(headers=h) == (401, "malformed_auth")
+
+
+def test_tampered_body_or_path_is_a_bad_signature():
+    assert refusal(headers=signed(), body=b'{"input": "other"}') == (401, "bad_signature")
+    assert refusal(headers=signed(), path="/v1/embeddings?x=1") == (401, "bad_signature")
+
+
+def test_receiver_binding():
+    assert refusal(headers=signed(receiver=OTHER_MINER)) == (401, "wrong_receiver")
+    assert refusal(headers=signed(receiver=None)) == (401, "wrong_receiver")
+    # Subnets whose validators sign without a receiver turn the requirement off.
+    assert authenticate(signed(receiver=None), policy=AuthPolicy(require_receiver=False)) == ALICE.ss58_address
+
+
+def test_freshness_window_is_per_subnet():
+    old = time.time_ns() - 60 * 10**9
+    assert refusal(headers=signed(nonce_ns=old)) == (401, "stale_request")
+    assert authenticate(signed(nonce_ns=old), policy=AuthPolicy(max_age_s=120)) == ALICE.ss58_address
+    future = time.time_ns() + 30 * 10**9
+    assert refusal(headers=signed(nonce_ns=future)) == (401, "stale_request")
+
+
+def test_replay_is_refused():
+    store = InProcessStore()
+    h = signed()
+    assert authenticate(h, store=store) == ALICE.ss58_address
+    assert refusal(headers=h, store=store) == (401, "replayed_request")
+
+
+def test_store_outage_fails_closed():
+    assert refusal(headers=signed(), store=InProcessStore(fail=True)) == (503, "unavailable")
+
+
+def test_nonce_window_forgets_after_its_ttl():
+    window = NonceWindow()
+    assert window.check_and_store("hk", 1, 0.05)
+    assert not window.check_and_store("hk", 1, 0.05)
+    time.sleep(0.06)
+    assert window.check_and_store("hk", 1, 0.05)
+    assert window.size() == 1
