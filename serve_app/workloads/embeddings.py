@@ -7,6 +7,7 @@ import asyncio
 from ray import serve
 
 from serve_app.config import EmbeddingsConfig
+from serve_app.engines.thread import EngineThread
 
 
 def texts_in(batch: list) -> int:
@@ -23,7 +24,9 @@ class Embeddings:
         from serve_app.engines.embeddings import SentenceEmbeddingEngine
 
         self.cfg = cfg
-        self.engine = SentenceEmbeddingEngine(cfg, num_threads=cfg.torch_threads or max(1, int(cfg.num_cpus)))
+        self.torch = EngineThread("embeddings")
+        threads = cfg.torch_threads or max(1, int(cfg.num_cpus))
+        self.engine = self.torch.run_sync(SentenceEmbeddingEngine, cfg, threads)
         self._embed_batch.set_max_batch_size(cfg.max_batch_texts)
         self._embed_batch.set_batch_wait_timeout_s(cfg.batch_wait_timeout_s)
         self.forward_calls = 0
@@ -38,8 +41,7 @@ class Embeddings:
     @serve.batch(max_batch_size=64, batch_wait_timeout_s=0.0, batch_size_fn=texts_in)
     async def _embed_batch(self, requests: list[list[str]]):
         flat = [text for texts in requests for text in texts]
-        # The forward pass runs in a thread so the replica keeps queueing the next batch.
-        vectors, tokens = await asyncio.to_thread(self.engine.encode, flat)
+        vectors, tokens = await self.torch.run(self.engine.encode, flat)
         self.forward_calls += 1
         self.texts_encoded += len(flat)
         self.largest_batch = max(self.largest_batch, len(flat))
@@ -58,4 +60,4 @@ class Embeddings:
 
     async def check_health(self) -> None:
         # A real (tiny) forward pass: a wedged model fails this and Serve replaces the replica.
-        await asyncio.wait_for(asyncio.to_thread(self.engine.encode, ["health"]), timeout=20)
+        await asyncio.wait_for(self.torch.run(self.engine.encode, ["health"]), timeout=20)
