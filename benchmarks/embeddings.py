@@ -73,7 +73,8 @@ async def drive(url, prepared, concurrency):
         while queue:
             body, headers, n = queue.pop()
             t0 = time.perf_counter()
-            async with session.post(url, data=body, headers=headers) as resp:
+            send = session.get(url) if body is None else session.post(url, data=body, headers=headers)
+            async with send as resp:
                 await resp.read()
                 statuses[resp.status] = statuses.get(resp.status, 0) + 1
             latencies.append((time.perf_counter() - t0) * 1000)
