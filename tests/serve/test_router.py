@@ -5,7 +5,6 @@ from concurrent.futures import ThreadPoolExecutor
 
 import bittensor
 import numpy as np
-import pytest
 from bittensor.sp_core import Keypair
 
 from serve_app.client import signed_request
