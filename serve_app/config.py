@@ -156,7 +156,7 @@ class EmbeddingsConfig(Strict):
     num_replicas: int = Field(default=1, ge=1)
     num_cpus: float = Field(default=1.0, ge=0)
     num_gpus: float = Field(default=0.0, ge=0)
-    max_ongoing_requests: int = Field(default=128, ge=1)
+    max_ongoing_requests: int = Field(default=128, ge=1, le=4096)
 
     @model_validator(mode="after")
     def _request_fits_a_batch(self) -> "EmbeddingsConfig":

