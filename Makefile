@@ -7,6 +7,10 @@ BIN := $(VENV)/bin
 TORCH_SPEC ?= torch==2.13.0
 TORCH_INDEX ?=
 STAMP := $(VENV)/.installed
+# Ray Serve's ingress settings (HAProxy, throughput profile): see the file. Override on the
+# command line, e.g. `make run RAY_SERVE_ENABLE_HA_PROXY=0` for Ray's Python proxy.
+include deployments/ray.env
+export $(shell sed -n 's/^\([A-Z_][A-Z0-9_]*\)=.*/\1/p' deployments/ray.env)
 
 .PHONY: setup run test test-unit bench clean
 

@@ -18,6 +18,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from embeddings import corpus, drive, pct  # noqa: E402
 
+from serve_app import rayenv  # noqa: E402
 from serve_app.app import build_app, load_config  # noqa: E402
 from serve_app.client import signed_request, signer_for  # noqa: E402
 
@@ -29,6 +30,7 @@ def main(port=8125):
     base = load_config(ROOT / "deployments" / "local.yaml")
     subnet = base.subnets[0].model_copy(update={"auth": base.subnets[0].auth.model_copy(update={"max_age_s": 300.0})})
     cfg = base.model_copy(update={"subnets": (subnet,)})
+    rayenv.apply()
     ray.init(address="local", include_dashboard=False, log_to_driver=False)
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     serve.run(build_app(cfg), name="stages", route_prefix="/")

@@ -1,8 +1,8 @@
 """One Ray cluster and one Serve app for the whole session, started only if a test asks.
 
-The app is the embedded default (deployments/local.yaml) with a richer metagraph
-snapshot and two router replicas, served on a free loopback port so a running
-`make run` is not disturbed.
+The app is the embedded default (deployments/local.yaml, under deployments/ray.env) with
+a richer metagraph snapshot and two router replicas, served on a free loopback port so a
+running `make run` is not disturbed.
 """
 
 import json
@@ -12,6 +12,7 @@ import httpx
 import pytest
 from bittensor.sp_core import Keypair
 
+from serve_app import rayenv
 from serve_app.app import load_config
 from serve_app.client import signed_request
 
@@ -73,6 +74,8 @@ def miner(tmp_path_factory):
         }
     )
     port = free_port()
+    # HAProxy's stats and metrics listeners on free ports too: a running `make run` keeps its own.
+    rayenv.apply(RAY_SERVE_HAPROXY_STATS_PORT=str(free_port()), RAY_SERVE_HAPROXY_METRICS_PORT=str(free_port()))
     ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False)
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     serve.run(build_app(cfg), name=APP, route_prefix="/")
