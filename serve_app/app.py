@@ -15,6 +15,7 @@ from ray.serve import Application
 
 from serve_app.chain.metagraph import SnapshotSource
 from serve_app.config import MinerConfig, SnapshotMetagraph
+from serve_app.observability.info import BuildInfo
 from serve_app.router.deployment import Router
 from serve_app.workloads.embeddings import Embeddings
 
@@ -55,7 +56,7 @@ def build_app(args: MinerConfig) -> Application:
         num_replicas=cfg.router.num_replicas,
         ray_actor_options={"num_cpus": cfg.router.num_cpus},
         max_ongoing_requests=cfg.router.max_ongoing_requests,
-    ).bind(cfg, workloads)
+    ).bind(cfg, workloads, BuildInfo())
 
 
 def load_config(source: Union[str, Path, dict], app_name: str | None = None) -> MinerConfig:

@@ -9,10 +9,12 @@ tokens (benchmarks/README.md). Results come back in input order, L2-normalised.
 
 from __future__ import annotations
 
+import hashlib
 import importlib
 import logging
 import os
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
 
@@ -38,6 +40,27 @@ def resolve_model_path(model: str) -> str:
         except ImportError:
             pass
     return model
+
+
+def weights_digest(path: str) -> Optional[str]:
+    """sha256 of the model's weight files (first 16 hex digits): the version validators can compare.
+    None for a hub id resolved by the library's own cache."""
+    root = Path(path)
+    files = sorted(p for pattern in ("*.safetensors", "*.bin") for p in root.glob(pattern)) if root.is_dir() else []
+    if not files:
+        return None
+    digest = hashlib.sha256()
+    for file in files:
+        with open(file, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                digest.update(block)
+    return digest.hexdigest()[:16]
+
+
+def sentence_transformers_version() -> str:
+    import sentence_transformers
+
+    return sentence_transformers.__version__
 
 
 def pick_device(requested: str) -> str:
@@ -72,6 +95,14 @@ class SentenceEmbeddingEngine:
         dimension = getattr(self.model, "get_embedding_dimension", None) or self.model.get_sentence_embedding_dimension
         self.dimension = dimension()
         self.chunk_tokens = cfg.chunk_tokens or CHUNK_TOKENS.get(self.device, CHUNK_TOKENS["cuda"])
+        self.info = {
+            "model": cfg.model,
+            "served_as": cfg.model_name,
+            "weights_sha256": weights_digest(path),
+            "dimension": self.dimension,
+            "device": self.device,
+            "libraries": {"torch": torch.__version__, "sentence-transformers": sentence_transformers_version()},
+        }
         log.info("loaded %s from %s on %s (dim %d, %d threads)", cfg.model, path, self.device, self.dimension, num_threads)
         self.encode(["warm up the kernels"])
 

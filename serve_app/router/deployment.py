@@ -22,6 +22,7 @@ from serve_app import __version__
 from serve_app.chain.metagraph import MetagraphCache, make_source
 from serve_app.config import MinerConfig, PROTOCOL_WORKLOAD, SubnetConfig
 from serve_app.errors import ApiError, error_response, json_response, not_found, unavailable
+from serve_app.observability.info import BuildInfo
 from serve_app.protocols.base import Adapter
 from serve_app.protocols.registry import make_adapter
 from serve_app.router.auth import Authenticator, shared_nonce_store
@@ -70,8 +71,11 @@ def replica_id() -> str:
 @serve.deployment(name="Router")
 @serve.ingress(app)
 class Router:
-    async def __init__(self, cfg: MinerConfig, workloads: dict[str, DeploymentHandle]):
+    async def __init__(self, cfg: MinerConfig, workloads: dict[str, DeploymentHandle], build: BuildInfo):
         self.cfg = cfg
+        self.build = build
+        self.workloads = workloads
+        self.workload_info: dict[str, dict] = {}
         self.replica = replica_id()
         self.auth = Authenticator(cfg.wallet.hotkey_ss58(), shared_nonce_store(cfg.name))
         self.metagraphs: dict[int, MetagraphCache] = {}
@@ -93,6 +97,42 @@ class Router:
     @app.get("/health")
     def health(self):
         return {"status": "ok"}
+
+    @app.get("/info")
+    async def info(self):
+        """Transparency for validators: version, uptime, subnets, models, recent changes. No secrets."""
+        build = self.build.as_dict()
+        subnets = []
+        for subnet in self.cfg.subnets:
+            cache = self.metagraphs[subnet.netuid]
+            age = cache.age_s
+            subnets.append({
+                "netuid": subnet.netuid,
+                "routes": [subnet.prefix + route.path for route in subnet.routes],
+                "metagraph": {"source": subnet.metagraph.source,
+                              "block": cache.view.block if cache.view is not None else None,
+                              "age_s": None if age is None else round(age, 1)},
+                "timeout_s": subnet.timeout_s,
+            })
+        return json_response({
+            "version": build["version"],
+            "git_sha": build["git_sha"],
+            "started_at": build["started_at"],
+            "uptime_s": build["uptime_s"],
+            "hotkey": self.auth.self_hotkey_ss58,
+            "subnets": subnets,
+            "workloads": {name: await self._workload_info(name) for name in self.workloads},
+            "changes": build["changes"],
+        })
+
+    async def _workload_info(self, name: str) -> dict:
+        # Model identity does not change while a deployment lives: ask once, keep it.
+        if name not in self.workload_info:
+            try:
+                self.workload_info[name] = await asyncio.wait_for(self.workloads[name].info.remote(), 5)
+            except Exception:
+                return {"status": "unavailable"}
+        return self.workload_info[name]
 
     @app.get("/openapi.json")
     def openapi(self):
@@ -144,7 +184,9 @@ class Router:
         error = {"description": "A refusal", "content": {"application/json": {"schema": {
             "type": "object", "properties": {"error": {"type": "string"}, "detail": {"type": "string"}},
             "required": ["error", "detail"]}}}}
-        paths = {"/health": {"get": {"summary": "Liveness", "responses": {"200": {"description": "alive"}}}}}
+        paths = {"/health": {"get": {"summary": "Liveness", "responses": {"200": {"description": "alive"}}}},
+                 "/info": {"get": {"summary": "Version, uptime, subnets, models and recent changes",
+                                   "responses": {"200": {"description": "the miner's public facts"}}}}}
         for route in self.routes.values():
             paths[route.path] = {"post": {
                 "summary": f"{route.adapter.workload} for subnet {route.subnet.netuid}",

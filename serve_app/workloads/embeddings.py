@@ -75,6 +75,9 @@ class Embeddings:
             "largest_batch": self.runner.largest_pass,
         }
 
+    def info(self) -> dict:
+        return self.engine.info
+
     async def check_health(self) -> None:
         # A real (tiny) forward pass: a wedged model fails this and Serve replaces the replica.
         await asyncio.wait_for(self.torch.run(self.engine.encode, ["health"]), timeout=20)

