@@ -17,6 +17,10 @@ export $(shell sed -n 's/^\([A-Z_][A-Z0-9_]*\)=.*/\1/p' deployments/ray.env)
 setup: $(STAMP)
 
 $(STAMP): pyproject.toml Makefile
+	@# Debian's prometheus: promtool for the rule tests, the server for the scrape test.
+	command -v promtool >/dev/null && command -v prometheus >/dev/null || \
+	  { $(if $(filter 0,$(shell id -u)),,sudo) apt-get update -q && \
+	    $(if $(filter 0,$(shell id -u)),,sudo) env DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends prometheus; }
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q "$(TORCH_SPEC)" $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX))

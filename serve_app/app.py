@@ -16,6 +16,7 @@ from ray.serve import Application
 from serve_app.chain.metagraph import SnapshotSource
 from serve_app.config import MinerConfig, SnapshotMetagraph
 from serve_app.observability.info import BuildInfo
+from serve_app.observability.logs import JSON_LOGS
 from serve_app.router.deployment import Router
 from serve_app.workloads.embeddings import Embeddings
 
@@ -51,11 +52,13 @@ def build_app(args: MinerConfig) -> Application:
             num_replicas=emb.num_replicas,
             ray_actor_options={"num_cpus": emb.num_cpus, "num_gpus": emb.num_gpus},
             max_ongoing_requests=emb.max_ongoing_requests,
+            logging_config=JSON_LOGS,
         ).bind(emb)
     return Router.options(
         num_replicas=cfg.router.num_replicas,
         ray_actor_options={"num_cpus": cfg.router.num_cpus},
         max_ongoing_requests=cfg.router.max_ongoing_requests,
+        logging_config=JSON_LOGS,
     ).bind(cfg, workloads, BuildInfo())
 
 

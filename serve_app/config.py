@@ -112,6 +112,15 @@ class RouteConfig(Strict):
     protocol: Literal["openai-embeddings"]
 
 
+class SLOConfig(Strict):
+    """A subnet's service-level objectives, exported as metrics so one set of Prometheus
+    rules (monitoring/rules) computes every subnet's error budget and burn rates."""
+
+    latency_s: float = Field(default=1.0, gt=0, le=60, description="An admitted request answered slower than this misses the latency SLO.")
+    latency_objective: float = Field(default=0.95, gt=0, lt=1, description="Share of admitted requests that must be faster than latency_s.")
+    availability_objective: float = Field(default=0.995, gt=0, lt=1, description="Share of admitted requests that must not fail on the miner's side (5xx).")
+
+
 class SubnetConfig(Strict):
     netuid: int = Field(ge=0, le=65535)
     prefix: str = Field(
@@ -123,6 +132,7 @@ class SubnetConfig(Strict):
     auth: AuthPolicy = AuthPolicy()
     routes: tuple[RouteConfig, ...] = (RouteConfig(path="/v1/embeddings", protocol="openai-embeddings"),)
     timeout_s: float = Field(default=12.0, gt=0, description="Deadline for a request when the validator sends none.")
+    slo: SLOConfig = SLOConfig()
 
     @field_validator("routes")
     @classmethod

@@ -75,19 +75,23 @@ def miner(tmp_path_factory):
     )
     port = free_port()
     # HAProxy's stats and metrics listeners on free ports too: a running `make run` keeps its own.
-    rayenv.apply(RAY_SERVE_HAPROXY_STATS_PORT=str(free_port()), RAY_SERVE_HAPROXY_METRICS_PORT=str(free_port()))
-    ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False)
+    rayenv.apply(RAY_SERVE_HAPROXY_STATS_PORT=str(free_port()), RAY_SERVE_HAPROXY_METRICS_PORT=str(free_port()),
+                 RAY_metrics_report_interval_ms="1000")  # metrics reach the exporter in 1 s, not 10
+    metrics_port = free_port()
+    ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False,
+             _metrics_export_port=metrics_port)
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     serve.run(build_app(cfg), name=APP, route_prefix="/")
-    yield Miner(f"http://127.0.0.1:{port}", cfg)
+    yield Miner(f"http://127.0.0.1:{port}", cfg, metrics_url=f"http://127.0.0.1:{metrics_port}/metrics")
     serve.shutdown()
     ray.shutdown()
 
 
 class Miner:
-    def __init__(self, url, cfg):
+    def __init__(self, url, cfg, metrics_url):
         self.url = url
         self.cfg = cfg
+        self.metrics_url = metrics_url
         self.http = httpx.Client(base_url=url, timeout=60)
 
     def post(self, payload, key="//Alice", path="/v1/embeddings", receiver=MINER, **kw):

@@ -33,6 +33,11 @@ class CoalescingRunner:
         self.items_done = 0
         self.largest_pass = 0
 
+    @property
+    def queued_items(self) -> int:
+        """Items waiting for a pass (not the one running)."""
+        return sum(len(items) for items, _ in self._pending)
+
     async def run(self, items: Sequence) -> tuple:
         """The outputs for `items`, computed in one pass with whatever else is queued."""
         future = asyncio.get_running_loop().create_future()

@@ -22,14 +22,17 @@ from serve_app import __version__
 from serve_app.chain.metagraph import MetagraphCache, make_source
 from serve_app.config import MinerConfig, PROTOCOL_WORKLOAD, SubnetConfig
 from serve_app.errors import ApiError, error_response, json_response, not_found, unavailable
+from serve_app.observability import logs
 from serve_app.observability.info import BuildInfo
+from serve_app.observability.metrics import RouterMetrics
 from serve_app.protocols.base import Adapter
 from serve_app.protocols.registry import make_adapter
 from serve_app.router.auth import Authenticator, shared_nonce_store
 from serve_app.router.body import read_capped
-from serve_app.router.policy import authorise
+from serve_app.router.policy import authorise, caller_class
 
-log = logging.getLogger("torchrank.router")
+log = logging.getLogger("ray.serve.torchrank.router")
+GAUGE_PERIOD_S = 5.0
 
 app = FastAPI(title="torchrank-miner", version=__version__, openapi_url=None, docs_url=None, redoc_url=None)
 
@@ -93,6 +96,22 @@ class Router:
                     adapter=make_adapter(route.protocol, cfg),
                     workload=workloads[PROTOCOL_WORKLOAD[route.protocol]],
                 )
+        self.metrics = RouterMetrics()
+        self.in_flight = {subnet.netuid: 0 for subnet in cfg.subnets}
+        self._background = [asyncio.create_task(self._publish_gauges()), asyncio.create_task(logs.flush_every())]
+
+    async def _publish_gauges(self) -> None:
+        # Ray exports a gauge value only for a while after it is set: publish them all again each period.
+        while True:
+            self.metrics.publish_slos(self.cfg.subnets)
+            self.metrics.build.set(1, {"version": self.build.version, "git_sha": self.build.git_sha})
+            for netuid, count in self.in_flight.items():
+                self.metrics.in_flight.set(count, {"netuid": str(netuid)})
+            for netuid, cache in self.metagraphs.items():
+                if cache.view is not None:  # absent, not zero, until the first read
+                    self.metrics.metagraph_age.set(cache.age_s, {"netuid": str(netuid)})
+                    self.metrics.metagraph_block.set(cache.view.block, {"netuid": str(netuid)})
+            await asyncio.sleep(GAUGE_PERIOD_S)
 
     @app.get("/health")
     def health(self):
@@ -143,33 +162,48 @@ class Router:
         rid = request_id()
         started = time.perf_counter()
         headers = {"X-Miner-Replica": self.replica}
-        caller, netuid, status = "-", "-", 500
+        route = self.routes.get(request.url.path)
+        caller, who, outcome, status, admitted, response = "-", "unauthenticated", "internal_error", 500, False, None
+        if route is not None:
+            self._count_in(route.subnet.netuid, +1)
         try:
-            route = self.routes.get(request.url.path)
             if route is None:
                 raise not_found(request.url.path)
-            netuid = route.subnet.netuid
             if request.method != "POST":
                 raise ApiError(405, "method_not_allowed", f"{route.path} accepts POST", {"Allow": "POST"})
             body = await read_capped(request, self.cfg.router.max_body_bytes)
             caller = await self.auth.authenticate(
                 request.headers, body, method=request.method, path=signed_target(request), policy=route.subnet.auth
             )
+            who = caller_class(caller, route.metagraph.view, route.subnet.auth)
             authorise(caller, route.metagraph.view, route.subnet.auth)
             parsed = route.adapter.parse(body)
+            admitted = True
             result = await self._call_workload(route, parsed)
-            status = 200
-            return json_response(result, headers=headers)
+            outcome, status = "ok", 200
+            response = json_response(result, headers=headers)
         except ApiError as err:
-            status = err.status
-            return error_response(err, headers)
+            outcome, status = err.code, err.status
+            response = error_response(err, headers)
         except Exception:
             log.exception("request %s failed inside the miner", rid)
-            return error_response(ApiError(500, "internal_error", f"the miner failed this request (id {rid})"), headers)
+            response = error_response(ApiError(500, "internal_error", f"the miner failed this request (id {rid})"), headers)
         finally:
+            seconds = time.perf_counter() - started
+            netuid = str(route.subnet.netuid) if route is not None else "-"
+            if route is not None:
+                self._count_in(route.subnet.netuid, -1)
+            self.metrics.record(netuid, route.path if route is not None else "unmatched", outcome, who, seconds,
+                                len(response.body) if response is not None else 0, admitted,
+                                route.subnet.slo.latency_s if route is not None else None)
             # Never the body, signature or headers: only who, where and how it ended.
-            log.info("request id=%s netuid=%s caller=%s path=%s status=%d ms=%.1f",
-                     rid, netuid, caller, request.url.path, status, (time.perf_counter() - started) * 1000)
+            logs.request_line(netuid=netuid, caller=caller, caller_class=who, path=request.url.path,
+                              status=status, outcome=outcome, admitted=admitted, ms=round(seconds * 1000, 2))
+        return response
+
+    def _count_in(self, netuid: int, step: int) -> None:
+        self.in_flight[netuid] += step
+        self.metrics.in_flight.set(self.in_flight[netuid], {"netuid": str(netuid)})
 
     async def _call_workload(self, route: Route, parsed) -> dict:
         timeout = route.subnet.timeout_s

@@ -24,3 +24,15 @@ def authorise(hotkey: str, view: Optional[MetagraphView], policy: AuthPolicy) ->
         raise ApiError(403, "no_validator_permit", f"hotkey has no validator permit on subnet {view.netuid}")
     if neuron.stake < policy.min_stake:
         raise ApiError(403, "insufficient_stake", f"stake {neuron.stake:g} is below the minimum {policy.min_stake:g}")
+
+
+def caller_class(hotkey: str, view: Optional[MetagraphView], policy: AuthPolicy) -> str:
+    """A bounded label for metrics and logs (never the raw hotkey in a metric)."""
+    if hotkey in policy.deny_hotkeys:
+        return "denied"
+    if hotkey in policy.allow_hotkeys:
+        return "allow_listed"
+    neuron = view.neuron(hotkey) if view is not None else None
+    if neuron is None:
+        return "unregistered"
+    return "validator" if neuron.validator_permit else "registered"

@@ -9,12 +9,17 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 
 from ray import serve
 
 from serve_app.config import EmbeddingsConfig
 from serve_app.engines.coalesce import CoalescingRunner
 from serve_app.engines.thread import EngineThread
+from serve_app.observability import logs
+from serve_app.observability.metrics import WorkloadMetrics
+
+GAUGE_PERIOD_S = 5.0
 
 # See serve_app/engines/coalesce.py: the runner below merges the batches Serve cuts, so
 # Serve's batch semaphore must never hold one back. Each cut batch holds at least one
@@ -48,13 +53,38 @@ class Embeddings:
         self.torch = EngineThread("embeddings")
         threads = cfg.torch_threads or max(1, int(cfg.num_cpus))
         self.engine = self.torch.run_sync(SentenceEmbeddingEngine, cfg, threads)
-        self.runner = CoalescingRunner(self.torch, self.engine.encode, max_items=cfg.max_batch_texts)
+        self.metrics = WorkloadMetrics("embeddings")
+        self.runner = CoalescingRunner(self.torch, self._encode_pass, max_items=cfg.max_batch_texts)
         self._embed_batch.set_max_batch_size(cfg.max_batch_texts)
         self._embed_batch.set_batch_wait_timeout_s(cfg.batch_wait_timeout_s)
+        self.in_flight = 0
+        self._background = [asyncio.create_task(self._publish_gauges()), asyncio.create_task(logs.flush_every())]
+
+    def _encode_pass(self, texts: list[str]):
+        """One forward pass, on the engine thread, measured."""
+        started = time.perf_counter()
+        vectors, tokens = self.engine.encode(texts)
+        self.metrics.record_pass(time.perf_counter() - started, len(texts), texts=len(texts), tokens=int(tokens.sum()))
+        return vectors, tokens
+
+    def _count_in(self, step: int) -> None:
+        self.in_flight += step
+        self.metrics.in_flight.set(self.in_flight, self.metrics.tags)
+        self.metrics.queued.set(self.runner.queued_items, self.metrics.tags)
+
+    async def _publish_gauges(self) -> None:
+        while True:
+            self._count_in(0)
+            self.metrics.record_gpu(self.engine.torch)
+            await asyncio.sleep(GAUGE_PERIOD_S)
 
     async def embed(self, texts: list[str]):
         """One request's texts -> (vectors [n, dim], total tokens)."""
-        vectors, tokens = await self._embed_batch(texts)
+        self._count_in(+1)
+        try:
+            vectors, tokens = await self._embed_batch(texts)
+        finally:
+            self._count_in(-1)
         return vectors, int(tokens.sum())
 
     @serve.batch(max_batch_size=64, batch_wait_timeout_s=0.0, max_concurrent_batches=SERVE_BATCHES_IN_FLIGHT,

@@ -1,0 +1,116 @@
+"""The miner's Prometheus metrics, exported through Ray's metrics agent.
+
+`ray.serve.metrics` adds deployment, replica and application tags; Ray's exporter adds
+the `ray_` prefix, so `torchrank_requests` is scraped as `ray_torchrank_requests_total`.
+Labels stay bounded: netuid, route, outcome (an error code or "ok"), caller class
+(never a raw hotkey), workload.
+
+SLO accounting happens here too: every admitted request (it passed authentication,
+authorisation and validation) counts towards its subnet's availability SLO (failed if
+the miner answered 5xx) and, if it succeeded, its latency SLO (failed if slower than the
+threshold). The objectives are exported as gauges, so one set of Prometheus rules
+serves every subnet (monitoring/rules/slo.yml).
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+from ray.serve import metrics
+
+# Seconds: from a fast embedding (5 ms) to a slow diffusion or agent run (60 s).
+LATENCY_BUCKETS = [0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0]
+BATCH_BUCKETS = [1, 2, 4, 8, 16, 32, 64, 128, 256, 512]
+
+# Outcomes that are the miner's failure, not the caller's.
+MINER_FAILURES = {"unavailable", "deadline_exceeded", "internal_error", "shed", "breaker_open"}
+
+
+class RouterMetrics:
+    def __init__(self) -> None:
+        self.latency = metrics.Histogram(
+            "torchrank_request_seconds", "End-to-end time at the router, by subnet, route and outcome.",
+            boundaries=LATENCY_BUCKETS, tag_keys=("netuid", "route", "outcome"))
+        self.requests = metrics.Counter(
+            "torchrank_requests", "Requests by subnet, route, outcome and caller class.",
+            tag_keys=("netuid", "route", "outcome", "caller"))
+        self.in_flight = metrics.Gauge("torchrank_router_in_flight", "Requests inside this router replica.",
+                                       tag_keys=("netuid",))
+        self.egress = metrics.Counter("torchrank_response_bytes", "Response body bytes sent.",
+                                      tag_keys=("netuid", "route"))
+        self.slo_requests = metrics.Counter("torchrank_slo_requests", "Admitted requests, per SLO.",
+                                            tag_keys=("netuid", "slo"))
+        self.slo_errors = metrics.Counter("torchrank_slo_errors", "Admitted requests that missed the SLO.",
+                                          tag_keys=("netuid", "slo"))
+        self.slo_objective = metrics.Gauge("torchrank_slo_objective", "Each subnet's objective, 0-1.",
+                                           tag_keys=("netuid", "slo"))
+        self.slo_latency = metrics.Gauge("torchrank_slo_latency_seconds", "The latency SLO's threshold.",
+                                         tag_keys=("netuid",))
+        self.metagraph_age = metrics.Gauge("torchrank_metagraph_age_seconds",
+                                           "Seconds since this replica's metagraph was read.", tag_keys=("netuid",))
+        self.metagraph_block = metrics.Gauge("torchrank_metagraph_block", "Block of the metagraph in use.",
+                                             tag_keys=("netuid",))
+        self.build = metrics.Gauge("torchrank_build_info", "1, labelled with what this miner runs.",
+                                   tag_keys=("version", "git_sha"))
+
+    def publish_slos(self, subnets) -> None:
+        for subnet in subnets:
+            netuid = str(subnet.netuid)
+            self.slo_objective.set(subnet.slo.availability_objective, {"netuid": netuid, "slo": "availability"})
+            self.slo_objective.set(subnet.slo.latency_objective, {"netuid": netuid, "slo": "latency"})
+            self.slo_latency.set(subnet.slo.latency_s, {"netuid": netuid})
+
+    def record(self, netuid: str, route: str, outcome: str, caller: str, seconds: float,
+               response_bytes: int, admitted: bool, slo_latency_s: Optional[float]) -> None:
+        tags = {"netuid": netuid, "route": route}
+        self.latency.observe(seconds, {**tags, "outcome": outcome})
+        self.requests.inc(1, {**tags, "outcome": outcome, "caller": caller})
+        self.egress.inc(response_bytes, tags)
+        if not admitted:
+            return
+        self.slo_requests.inc(1, {"netuid": netuid, "slo": "availability"})
+        if outcome in MINER_FAILURES:
+            self.slo_errors.inc(1, {"netuid": netuid, "slo": "availability"})
+        if outcome == "ok" and slo_latency_s is not None:
+            self.slo_requests.inc(1, {"netuid": netuid, "slo": "latency"})
+            if seconds > slo_latency_s:
+                self.slo_errors.inc(1, {"netuid": netuid, "slo": "latency"})
+
+
+class WorkloadMetrics:
+    """Model time, batch sizes, items and queue depth of one workload replica."""
+
+    def __init__(self, workload: str) -> None:
+        self.tags = {"workload": workload}
+        self.model_time = metrics.Histogram("torchrank_model_seconds", "Time of one forward pass.",
+                                            boundaries=LATENCY_BUCKETS, tag_keys=("workload",))
+        self.batch = metrics.Histogram("torchrank_batch_size", "Items per forward pass.",
+                                       boundaries=BATCH_BUCKETS, tag_keys=("workload",))
+        self.items = metrics.Counter("torchrank_items", "Items processed (texts, tokens, images).",
+                                     tag_keys=("workload", "kind"))
+        self.queued = metrics.Gauge("torchrank_queue_depth", "Items waiting for the model in this replica.",
+                                    tag_keys=("workload",))
+        self.in_flight = metrics.Gauge("torchrank_workload_in_flight", "Requests inside this workload replica.",
+                                       tag_keys=("workload",))
+        self.gpu_util = metrics.Gauge("torchrank_gpu_utilization", "GPU utilisation 0-1 (absent on CPU).",
+                                      tag_keys=("workload", "gpu"))
+        self.gpu_memory = metrics.Gauge("torchrank_gpu_memory_bytes", "GPU memory allocated by this replica (absent on CPU).",
+                                        tag_keys=("workload", "gpu"))
+
+    def record_pass(self, seconds: float, items: int, **counts: int) -> None:
+        self.model_time.observe(seconds, self.tags)
+        self.batch.observe(items, self.tags)
+        for kind, n in counts.items():
+            self.items.inc(n, {**self.tags, "kind": kind})
+
+    def record_gpu(self, torch) -> None:
+        """Set the GPU gauges when this replica has a GPU; on CPU they are never set, so absent."""
+        if not torch.cuda.is_available():
+            return
+        for index in range(torch.cuda.device_count()):
+            tags = {**self.tags, "gpu": str(index)}
+            self.gpu_memory.set(torch.cuda.memory_allocated(index), tags)
+            try:
+                self.gpu_util.set(torch.cuda.utilization(index) / 100.0, tags)  # needs NVML (nvidia-ml-py)
+            except Exception:
+                pass

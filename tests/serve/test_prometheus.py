@@ -1,0 +1,106 @@
+"""A real Prometheus server scrapes the session's miner after signed traffic: every
+dashboard query and every rule evaluates without error, and the key ones have data."""
+
+import json
+import shutil
+import subprocess
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+import yaml
+
+from tests.conftest import free_port
+
+MONITORING = Path(__file__).resolve().parents[2] / "monitoring"
+DASHBOARD = MONITORING / "grafana" / "torchrank-miner.json"
+# Panels that must show data after signed traffic on a CPU miner; the GPU panel must not.
+MUST_HAVE_DATA = {"Traffic by outcome (req/s)", "Latency of answered requests", "Error budget remaining (30 d)",
+                  "Burn rate", "Auth refusals (req/s)", "Queue depth and in-flight",
+                  "Batch size (items per forward pass)", "Model time per pass", "Items processed and egress",
+                  "Metagraph age", "Build"}
+ABSENT_ON_CPU = {"GPU utilisation (absent on CPU)"}
+
+
+@pytest.fixture(scope="module")
+def prometheus(miner, tmp_path_factory):
+    binary = shutil.which("prometheus")
+    assert binary, "prometheus is missing: `make test` installs Debian's prometheus package"
+    work = tmp_path_factory.mktemp("prometheus")
+    target = miner.metrics_url.split("//")[1].split("/")[0]
+    config = {
+        "global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
+        "rule_files": [str(MONITORING / "rules" / "torchrank.yml")],
+        "scrape_configs": [{"job_name": "ray", "static_configs": [{"targets": [target]}]}],
+    }
+    (work / "prometheus.yml").write_text(yaml.safe_dump(config))
+    port = free_port()
+    proc = subprocess.Popen(
+        [binary, f"--config.file={work / 'prometheus.yml'}", f"--storage.tsdb.path={work / 'data'}",
+         f"--web.listen-address=127.0.0.1:{port}"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    api = httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=10)
+    try:
+        wait_for(lambda: api.get("/-/ready").status_code == 200, "Prometheus to start")
+        yield api
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+
+
+def wait_for(check, what, timeout_s=60.0):
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            if check():
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(1)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def query(api, expr):
+    body = api.get("/api/v1/query", params={"query": expr}).json()
+    assert body["status"] == "success", f"{expr}: {body}"
+    return body["data"]["result"]
+
+
+def panel_queries():
+    for panel in json.loads(DASHBOARD.read_text())["panels"]:
+        for target in panel["targets"]:
+            yield panel["title"], target["expr"].replace("$netuid", "1").replace("$__rate_interval", "1m")
+
+
+def test_dashboard_and_rules_work_on_a_scraped_miner(miner, prometheus):
+    # Counters must grow while Prometheus watches, or every rate is zero.
+    assert miner.post({"input": "first"}).status_code == 200
+    wait_for(lambda: query(prometheus, "ray_torchrank_slo_requests_total"), "the first scrape")
+    for i in range(6):
+        assert miner.post({"input": f"metrics text {i}"}).status_code == 200
+    assert miner.post({"input": "x"}, key="//Charlie").status_code == 403
+    assert miner.http.post("/v1/embeddings", content=b"{}").status_code == 401
+
+    def scraped_all():
+        outcomes = {r["metric"]["outcome"] for r in query(prometheus, "ray_torchrank_requests_total")}
+        return {"ok", "no_validator_permit", "malformed_auth"} <= outcomes and query(
+            prometheus, "torchrank:slo_error_budget_remaining:30d")
+
+    wait_for(scraped_all, "the miner's metrics and the SLO rules")
+
+    with_data = set()
+    for title, expr in panel_queries():
+        if query(prometheus, expr):
+            with_data.add(title)
+    assert MUST_HAVE_DATA <= with_data, f"no data for {MUST_HAVE_DATA - with_data}"
+    assert not ABSENT_ON_CPU & with_data, "GPU metrics must be absent on a CPU replica, not zero"
+
+    budget = query(prometheus, 'torchrank:slo_error_budget_remaining:30d{netuid="1", slo="availability"}')
+    assert float(budget[0]["value"][1]) == 1.0  # no miner-side failure yet
+
+    groups = prometheus.get("/api/v1/rules").json()["data"]["groups"]
+    rules = [rule for group in groups for rule in group["rules"]]
+    assert len(rules) >= 20
+    broken = [(r["name"], r.get("lastError")) for r in rules if r["health"] != "ok"]
+    assert not broken, broken
