@@ -2,6 +2,7 @@
 
   torchrank-miner validator embed "some text"     sign as //Alice, call the miner, print the result
   torchrank-miner config check deployments/x.yaml validate a serve config's miner args
+  torchrank-miner status                          per-subnet req/s, latency, error budget, queues
 """
 
 from __future__ import annotations
@@ -65,6 +66,29 @@ def cmd_config_check(args) -> int:
     return 0
 
 
+def cmd_status(args) -> int:
+    import httpx
+
+    from serve_app.observability import status
+
+    try:
+        urls = args.metrics or status.ray_metrics_urls()
+    except (OSError, ValueError) as exc:
+        print(f"no local Ray cluster found ({exc}); pass --metrics http://HOST:PORT/metrics", file=sys.stderr)
+        return 2
+    try:
+        before, after = status.collect(urls, args.interval)
+    except httpx.HTTPError as exc:
+        print(f"cannot read the miner's metrics at {urls}: {exc}", file=sys.stderr)
+        return 2
+    rows = status.table(before, after)
+    if args.json:
+        print(status.as_json(rows, after.queued))
+    else:
+        print(status.render(rows, after.queued))
+    return 0
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="torchrank-miner", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="command", required=True)
@@ -90,6 +114,13 @@ def parser() -> argparse.ArgumentParser:
     check = csub.add_parser("check", help="validate a serve config file's miner args")
     check.add_argument("file", nargs="?", default=DEFAULT_CONFIG)
     check.set_defaults(func=cmd_config_check)
+
+    stat = sub.add_parser("status", help="per-subnet req/s, p50/p95/p99, error budget left and queue depth")
+    stat.add_argument("--metrics", action="append",
+                      help="a Ray metrics endpoint (repeatable; default: the local cluster's, from Ray's discovery file)")
+    stat.add_argument("--interval", type=float, default=5.0, help="seconds between the two reads")
+    stat.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    stat.set_defaults(func=cmd_status)
     return p
 
 

@@ -1,0 +1,65 @@
+"""The status command's arithmetic on hand-written Prometheus text."""
+
+import math
+
+from serve_app.observability.status import as_json, parse, quantile, render, table
+
+LABELS = 'Component="core_worker",application="miner",deployment="Router",replica="r1"'
+
+
+def exposition(ok: int, refused: int, fast: int, slow: int, slo_errors: int, in_flight: int, queued: int) -> str:
+    lines = [
+        "# TYPE ray_torchrank_requests_total counter",
+        f'ray_torchrank_requests_total{{{LABELS},netuid="1",route="/v1/embeddings",outcome="ok",caller="validator"}} {ok}',
+        f'ray_torchrank_requests_total{{{LABELS},netuid="1",route="/v1/embeddings",outcome="bad_signature",caller="unauthenticated"}} {refused}',
+        "# TYPE ray_torchrank_request_seconds histogram",
+    ]
+    for le, count in (("0.01", fast), ("0.1", fast + slow), ("+Inf", fast + slow)):
+        lines.append(f'ray_torchrank_request_seconds_bucket{{{LABELS},netuid="1",route="/v1/embeddings",outcome="ok",le="{le}"}} {count}')
+    lines += [
+        f'ray_torchrank_request_seconds_count{{{LABELS},netuid="1",route="/v1/embeddings",outcome="ok"}} {fast + slow}',
+        f'ray_torchrank_request_seconds_sum{{{LABELS},netuid="1",route="/v1/embeddings",outcome="ok"}} 1.0',
+        "# TYPE ray_torchrank_slo_requests_total counter",
+        f'ray_torchrank_slo_requests_total{{{LABELS},netuid="1",slo="availability"}} {ok}',
+        "# TYPE ray_torchrank_slo_errors_total counter",
+        f'ray_torchrank_slo_errors_total{{{LABELS},netuid="1",slo="availability"}} {slo_errors}',
+        "# TYPE ray_torchrank_slo_objective gauge",
+        f'ray_torchrank_slo_objective{{{LABELS},netuid="1",slo="availability"}} 0.99',
+        "# TYPE ray_torchrank_router_in_flight gauge",
+        f'ray_torchrank_router_in_flight{{{LABELS},netuid="1"}} {in_flight}',
+        "# TYPE ray_torchrank_queue_depth gauge",
+        f'ray_torchrank_queue_depth{{{LABELS},workload="embeddings"}} {queued}',
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def test_quantile_interpolates_inside_buckets():
+    buckets = {0.01: 50.0, 0.1: 100.0, math.inf: 100.0}
+    assert quantile(0.5, buckets) == 0.01
+    assert math.isclose(quantile(0.75, buckets), 0.055)
+    assert math.isnan(quantile(0.5, {}))
+
+
+def test_rates_and_percentiles_come_from_the_interval():
+    before = parse([exposition(ok=100, refused=10, fast=90, slow=10, slo_errors=0, in_flight=0, queued=0)], at=0.0)
+    # 10 s later: 40 more ok (20 fast, 20 slow), 10 more refused, one miner-side failure.
+    after = parse([exposition(ok=140, refused=20, fast=110, slow=30, slo_errors=1, in_flight=3, queued=7)], at=10.0)
+    [row] = table(before, after)
+    assert row["netuid"] == "1" and row["req_per_s"] == 5.0 and row["ok_share"] == 0.8
+    assert row["latency_window"] == "interval"
+    assert math.isclose(row["p50_ms"], 10.0)  # half of the interval's 40 were under 10 ms
+    assert 10.0 < row["p95_ms"] <= 100.0
+    # 1 error in 140 admitted against a 1 % budget: 1 - (1/140)/0.01 of it is left.
+    assert math.isclose(row["availability_budget_left"], 1 - (1 / 140) / 0.01)
+    assert math.isnan(row["latency_budget_left"])  # no latency SLO series
+    assert row["in_flight"] == 3
+    text = render([row], after.queued)
+    assert "embeddings 7" in text and "5.00" in text and "28.6%" in text
+    assert '"latency_budget_left": null' in as_json([row], after.queued)
+
+
+def test_quiet_interval_falls_back_to_totals_since_start():
+    sample = parse([exposition(ok=100, refused=0, fast=100, slow=0, slo_errors=0, in_flight=0, queued=0)], at=0.0)
+    later = parse([exposition(ok=100, refused=0, fast=100, slow=0, slo_errors=0, in_flight=0, queued=0)], at=5.0)
+    [row] = table(sample, later)
+    assert row["req_per_s"] == 0 and row["latency_window"] == "since start" and row["p99_ms"] <= 10.0
