@@ -12,7 +12,7 @@ STAMP := $(VENV)/.installed
 include deployments/ray.env
 export $(shell sed -n 's/^\([A-Z_][A-Z0-9_]*\)=.*/\1/p' deployments/ray.env)
 
-.PHONY: setup run test test-unit bench clean
+.PHONY: setup run test test-unit bench prometheus clean
 
 setup: $(STAMP)
 
@@ -36,8 +36,14 @@ test: setup
 test-unit: setup
 	$(BIN)/python -m pytest tests/unit
 
+# Prometheus on 127.0.0.1:9090 for the miner that `make run` started (Ray's discovery file
+# names its metrics endpoints), with the SLO rules and alerts.
+prometheus: setup
+	prometheus --config.file=monitoring/prometheus.yml --storage.tsdb.path=.prometheus \
+	  --storage.tsdb.retention.time=35d --web.listen-address=127.0.0.1:9090
+
 bench: setup
 	$(BIN)/python benchmarks/embeddings.py
 
 clean:
-	rm -rf $(VENV) .pytest_cache
+	rm -rf $(VENV) .pytest_cache .prometheus

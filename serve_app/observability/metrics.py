@@ -51,7 +51,7 @@ class RouterMetrics:
         self.metagraph_block = metrics.Gauge("torchrank_metagraph_block", "Block of the metagraph in use.",
                                              tag_keys=("netuid",))
         self.build = metrics.Gauge("torchrank_build_info", "1, labelled with what this miner runs.",
-                                   tag_keys=("version", "git_sha"))
+                                   tag_keys=("version", "git_sha", "models"))
 
     def publish_slos(self, subnets) -> None:
         for subnet in subnets:

@@ -97,6 +97,8 @@ class Router:
                     workload=workloads[PROTOCOL_WORKLOAD[route.protocol]],
                 )
         self.metrics = RouterMetrics()
+        models = {"embeddings": cfg.workloads.embeddings.model if cfg.workloads.embeddings else None}
+        self.model_ids = ",".join(f"{workload}={model}" for workload, model in models.items() if model)
         self.in_flight = {subnet.netuid: 0 for subnet in cfg.subnets}
         self._background = [asyncio.create_task(self._publish_gauges()), asyncio.create_task(logs.flush_every())]
 
@@ -104,7 +106,8 @@ class Router:
         # Ray exports a gauge value only for a while after it is set: publish them all again each period.
         while True:
             self.metrics.publish_slos(self.cfg.subnets)
-            self.metrics.build.set(1, {"version": self.build.version, "git_sha": self.build.git_sha})
+            self.metrics.build.set(1, {"version": self.build.version, "git_sha": self.build.git_sha,
+                                       "models": self.model_ids})
             for netuid, count in self.in_flight.items():
                 self.metrics.in_flight.set(count, {"netuid": str(netuid)})
             for netuid, cache in self.metagraphs.items():
