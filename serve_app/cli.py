@@ -118,7 +118,8 @@ def parser() -> argparse.ArgumentParser:
     stat = sub.add_parser("status", help="per-subnet req/s, p50/p95/p99, error budget left and queue depth")
     stat.add_argument("--metrics", action="append",
                       help="a Ray metrics endpoint (repeatable; default: the local cluster's, from Ray's discovery file)")
-    stat.add_argument("--interval", type=float, default=5.0, help="seconds between the two reads")
+    stat.add_argument("--interval", type=float, default=10.0,
+                      help="seconds between the two reads (Ray exports metrics every 10 s by default)")
     stat.add_argument("--json", action="store_true", help="print JSON instead of a table")
     stat.set_defaults(func=cmd_status)
     return p
