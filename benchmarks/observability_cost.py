@@ -30,7 +30,7 @@ class Probe:
             return (time.perf_counter() - start) / n * 1e6
 
         return {
-            "record_us": per_call_us(lambda: metrics.record("1", "/v1/embeddings", "ok", "validator", 0.02, 8000, True, 1.0)),
+            "record_us": per_call_us(lambda: metrics.record("1", "/v1/embeddings", "embeddings", "ok", "validator", 0.02, 8000, True, 1.0)),
             "gauge_set_us": per_call_us(lambda: metrics.in_flight.set(3, {"netuid": "1"})),
             "log_line_us": per_call_us(lambda: logs.request_line(netuid="1", caller="-", caller_class="validator",
                                                                   path="/v1/embeddings", status=200, outcome="ok",

@@ -29,11 +29,11 @@ MINER_FAILURES = {"unavailable", "deadline_exceeded", "internal_error", "shed", 
 class RouterMetrics:
     def __init__(self) -> None:
         self.latency = metrics.Histogram(
-            "torchrank_request_seconds", "End-to-end time at the router, by subnet, route and outcome.",
-            boundaries=LATENCY_BUCKETS, tag_keys=("netuid", "route", "outcome"))
+            "torchrank_request_seconds", "End-to-end time at the router, by subnet, route, workload and outcome.",
+            boundaries=LATENCY_BUCKETS, tag_keys=("netuid", "route", "workload", "outcome"))
         self.requests = metrics.Counter(
-            "torchrank_requests", "Requests by subnet, route, outcome and caller class.",
-            tag_keys=("netuid", "route", "outcome", "caller"))
+            "torchrank_requests", "Requests by subnet, route, workload, outcome and caller class.",
+            tag_keys=("netuid", "route", "workload", "outcome", "caller"))
         self.in_flight = metrics.Gauge("torchrank_router_in_flight", "Requests inside this router replica.",
                                        tag_keys=("netuid",))
         self.egress = metrics.Counter("torchrank_response_bytes", "Response body bytes sent.",
@@ -60,11 +60,11 @@ class RouterMetrics:
             self.slo_objective.set(subnet.slo.latency_objective, {"netuid": netuid, "slo": "latency"})
             self.slo_latency.set(subnet.slo.latency_s, {"netuid": netuid})
 
-    def record(self, netuid: str, route: str, outcome: str, caller: str, seconds: float,
+    def record(self, netuid: str, route: str, workload: str, outcome: str, caller: str, seconds: float,
                response_bytes: int, admitted: bool, slo_latency_s: Optional[float]) -> None:
         tags = {"netuid": netuid, "route": route}
-        self.latency.observe(seconds, {**tags, "outcome": outcome})
-        self.requests.inc(1, {**tags, "outcome": outcome, "caller": caller})
+        self.latency.observe(seconds, {**tags, "workload": workload, "outcome": outcome})
+        self.requests.inc(1, {**tags, "workload": workload, "outcome": outcome, "caller": caller})
         self.egress.inc(response_bytes, tags)
         if not admitted:
             return

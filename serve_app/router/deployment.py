@@ -196,7 +196,8 @@ class Router:
             netuid = str(route.subnet.netuid) if route is not None else "-"
             if route is not None:
                 self._count_in(route.subnet.netuid, -1)
-            self.metrics.record(netuid, route.path if route is not None else "unmatched", outcome, who, seconds,
+            self.metrics.record(netuid, route.path if route is not None else "unmatched",
+                                route.adapter.workload if route is not None else "-", outcome, who, seconds,
                                 len(response.body) if response is not None else 0, admitted,
                                 route.subnet.slo.latency_s if route is not None else None)
             # Never the body, signature or headers: only who, where and how it ended.

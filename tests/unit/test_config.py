@@ -82,3 +82,11 @@ def test_builder_module_imports_no_torch():
     code = "import sys, serve_app.app; print('torch' in sys.modules, 'sentence_transformers' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.split() == ["False", "False"]
+
+
+def test_slo_objectives_are_validated_with_their_field():
+    bad = args(subnets=[{"netuid": 1, "metagraph": SNAPSHOT, "slo": {"availability_objective": 1.0}}])
+    with pytest.raises(ValidationError, match="subnets.0.slo.availability_objective"):
+        MinerConfig.model_validate(bad)
+    ok = MinerConfig.model_validate(args(subnets=[{"netuid": 1, "metagraph": SNAPSHOT, "slo": {"latency_s": 0.25}}]))
+    assert ok.subnets[0].slo.latency_s == 0.25 and ok.subnets[0].slo.availability_objective == 0.995

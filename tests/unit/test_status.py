@@ -10,15 +10,15 @@ LABELS = 'Component="core_worker",application="miner",deployment="Router",replic
 def exposition(ok: int, refused: int, fast: int, slow: int, slo_errors: int, in_flight: int, queued: int) -> str:
     lines = [
         "# TYPE ray_torchrank_requests_total counter",
-        f'ray_torchrank_requests_total{{{LABELS},netuid="1",route="/v1/embeddings",outcome="ok",caller="validator"}} {ok}',
-        f'ray_torchrank_requests_total{{{LABELS},netuid="1",route="/v1/embeddings",outcome="bad_signature",caller="unauthenticated"}} {refused}',
+        f'ray_torchrank_requests_total{{{LABELS},netuid="1",route="/v1/embeddings",workload="embeddings",outcome="ok",caller="validator"}} {ok}',
+        f'ray_torchrank_requests_total{{{LABELS},netuid="1",route="/v1/embeddings",workload="embeddings",outcome="bad_signature",caller="unauthenticated"}} {refused}',
         "# TYPE ray_torchrank_request_seconds histogram",
     ]
     for le, count in (("0.01", fast), ("0.1", fast + slow), ("+Inf", fast + slow)):
-        lines.append(f'ray_torchrank_request_seconds_bucket{{{LABELS},netuid="1",route="/v1/embeddings",outcome="ok",le="{le}"}} {count}')
+        lines.append(f'ray_torchrank_request_seconds_bucket{{{LABELS},netuid="1",route="/v1/embeddings",workload="embeddings",outcome="ok",le="{le}"}} {count}')
     lines += [
-        f'ray_torchrank_request_seconds_count{{{LABELS},netuid="1",route="/v1/embeddings",outcome="ok"}} {fast + slow}',
-        f'ray_torchrank_request_seconds_sum{{{LABELS},netuid="1",route="/v1/embeddings",outcome="ok"}} 1.0',
+        f'ray_torchrank_request_seconds_count{{{LABELS},netuid="1",route="/v1/embeddings",workload="embeddings",outcome="ok"}} {fast + slow}',
+        f'ray_torchrank_request_seconds_sum{{{LABELS},netuid="1",route="/v1/embeddings",workload="embeddings",outcome="ok"}} 1.0',
         "# TYPE ray_torchrank_slo_requests_total counter",
         f'ray_torchrank_slo_requests_total{{{LABELS},netuid="1",slo="availability"}} {ok}',
         "# TYPE ray_torchrank_slo_errors_total counter",

@@ -1,0 +1,38 @@
+"""GPU gauges: set per device where CUDA is present, never set (absent) on CPU."""
+
+from types import SimpleNamespace
+
+from serve_app.observability.metrics import WorkloadMetrics
+
+
+class FakeGauge:
+    def __init__(self):
+        self.values = {}
+
+    def set(self, value, tags):
+        self.values[tags["gpu"]] = value
+
+
+def fake_torch(available: bool, devices: int = 2):
+    cuda = SimpleNamespace(
+        is_available=lambda: available,
+        device_count=lambda: devices,
+        memory_allocated=lambda i: (i + 1) * 1000,
+        utilization=lambda i: 40 + i,
+    )
+    return SimpleNamespace(cuda=cuda)
+
+
+def test_gpu_gauges_per_device_when_cuda_is_present():
+    m = WorkloadMetrics("diffusion")
+    m.gpu_util, m.gpu_memory = FakeGauge(), FakeGauge()
+    m.record_gpu(fake_torch(True))
+    assert m.gpu_util.values == {"0": 0.40, "1": 0.41}
+    assert m.gpu_memory.values == {"0": 1000, "1": 2000}
+
+
+def test_no_gpu_gauge_is_set_on_cpu():
+    m = WorkloadMetrics("embeddings")
+    m.gpu_util, m.gpu_memory = FakeGauge(), FakeGauge()
+    m.record_gpu(fake_torch(False))
+    assert m.gpu_util.values == {} and m.gpu_memory.values == {}
