@@ -7,10 +7,6 @@ BIN := $(VENV)/bin
 TORCH_SPEC ?= torch==2.13.0
 TORCH_INDEX ?=
 STAMP := $(VENV)/.installed
-# Ray Serve's ingress settings (HAProxy, throughput profile): see the file. Override on the
-# command line, e.g. `make run RAY_SERVE_ENABLE_HA_PROXY=0` for Ray's Python proxy.
-include deployments/ray.env
-export $(shell sed -n 's/^\([A-Z_][A-Z0-9_]*\)=.*/\1/p' deployments/ray.env)
 
 .PHONY: setup run test test-unit bench prometheus clean
 
@@ -27,8 +23,10 @@ $(STAMP): pyproject.toml Makefile
 	$(BIN)/python -m pip install -q -e ".[test]"
 	touch $@
 
+# serve run under deployments/ray.env (HAProxy ingress, Serve's throughput profile); a
+# variable set in your environment wins, e.g. `RAY_SERVE_ENABLE_HA_PROXY=0 make run`.
 run: setup
-	$(BIN)/serve run deployments/local.yaml
+	$(BIN)/python -m serve_app.rayenv $(BIN)/serve run deployments/local.yaml
 
 test: setup
 	$(BIN)/python -m pytest tests

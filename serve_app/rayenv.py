@@ -1,13 +1,19 @@
 """The Ray Serve environment the miner runs under, from `deployments/ray.env`.
 
 Ray reads these variables once, in every Ray process, so they must be in the
-environment before Ray starts: the Makefile exports them for `serve run`, and the
-tests and benchmarks call `apply()` before `ray.init`. A variable already set wins.
+environment before Ray starts: `make run` starts `serve run` through
+`python -m serve_app.rayenv serve run ...`, and the tests and benchmarks call `apply()`
+before `ray.init`. A variable already set wins.
+
+Only the Ray cluster's processes should see them: in a driver that already imported
+`ray.serve` they change nothing, but a driver started with them (the throughput
+profile) gets handles that only work inside an asyncio loop.
 """
 
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 
 RAY_ENV_FILE = Path(__file__).resolve().parent.parent / "deployments" / "ray.env"
@@ -28,3 +34,15 @@ def apply(path: Path = RAY_ENV_FILE, **overrides: str) -> dict[str, str]:
     for key, value in {**read(path), **overrides}.items():
         os.environ.setdefault(key, value)
     return {key: os.environ[key] for key in {**read(path), **overrides}}
+
+
+def main(argv: list[str]) -> None:
+    """`python -m serve_app.rayenv CMD ARGS...`: run CMD under the miner's Ray environment."""
+    if not argv:
+        sys.exit("usage: python -m serve_app.rayenv COMMAND [ARGS...]")
+    apply()
+    os.execvp(argv[0], argv)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

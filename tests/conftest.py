@@ -74,6 +74,8 @@ def miner(tmp_path_factory):
         }
     )
     port = free_port()
+    # The miner's Ray environment for the cluster started below. This driver imported
+    # ray.serve already (above), so its own handles keep their default event-loop mode.
     # HAProxy's stats and metrics listeners on free ports too: a running `make run` keeps its own.
     rayenv.apply(RAY_SERVE_HAPROXY_STATS_PORT=str(free_port()), RAY_SERVE_HAPROXY_METRICS_PORT=str(free_port()),
                  RAY_metrics_report_interval_ms="1000")  # metrics reach the exporter in 1 s, not 10

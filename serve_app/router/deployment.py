@@ -32,7 +32,7 @@ from serve_app.router.body import read_capped
 from serve_app.router.policy import authorise, caller_class
 
 log = logging.getLogger("ray.serve.torchrank.router")
-GAUGE_PERIOD_S = 5.0
+GAUGE_PERIOD_S = 1.0  # under the agent's gauge TTL (2 export periods, 2 s at the fastest)
 
 app = FastAPI(title="torchrank-miner", version=__version__, openapi_url=None, docs_url=None, redoc_url=None)
 

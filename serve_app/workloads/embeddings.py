@@ -19,7 +19,7 @@ from serve_app.engines.thread import EngineThread
 from serve_app.observability import logs
 from serve_app.observability.metrics import WorkloadMetrics
 
-GAUGE_PERIOD_S = 5.0
+GAUGE_PERIOD_S = 1.0  # under the agent's gauge TTL (2 export periods, 2 s at the fastest)
 
 # See serve_app/engines/coalesce.py: the runner below merges the batches Serve cuts, so
 # Serve's batch semaphore must never hold one back. Each cut batch holds at least one
