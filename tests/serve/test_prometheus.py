@@ -82,10 +82,12 @@ def test_dashboard_and_rules_work_on_a_scraped_miner(miner, prometheus):
     assert miner.post({"input": "x"}, key="//Charlie").status_code == 403
     assert miner.http.post("/v1/embeddings", content=b"{}").status_code == 401
 
+    budget_expr = 'torchrank:slo_error_budget_remaining:30d{netuid="1", slo="availability"}'
+
     def scraped_all():
         outcomes = {r["metric"]["outcome"] for r in query(prometheus, "ray_torchrank_requests_total")}
-        return {"ok", "no_validator_permit", "malformed_auth"} <= outcomes and query(
-            prometheus, "torchrank:slo_error_budget_remaining:30d")
+        budget = query(prometheus, budget_expr)  # NaN until the rules see the counters grow
+        return {"ok", "no_validator_permit", "malformed_auth"} <= outcomes and budget and budget[0]["value"][1] != "NaN"
 
     wait_for(scraped_all, "the miner's metrics and the SLO rules")
 
@@ -96,8 +98,7 @@ def test_dashboard_and_rules_work_on_a_scraped_miner(miner, prometheus):
     assert MUST_HAVE_DATA <= with_data, f"no data for {MUST_HAVE_DATA - with_data}"
     assert not ABSENT_ON_CPU & with_data, "GPU metrics must be absent on a CPU replica, not zero"
 
-    budget = query(prometheus, 'torchrank:slo_error_budget_remaining:30d{netuid="1", slo="availability"}')
-    assert float(budget[0]["value"][1]) == 1.0  # no miner-side failure yet
+    assert float(query(prometheus, budget_expr)[0]["value"][1]) == 1.0  # no miner-side failure yet
 
     groups = prometheus.get("/api/v1/rules").json()["data"]["groups"]
     rules = [rule for group in groups for rule in group["rules"]]
