@@ -105,15 +105,18 @@ class Router:
     async def _publish_gauges(self) -> None:
         # Ray exports a gauge value only for a while after it is set: publish them all again each period.
         while True:
-            self.metrics.publish_slos(self.cfg.subnets)
-            self.metrics.build.set(1, {"version": self.build.version, "git_sha": self.build.git_sha,
-                                       "models": self.model_ids})
-            for netuid, count in self.in_flight.items():
-                self.metrics.in_flight.set(count, {"netuid": str(netuid)})
-            for netuid, cache in self.metagraphs.items():
-                if cache.view is not None:  # absent, not zero, until the first read
-                    self.metrics.metagraph_age.set(cache.age_s, {"netuid": str(netuid)})
-                    self.metrics.metagraph_block.set(cache.view.block, {"netuid": str(netuid)})
+            try:
+                self.metrics.publish_slos(self.cfg.subnets)
+                self.metrics.build.set(1, {"version": self.build.version, "git_sha": self.build.git_sha,
+                                           "models": self.model_ids})
+                for netuid, count in self.in_flight.items():
+                    self.metrics.in_flight.set(count, {"netuid": str(netuid)})
+                for netuid, cache in self.metagraphs.items():
+                    if cache.view is not None:  # absent, not zero, until the first read
+                        self.metrics.metagraph_age.set(cache.age_s, {"netuid": str(netuid)})
+                        self.metrics.metagraph_block.set(cache.view.block, {"netuid": str(netuid)})
+            except Exception:  # the staleness alert depends on this loop: never let it die
+                log.exception("publishing router gauges failed")
             await asyncio.sleep(GAUGE_PERIOD_S)
 
     @app.get("/health")

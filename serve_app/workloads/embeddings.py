@@ -19,6 +19,7 @@ from serve_app.engines.thread import EngineThread
 from serve_app.observability import logs
 from serve_app.observability.metrics import WorkloadMetrics
 
+log = logging.getLogger("ray.serve.torchrank.embeddings")
 GAUGE_PERIOD_S = 1.0  # under the agent's gauge TTL (2 export periods, 2 s at the fastest)
 
 # See serve_app/engines/coalesce.py: the runner below merges the batches Serve cuts, so
@@ -74,8 +75,11 @@ class Embeddings:
 
     async def _publish_gauges(self) -> None:
         while True:
-            self._count_in(0)
-            self.metrics.record_gpu(self.engine.torch)
+            try:
+                self._count_in(0)
+                self.metrics.record_gpu(self.engine.torch)
+            except Exception:  # the GPU-idle alert depends on this loop: never let it die
+                log.exception("publishing embeddings gauges failed")
             await asyncio.sleep(GAUGE_PERIOD_S)
 
     async def embed(self, texts: list[str]):
