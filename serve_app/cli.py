@@ -77,7 +77,7 @@ def cmd_status(args) -> int:
         print(f"no local Ray cluster found ({exc}); pass --metrics http://HOST:PORT/metrics", file=sys.stderr)
         return 2
     try:
-        before, after = status.collect(urls, args.interval)
+        before, after = status.collect(urls, args.interval, warn=lambda msg: print(msg, file=sys.stderr))
     except httpx.HTTPError as exc:
         print(f"cannot read the miner's metrics at {urls}: {exc}", file=sys.stderr)
         return 2

@@ -138,12 +138,22 @@ def as_json(rows: list[dict], queued: dict[str, float]) -> str:
     return json.dumps({"subnets": clean, "queue_depth": dict(queued)})
 
 
-def collect(urls: list[str], interval_s: float) -> tuple[Sample, Sample]:
+def collect(urls: list[str], interval_s: float, warn=print) -> tuple[Sample, Sample]:
+    """Two reads of every endpoint that answers; an endpoint that does not is skipped with a
+    warning (a node going away), and httpx.HTTPError is raised only when none answers."""
     import httpx
 
     def scrape() -> Sample:
-        at = time.monotonic()
-        return parse([httpx.get(url, timeout=5).text for url in urls], at)
+        at, texts, last_error = time.monotonic(), [], None
+        for url in urls:
+            try:
+                texts.append(httpx.get(url, timeout=5).raise_for_status().text)
+            except httpx.HTTPError as exc:
+                warn(f"skipping {url}: {exc}")
+                last_error = exc
+        if not texts:
+            raise last_error
+        return parse(texts, at)
 
     before = scrape()
     time.sleep(interval_s)

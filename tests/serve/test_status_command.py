@@ -35,6 +35,13 @@ def test_status_reports_traffic_latency_budget_and_queues(miner, capsys):
     assert table.splitlines()[0].split()[:3] == ["netuid", "req/s", "ok"] and "queue depth:" in table
 
 
+def test_status_skips_an_endpoint_that_does_not_answer(miner, capsys):
+    dead = "http://127.0.0.1:9/metrics"
+    assert cli.main(["status", "--metrics", dead, "--metrics", miner.metrics_url, "--interval", "0.5", "--json"]) == 0
+    out = capsys.readouterr()
+    assert f"skipping {dead}" in out.err and json.loads(out.out)["subnets"]
+
+
 def test_status_without_a_miner_says_so(capsys):
     assert cli.main(["status", "--metrics", "http://127.0.0.1:9/metrics", "--interval", "0"]) == 2
     assert "cannot read the miner's metrics" in capsys.readouterr().err
