@@ -29,11 +29,10 @@ def read(path: Path = RAY_ENV_FILE) -> dict[str, str]:
     return out
 
 
-def apply(path: Path = RAY_ENV_FILE, **overrides: str) -> dict[str, str]:
-    """Set the file's variables (and `overrides`) where the environment has none; return what applies."""
+def apply(path: Path = RAY_ENV_FILE, **overrides: str) -> None:
+    """Set the file's variables (and `overrides`) where the environment has none."""
     for key, value in {**read(path), **overrides}.items():
         os.environ.setdefault(key, value)
-    return {key: os.environ[key] for key in {**read(path), **overrides}}
 
 
 def main(argv: list[str]) -> None:

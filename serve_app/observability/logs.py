@@ -26,12 +26,8 @@ def request_line(**fields) -> None:
     log.info("request", extra=fields)
 
 
-def flush() -> None:
-    for handler in logging.getLogger("ray.serve").handlers:
-        handler.flush()
-
-
 async def flush_every(seconds: float = 1.0) -> None:
     while True:
         await asyncio.sleep(seconds)
-        flush()
+        for handler in logging.getLogger("ray.serve").handlers:
+            handler.flush()

@@ -171,7 +171,7 @@ class Router:
         route = self.routes.get(request.url.path)
         caller, who, outcome, status, admitted, response = "-", "unauthenticated", "internal_error", 500, False, None
         if route is not None:
-            self._count_in(route.subnet.netuid, +1)
+            self.in_flight[route.subnet.netuid] += 1  # published by _publish_gauges
         try:
             if route is None:
                 raise not_found(request.url.path)
@@ -196,21 +196,18 @@ class Router:
             response = error_response(ApiError(500, "internal_error", f"the miner failed this request (id {rid})"), headers)
         finally:
             seconds = time.perf_counter() - started
-            netuid = str(route.subnet.netuid) if route is not None else "-"
             if route is not None:
-                self._count_in(route.subnet.netuid, -1)
-            self.metrics.record(netuid, route.path if route is not None else "unmatched",
-                                route.adapter.workload if route is not None else "-", outcome, who, seconds,
-                                len(response.body) if response is not None else 0, admitted,
-                                route.subnet.slo.latency_s if route is not None else None)
+                self.in_flight[route.subnet.netuid] -= 1
+                netuid, path_label, workload, slo_s = (str(route.subnet.netuid), route.path,
+                                                       route.adapter.workload, route.subnet.slo.latency_s)
+            else:
+                netuid, path_label, workload, slo_s = "-", "unmatched", "-", None
+            self.metrics.record(netuid, path_label, workload, outcome, who, seconds,
+                                len(response.body) if response is not None else 0, admitted, slo_s)
             # Never the body, signature or headers: only who, where and how it ended.
             logs.request_line(netuid=netuid, caller=caller, caller_class=who, path=request.url.path,
                               status=status, outcome=outcome, admitted=admitted, ms=round(seconds * 1000, 2))
         return response
-
-    def _count_in(self, netuid: int, step: int) -> None:
-        self.in_flight[netuid] += step
-        self.metrics.in_flight.set(self.in_flight[netuid], {"netuid": str(netuid)})
 
     async def _call_workload(self, route: Route, parsed) -> dict:
         timeout = route.subnet.timeout_s

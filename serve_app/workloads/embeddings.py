@@ -68,15 +68,12 @@ class Embeddings:
         self.metrics.record_pass(time.perf_counter() - started, len(texts), texts=len(texts), tokens=int(tokens.sum()))
         return vectors, tokens
 
-    def _count_in(self, step: int) -> None:
-        self.in_flight += step
-        self.metrics.in_flight.set(self.in_flight, self.metrics.tags)
-        self.metrics.queued.set(self.runner.queued_items, self.metrics.tags)
-
     async def _publish_gauges(self) -> None:
+        # Gauges are sampled here, off the request path; Ray exports them every few seconds anyway.
         while True:
             try:
-                self._count_in(0)
+                self.metrics.in_flight.set(self.in_flight, self.metrics.tags)
+                self.metrics.queued.set(self.runner.queued_items, self.metrics.tags)
                 self.metrics.record_gpu(self.engine.torch)
             except Exception:  # the GPU-idle alert depends on this loop: never let it die
                 log.exception("publishing embeddings gauges failed")
@@ -84,11 +81,11 @@ class Embeddings:
 
     async def embed(self, texts: list[str]):
         """One request's texts -> (vectors [n, dim], total tokens)."""
-        self._count_in(+1)
+        self.in_flight += 1
         try:
             vectors, tokens = await self._embed_batch(texts)
         finally:
-            self._count_in(-1)
+            self.in_flight -= 1
         return vectors, int(tokens.sum())
 
     @serve.batch(max_batch_size=64, batch_wait_timeout_s=0.0, max_concurrent_batches=SERVE_BATCHES_IN_FLIGHT,
