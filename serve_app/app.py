@@ -52,6 +52,7 @@ def build_app(args: MinerConfig) -> Application:
             num_replicas=emb.num_replicas,
             ray_actor_options={"num_cpus": emb.num_cpus, "num_gpus": emb.num_gpus},
             max_ongoing_requests=emb.max_ongoing_requests,
+            max_queued_requests=emb.max_queued_requests,
             logging_config=JSON_LOGS,
         ).bind(emb)
     return Router.options(

@@ -121,6 +121,38 @@ class SLOConfig(Strict):
     availability_objective: float = Field(default=0.995, gt=0, lt=1, description="Share of admitted requests that must not fail on the miner's side (5xx).")
 
 
+class BreakerConfig(Strict):
+    """A circuit breaker per (subnet, workload) in each router replica (serve_app/ops/breaker.py)."""
+
+    consecutive_failures: int = Field(default=5, ge=1, description="Open after this many failed calls in a row.")
+    failure_rate: float = Field(default=0.5, gt=0, le=1, description="...or when more than this share of calls failed in window_s")
+    min_calls: int = Field(default=20, ge=1, description="...with at least this many calls in the window.")
+    window_s: float = Field(default=30.0, gt=0)
+    open_s: float = Field(default=5.0, gt=0, description="Fail fast this long, then let probes through.")
+    half_open_probes: int = Field(default=1, ge=1)
+
+
+class RateLimitConfig(Strict):
+    """Per-hotkey token buckets; a validator's rate follows its share of the subnet's validator stake."""
+
+    enabled: bool = True
+    total_rps: float = Field(default=1000.0, gt=0, description="Requests/s shared by all validators in proportion to stake.")
+    floor_rps: float = Field(default=2.0, ge=0, description="The least any admitted hotkey gets, whatever its stake.")
+    burst_s: float = Field(default=2.0, gt=0, description="A bucket holds this many seconds of its rate (at least 1 request).")
+    overrides: dict[str, float] = Field(
+        default_factory=dict, description="hotkey -> requests/s, replacing the stake rule (allow-listed hotkeys are unlimited unless here).")
+
+
+class WatchdogConfig(Strict):
+    """When is a subnet degraded? Checked every few seconds by each router replica."""
+
+    window_s: float = Field(default=60.0, gt=0)
+    min_requests: int = Field(default=20, ge=1, description="Latency and error checks need this many requests in the window.")
+    max_error_rate: float = Field(default=0.05, ge=0, le=1)
+    max_metagraph_age_s: float = Field(
+        default=1200.0, gt=0, description="Older than this: degraded, and /ready answers 503.")
+
+
 class SubnetConfig(Strict):
     netuid: int = Field(ge=0, le=65535)
     prefix: str = Field(
@@ -132,7 +164,13 @@ class SubnetConfig(Strict):
     auth: AuthPolicy = AuthPolicy()
     routes: tuple[RouteConfig, ...] = (RouteConfig(path="/v1/embeddings", protocol="openai-embeddings"),)
     timeout_s: float = Field(default=12.0, gt=0, description="Deadline for a request when the validator sends none.")
+    max_timeout_s: float = Field(default=120.0, gt=0, description="The most a validator's X-Bittensor-Timeout may ask for.")
     slo: SLOConfig = SLOConfig()
+    breaker: BreakerConfig = BreakerConfig()
+    rate_limit: RateLimitConfig = RateLimitConfig()
+    watchdog: WatchdogConfig = WatchdogConfig()
+    allow_degraded: bool = Field(
+        default=False, description="Under sustained overload, may this subnet's work use the workload's cheaper preset?")
 
     @field_validator("routes")
     @classmethod
@@ -143,6 +181,23 @@ class SubnetConfig(Strict):
         if not routes:
             raise ValueError("a subnet needs at least one route")
         return routes
+
+
+class AdmissionConfig(Strict):
+    """How much of a workload one router replica may use at once (serve_app/ops/admission.py)."""
+
+    max_in_flight: int = Field(default=16, ge=1, description="Requests at the workload at once, per router replica.")
+    max_queued: int = Field(default=32, ge=0, description="Requests waiting for a slot, by stake; beyond it the lowest stake is shed.")
+    max_wait_s: float = Field(default=0.25, gt=0, description="Longest wait for a slot before a fast 503.")
+
+
+class EmbeddingsDegradation(Strict):
+    """A cheaper preset for subnets that allow it (`allow_degraded`), on under sustained overload."""
+
+    max_seq_length: int = Field(default=128, ge=8, description="Texts are cut to this many tokens while degraded.")
+    queued_items: int = Field(default=64, ge=1, description="Overloaded: at least this many texts waiting for the model...")
+    on_after_s: float = Field(default=5.0, ge=0, description="...for this long switches the preset on.")
+    off_after_s: float = Field(default=15.0, ge=0, description="Under the threshold for this long switches it off.")
 
 
 class EmbeddingsConfig(Strict):
@@ -172,6 +227,10 @@ class EmbeddingsConfig(Strict):
     num_cpus: float = Field(default=1.0, ge=0)
     num_gpus: float = Field(default=0.0, ge=0)
     max_ongoing_requests: int = Field(default=128, ge=1, le=4096)
+    max_queued_requests: int = Field(
+        default=256, ge=1, description="Serve's bound on requests waiting for a replica, per caller (e.g. while one restarts).")
+    admission: AdmissionConfig = AdmissionConfig()
+    degraded: Optional[EmbeddingsDegradation] = EmbeddingsDegradation()
 
     @model_validator(mode="after")
     def _request_fits_a_batch(self) -> "EmbeddingsConfig":
@@ -196,6 +255,7 @@ class RouterConfig(Strict):
     num_cpus: float = Field(default=0.5, ge=0)
     max_ongoing_requests: int = Field(default=256, ge=1)
     max_body_bytes: int = Field(default=1 << 20, ge=1024, description="Larger bodies get 413 before being read.")
+    body_timeout_s: float = Field(default=10.0, gt=0, description="A body slower than this to arrive gets 408.")
 
 
 class MinerConfig(Strict):

@@ -5,6 +5,7 @@ Details are written for the caller and never carry signatures, bodies or keys.
 
 from __future__ import annotations
 
+import math
 from typing import Optional
 
 import orjson
@@ -34,5 +35,18 @@ def not_found(path: str) -> ApiError:
     return ApiError(404, "not_found", f"no route {path}")
 
 
-def unavailable(detail: str, retry_after_s: int = 1) -> ApiError:
-    return ApiError(503, "unavailable", detail, {"Retry-After": str(retry_after_s)})
+def retry_after(seconds: float) -> dict[str, str]:
+    """Retry-After in whole seconds, at least 1 (the header takes no fractions)."""
+    return {"Retry-After": str(max(1, math.ceil(seconds)))}
+
+
+def unavailable(detail: str, retry_after_s: float = 1) -> ApiError:
+    return ApiError(503, "unavailable", detail, retry_after(retry_after_s))
+
+
+def shed(detail: str, retry_after_s: float = 1) -> ApiError:
+    return ApiError(503, "shed", detail, retry_after(retry_after_s))
+
+
+def deadline_exceeded(timeout_s: float) -> ApiError:
+    return ApiError(504, "deadline_exceeded", f"the work could not finish within the {timeout_s:g}s deadline")

@@ -13,8 +13,9 @@ meanwhile (up to `max_items`) goes into the next pass.
 from __future__ import annotations
 
 import asyncio
+import time
 from collections import deque
-from typing import Callable, Sequence
+from typing import Callable, Optional, Sequence
 
 from serve_app.engines.thread import EngineThread
 
@@ -22,36 +23,50 @@ from serve_app.engines.thread import EngineThread
 BatchFn = Callable[[list], tuple]
 
 
+class DeadlinePassed(Exception):
+    """The caller's deadline passed before its work reached the model: it was not computed."""
+
+
 class CoalescingRunner:
     def __init__(self, thread: EngineThread, fn: BatchFn, max_items: int):
         self._thread = thread
         self._fn = fn
         self.max_items = max_items
-        self._pending: deque[tuple[list, asyncio.Future]] = deque()
+        self._pending: deque[tuple[list, asyncio.Future, Optional[float]]] = deque()
         self._drainer: asyncio.Task | None = None
         self.passes = 0
         self.items_done = 0
         self.largest_pass = 0
+        self.expired = 0
 
     @property
     def queued_items(self) -> int:
         """Items waiting for a pass (not the one running)."""
-        return sum(len(items) for items, _ in self._pending)
+        return sum(len(items) for items, _, _ in self._pending)
 
-    async def run(self, items: Sequence) -> tuple:
-        """The outputs for `items`, computed in one pass with whatever else is queued."""
+    async def run(self, items: Sequence, deadline: Optional[float] = None) -> tuple:
+        """The outputs for `items`, computed in one pass with whatever else is queued.
+
+        `deadline` (time.time()): if it passes while the items wait, they are dropped
+        and DeadlinePassed is raised: nobody accepts an answer after its deadline.
+        """
         future = asyncio.get_running_loop().create_future()
-        self._pending.append((list(items), future))
+        self._pending.append((list(items), future, deadline))
         if self._drainer is None:
             self._drainer = asyncio.create_task(self._drain())
         return await future
 
-    def _next_pass(self) -> list[tuple[list, asyncio.Future]]:
-        taken, size = [], 0
+    def _next_pass(self) -> list[tuple[list, asyncio.Future, Optional[float]]]:
+        taken, size, now = [], 0, time.time()
         while self._pending:
-            items, future = self._pending[0]
+            items, future, deadline = self._pending[0]
             if future.cancelled():  # the caller went away: skip its work
                 self._pending.popleft()
+                continue
+            if deadline is not None and now >= deadline:
+                self._pending.popleft()
+                self.expired += 1
+                future.set_exception(DeadlinePassed())
                 continue
             if taken and size + len(items) > self.max_items:
                 break
@@ -60,17 +75,17 @@ class CoalescingRunner:
         return taken
 
     async def _drain(self) -> None:
-        taken: list[tuple[list, asyncio.Future]] = []
+        taken: list[tuple[list, asyncio.Future, Optional[float]]] = []
         try:
             while self._pending:
                 taken = self._next_pass()
                 if not taken:
                     continue
-                flat = [item for items, _ in taken for item in items]
+                flat = [item for items, _, _ in taken for item in items]
                 try:
                     outputs = await self._thread.run(self._fn, flat)
                 except Exception as exc:  # the callers get the error; the runner goes on
-                    for _, future in taken:
+                    for _, future, _ in taken:
                         if not future.done():
                             future.set_exception(exc)
                     continue
@@ -78,14 +93,14 @@ class CoalescingRunner:
                 self.items_done += len(flat)
                 self.largest_pass = max(self.largest_pass, len(flat))
                 start = 0
-                for items, future in taken:
+                for items, future, _ in taken:
                     if not future.done():
                         future.set_result(tuple(out[start : start + len(items)] for out in outputs))
                     start += len(items)
                 taken = []
         except BaseException:
             # Cancelled (replica shutting down): no admitted caller is left waiting forever.
-            for _, future in [*taken, *self._pending]:
+            for _, future, _ in [*taken, *self._pending]:
                 if not future.done():
                     future.cancel()
             raise

@@ -14,7 +14,7 @@ import importlib
 import logging
 import os
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Sequence
 
 import numpy as np
 
@@ -106,10 +106,16 @@ class SentenceEmbeddingEngine:
         log.info("loaded %s from %s on %s (dim %d, %d threads)", cfg.model, path, self.device, self.dimension, num_threads)
         self.encode(["warm up the kernels"])
 
-    def encode(self, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
-        """(float32 [n, dim] unit vectors, int [n] token counts), in input order."""
+    def encode(self, texts: list[str], caps: Optional[Sequence[Optional[int]]] = None) -> tuple[np.ndarray, np.ndarray]:
+        """(float32 [n, dim] unit vectors, int [n] token counts), in input order.
+
+        `caps[i]`, if set, cuts text i to that many tokens (the degraded preset), as if
+        the model's max_seq_length were that small: the end token is kept.
+        """
         features = self._tokenize(texts)
         lengths = features["attention_mask"].sum(dim=1)
+        if caps is not None:
+            self._truncate(features, lengths, caps)
         order = self.torch.argsort(lengths, descending=True, stable=True)
         out = np.empty((len(texts), self.dimension), dtype=np.float32)
         with self.torch.inference_mode():
@@ -121,6 +127,17 @@ class SentenceEmbeddingEngine:
                 emb = self.torch.nn.functional.normalize(emb.float(), p=2, dim=1)
                 out[chunk.numpy()] = emb.cpu().numpy()
         return out, lengths.numpy()
+
+    @staticmethod
+    def _truncate(features: dict, lengths, caps: Sequence[Optional[int]]) -> None:
+        ids, mask = features["input_ids"], features["attention_mask"]
+        for row, cap in enumerate(caps):
+            length = int(lengths[row])
+            if cap is None or length <= cap:
+                continue
+            ids[row, cap - 1] = ids[row, length - 1]  # the end token ([SEP], </s>) closes the cut text
+            mask[row, cap:] = 0
+            lengths[row] = cap
 
     def _chunks(self, order, lengths):
         """Split length-sorted indices so that rows × longest row stays under the token budget."""

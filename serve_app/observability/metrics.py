@@ -50,6 +50,12 @@ class RouterMetrics:
                                            "Seconds since this replica's metagraph was read.", tag_keys=("netuid",))
         self.metagraph_block = metrics.Gauge("torchrank_metagraph_block", "Block of the metagraph in use.",
                                              tag_keys=("netuid",))
+        self.breaker_state = metrics.Gauge("torchrank_breaker_state", "Circuit breaker: 0 closed, 1 half-open, 2 open.",
+                                           tag_keys=("netuid", "workload"))
+        self.degraded = metrics.Gauge("torchrank_subnet_degraded", "1 while the subnet's watchdog finds it degraded.",
+                                      tag_keys=("netuid",))
+        self.admission_queue = metrics.Gauge("torchrank_admission_queued", "Requests waiting for a workload slot.",
+                                             tag_keys=("workload",))
         self.build = metrics.Gauge("torchrank_build_info", "1, labelled with what this miner runs.",
                                    tag_keys=("version", "git_sha", "models"))
 
@@ -92,6 +98,8 @@ class WorkloadMetrics:
                                     tag_keys=("workload",))
         self.in_flight = metrics.Gauge("torchrank_workload_in_flight", "Requests inside this workload replica.",
                                        tag_keys=("workload",))
+        self.degraded = metrics.Gauge("torchrank_workload_degraded", "1 while the cheaper preset is on in this replica.",
+                                      tag_keys=("workload",))
         self.gpu_util = metrics.Gauge("torchrank_gpu_utilization", "GPU utilisation 0-1 (absent on CPU).",
                                       tag_keys=("workload", "gpu"))
         self.gpu_memory = metrics.Gauge("torchrank_gpu_memory_bytes", "GPU memory allocated by this replica (absent on CPU).",

@@ -44,7 +44,12 @@ class Adapter(Protocol):
 
     workload: str
     request_model: type[BaseModel]
+    # May the router send the call again after the replica died mid-request? True only
+    # where running it twice gives the same answer and no side effect.
+    idempotent: bool
 
     def parse(self, body: bytes) -> BaseModel: ...
 
-    async def run(self, request: BaseModel, handle) -> dict: ...
+    async def run(self, request: BaseModel, handle, deadline: float, degradable: bool) -> dict:
+        """`deadline` is time.time() after which the answer is useless; `degradable`: the
+        subnet accepts the workload's cheaper preset under overload."""

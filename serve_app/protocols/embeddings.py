@@ -27,6 +27,7 @@ class EmbeddingsRequest(BaseModel):
 class OpenAIEmbeddings:
     workload = "embeddings"
     request_model = EmbeddingsRequest
+    idempotent = True
 
     def __init__(self, cfg: EmbeddingsConfig):
         self.cfg = cfg
@@ -47,8 +48,8 @@ class OpenAIEmbeddings:
             raise limit_exceeded("model", f"{req.model!r} is not served here; this miner serves {self.cfg.model_name!r}")
         return req
 
-    async def run(self, req: EmbeddingsRequest, handle) -> dict:
-        vectors, tokens = await handle.embed.remote(req.texts)
+    async def run(self, req: EmbeddingsRequest, handle, deadline: float, degradable: bool) -> dict:
+        vectors, tokens = await handle.embed.remote(req.texts, deadline, degradable)
         if req.encoding_format == "base64":
             encoded = [base64.b64encode(np.asarray(v, dtype="<f4").tobytes()).decode() for v in vectors]
         else:

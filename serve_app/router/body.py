@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+
 from starlette.requests import ClientDisconnect, Request
 
 from serve_app.errors import ApiError
@@ -11,7 +13,16 @@ def too_large(limit: int) -> ApiError:
     return ApiError(413, "body_too_large", f"request body is over the {limit}-byte limit")
 
 
-async def read_capped(request: Request, limit: int) -> bytes:
+async def read_capped(request: Request, limit: int, timeout_s: float) -> bytes:
+    """The body, refused with 413 over `limit` bytes and 408 if it takes over `timeout_s`
+    to arrive (a slow client must not hold a router slot)."""
+    try:
+        return await asyncio.wait_for(_read(request, limit), timeout_s)
+    except asyncio.TimeoutError:
+        raise ApiError(408, "body_timeout", f"the request body did not arrive within {timeout_s:g}s") from None
+
+
+async def _read(request: Request, limit: int) -> bytes:
     declared = request.headers.get("content-length")
     if declared is not None:
         if not declared.isdigit():

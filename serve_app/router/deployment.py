@@ -2,37 +2,54 @@
 
 The request path, in order; a request refused at any step stops there and never
 reaches a workload:
-  route (404) -> body under the cap (413) -> btauth/1 signature + shared replay check (401)
-  -> authorisation from the subnet's metagraph (403) -> schema and limits (422)
-  -> workload call under the deadline (504) -> response.
+  route (404) -> deadline from X-Bittensor-Timeout (422) -> body under the cap and in time (413, 408)
+  -> btauth/1 signature + shared replay check (401) -> authorisation from the subnet's
+  metagraph (403) -> per-hotkey rate limit (429) -> schema and limits (422)
+  -> circuit breaker (503) -> admission by stake (503 shed, 504) -> workload call under
+  the deadline, once more on another replica if one died mid-call (503, 504) -> response.
 """
 
 # No `from __future__ import annotations`: FastAPI must see real types through serve.ingress.
 import asyncio
 import logging
+import random
 import time
 from dataclasses import dataclass
 
 import ray
 from fastapi import FastAPI, Request
 from ray import serve
+from ray.serve.exceptions import BackPressureError
 from ray.serve.handle import DeploymentHandle
 
 from serve_app import __version__
 from serve_app.chain.metagraph import MetagraphCache, make_source
 from serve_app.config import MinerConfig, PROTOCOL_WORKLOAD, SubnetConfig
-from serve_app.errors import ApiError, error_response, json_response, not_found, unavailable
+from serve_app.engines.coalesce import DeadlinePassed
+from serve_app.errors import (ApiError, deadline_exceeded, error_response, json_response, not_found, retry_after, shed,
+                              unavailable)
 from serve_app.observability import logs
 from serve_app.observability.info import BuildInfo
-from serve_app.observability.metrics import RouterMetrics
+from serve_app.observability.metrics import MINER_FAILURES, RouterMetrics
+from serve_app.ops.admission import Admission, QueueDeadline, Shed
+from serve_app.ops.breaker import OPEN, STATE_VALUE, CircuitBreaker
+from serve_app.ops.ratelimit import RateLimiter
+from serve_app.ops.watchdog import SubnetWatchdog
 from serve_app.protocols.base import Adapter
 from serve_app.protocols.registry import make_adapter
 from serve_app.router.auth import Authenticator, shared_nonce_store
 from serve_app.router.body import read_capped
-from serve_app.router.policy import authorise, caller_class
+from serve_app.router.policy import TIMEOUT_HEADER, authorise, caller_class, priority, request_timeout
 
 log = logging.getLogger("ray.serve.torchrank.router")
 GAUGE_PERIOD_S = 1.0  # under the agent's gauge TTL (2 export periods, 2 s at the fastest)
+WATCHDOG_PERIOD_S = 2.0
+READY_PROBE_TIMEOUT_S = 2.0
+# A replica that died mid-call: try another this many times (idempotent workloads only).
+DEAD_REPLICA_RETRIES = 2
+RETRY_BACKOFF_S = 0.05  # doubled per attempt, with full jitter
+# Workload errors that mean "this replica is gone", not "this request is bad".
+REPLICA_GONE = (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError)
 
 app = FastAPI(title="torchrank-miner", version=__version__, openapi_url=None, docs_url=None, redoc_url=None)
 
@@ -46,6 +63,9 @@ class Route:
     metagraph: MetagraphCache
     adapter: Adapter
     workload: DeploymentHandle
+    breaker: CircuitBreaker
+    admission: Admission
+    rate_limit: RateLimiter
 
 
 def signed_target(request: Request) -> str:
@@ -83,24 +103,36 @@ class Router:
         self.auth = Authenticator(cfg.wallet.hotkey_ss58(), shared_nonce_store(cfg.name))
         self.metagraphs: dict[int, MetagraphCache] = {}
         self.routes: dict[str, Route] = {}
+        # Each workload's capacity is shared by every subnet using it: one admission per workload.
+        self.admission = {name: Admission(getattr(cfg.workloads, name).admission) for name in workloads}
+        self.breakers: dict[tuple[int, str], CircuitBreaker] = {}
+        self.watchdogs = {subnet.netuid: SubnetWatchdog(subnet) for subnet in cfg.subnets}
+        self.workload_ready = {name: False for name in workloads}
         for subnet in cfg.subnets:
             cache = MetagraphCache(make_source(subnet.metagraph, subnet.netuid), subnet.metagraph.refresh_s)
             await cache.refresh()  # a failed first read leaves requests at 503 until a refresh succeeds
             cache.start()
             self.metagraphs[subnet.netuid] = cache
+            rate_limit = RateLimiter(subnet.rate_limit, replicas=cfg.router.num_replicas)
             for route in subnet.routes:
+                workload = PROTOCOL_WORKLOAD[route.protocol]
+                breaker = self.breakers.setdefault((subnet.netuid, workload), CircuitBreaker(subnet.breaker))
                 self.routes[subnet.prefix + route.path] = Route(
                     path=subnet.prefix + route.path,
                     subnet=subnet,
                     metagraph=cache,
                     adapter=make_adapter(route.protocol, cfg),
-                    workload=workloads[PROTOCOL_WORKLOAD[route.protocol]],
+                    workload=workloads[workload],
+                    breaker=breaker,
+                    admission=self.admission[workload],
+                    rate_limit=rate_limit,
                 )
         self.metrics = RouterMetrics()
         models = {"embeddings": cfg.workloads.embeddings.model if cfg.workloads.embeddings else None}
         self.model_ids = ",".join(f"{workload}={model}" for workload, model in models.items() if model)
         self.in_flight = {subnet.netuid: 0 for subnet in cfg.subnets}
-        self._background = [asyncio.create_task(self._publish_gauges()), asyncio.create_task(logs.flush_every())]
+        self._background = [asyncio.create_task(self._publish_gauges()), asyncio.create_task(self._watch()),
+                            asyncio.create_task(logs.flush_every())]
 
     async def _publish_gauges(self) -> None:
         # Ray exports a gauge value only for a while after it is set: publish them all again each period.
@@ -115,13 +147,71 @@ class Router:
                     if cache.view is not None:  # absent, not zero, until the first read
                         self.metrics.metagraph_age.set(cache.age_s, {"netuid": str(netuid)})
                         self.metrics.metagraph_block.set(cache.view.block, {"netuid": str(netuid)})
+                for (netuid, workload), breaker in self.breakers.items():
+                    self.metrics.breaker_state.set(STATE_VALUE[breaker.state],
+                                                   {"netuid": str(netuid), "workload": workload})
+                for netuid, watchdog in self.watchdogs.items():
+                    self.metrics.degraded.set(int(bool(watchdog.reasons)), {"netuid": str(netuid)})
+                for workload, admission in self.admission.items():
+                    self.metrics.admission_queue.set(len(admission.waiting), {"workload": workload})
             except Exception:  # the staleness alert depends on this loop: never let it die
                 log.exception("publishing router gauges failed")
             await asyncio.sleep(GAUGE_PERIOD_S)
 
+    async def _watch(self) -> None:
+        """The per-subnet watchdog and the readiness probe of each workload."""
+        while True:
+            try:
+                for name, handle in self.workloads.items():
+                    self.workload_ready[name] = await self._answers(handle)
+                for netuid, watchdog in self.watchdogs.items():
+                    before = watchdog.reasons
+                    reasons = watchdog.verdict(self.metagraphs[netuid].age_s)
+                    if reasons and reasons != before:
+                        log.warning("subnet %d degraded: %s", netuid, "; ".join(reasons))
+                    elif before and not reasons:
+                        log.info("subnet %d healthy again", netuid)
+            except Exception:
+                log.exception("watchdog pass failed")
+            await asyncio.sleep(WATCHDOG_PERIOD_S)
+
+    @staticmethod
+    async def _answers(handle: DeploymentHandle) -> bool:
+        try:
+            await asyncio.wait_for(handle.info.remote(), READY_PROBE_TIMEOUT_S)
+            return True
+        except Exception:
+            return False
+
     @app.get("/health")
     def health(self):
         return {"status": "ok"}
+
+    @app.get("/ready")
+    def ready(self):
+        """200 when every subnet can serve now: models loaded, metagraph fresh, breakers not open.
+        Degradation (slow, failing) is reported in the body without failing readiness."""
+        reasons, subnets = [], []
+        for name, ok in self.workload_ready.items():
+            if not ok:
+                reasons.append(f"workload {name} is not answering")
+        for subnet in self.cfg.subnets:
+            age = self.metagraphs[subnet.netuid].age_s
+            if age is None:
+                reasons.append(f"subnet {subnet.netuid}: no metagraph loaded")
+            elif age > subnet.watchdog.max_metagraph_age_s:
+                reasons.append(f"subnet {subnet.netuid}: metagraph is {age:.0f}s old")
+            breakers = {workload: breaker.snapshot() for (netuid, workload), breaker in self.breakers.items()
+                        if netuid == subnet.netuid}
+            reasons += [f"subnet {subnet.netuid}: {workload} breaker open ({b['reason']})"
+                        for workload, b in breakers.items() if b["state"] == OPEN]
+            subnets.append({"netuid": subnet.netuid, "metagraph_age_s": None if age is None else round(age, 1),
+                            "breakers": {w: b["state"] for w, b in breakers.items()},
+                            "degraded": self.watchdogs[subnet.netuid].reasons})
+        body = {"status": "not_ready" if reasons else "ready", "reasons": reasons,
+                "workloads": {n: "answering" if ok else "not_answering" for n, ok in self.workload_ready.items()},
+                "subnets": subnets}
+        return json_response(body, 503 if reasons else 200, retry_after(5) if reasons else None)
 
     @app.get("/info")
     async def info(self):
@@ -138,6 +228,10 @@ class Router:
                               "block": cache.view.block if cache.view is not None else None,
                               "age_s": None if age is None else round(age, 1)},
                 "timeout_s": subnet.timeout_s,
+                "max_timeout_s": subnet.max_timeout_s,
+                "breakers": {workload: breaker.snapshot() for (netuid, workload), breaker in self.breakers.items()
+                             if netuid == subnet.netuid},
+                "degraded": self.watchdogs[subnet.netuid].reasons,
             })
         return json_response({
             "version": build["version"],
@@ -147,6 +241,8 @@ class Router:
             "hotkey": self.auth.self_hotkey_ss58,
             "subnets": subnets,
             "workloads": {name: await self._workload_info(name) for name in self.workloads},
+            "admission": {name: {"in_flight": a.in_flight, "queued": len(a.waiting), "shed": a.shed_total,
+                                 "displaced": a.displaced_total} for name, a in self.admission.items()},
             "changes": build["changes"],
         })
 
@@ -177,15 +273,23 @@ class Router:
                 raise not_found(request.url.path)
             if request.method != "POST":
                 raise ApiError(405, "method_not_allowed", f"{route.path} accepts POST", {"Allow": "POST"})
-            body = await read_capped(request, self.cfg.router.max_body_bytes)
+            timeout = request_timeout(request.headers, route.subnet)
+            deadline = time.monotonic() + timeout
+            body = await read_capped(request, self.cfg.router.max_body_bytes, self.cfg.router.body_timeout_s)
             caller = await self.auth.authenticate(
                 request.headers, body, method=request.method, path=signed_target(request), policy=route.subnet.auth
             )
-            who = caller_class(caller, route.metagraph.view, route.subnet.auth)
-            authorise(caller, route.metagraph.view, route.subnet.auth)
+            view, policy = route.metagraph.view, route.subnet.auth
+            who = caller_class(caller, view, policy)
+            authorise(caller, view, policy)
+            if route.subnet.rate_limit.enabled:
+                wait = route.rate_limit.check(caller, view, allow_listed=caller in policy.allow_hotkeys)
+                if wait is not None:
+                    raise ApiError(429, "rate_limited", "this hotkey is over its request rate; see Retry-After",
+                                   retry_after(min(wait, 3600)))
             parsed = route.adapter.parse(body)
             admitted = True
-            result = await self._call_workload(route, parsed)
+            result = await self._admit_and_call(route, parsed, priority(caller, view, policy), deadline, timeout)
             outcome, status = "ok", 200
             response = json_response(result, headers=headers)
         except ApiError as err:
@@ -204,19 +308,67 @@ class Router:
                 netuid, path_label, workload, slo_s = "-", "unmatched", "-", None
             self.metrics.record(netuid, path_label, workload, outcome, who, seconds,
                                 len(response.body) if response is not None else 0, admitted, slo_s)
+            if admitted:
+                self.watchdogs[route.subnet.netuid].observe(seconds, outcome in MINER_FAILURES)
             # Never the body, signature or headers: only who, where and how it ended.
             logs.request_line(netuid=netuid, caller=caller, caller_class=who, path=request.url.path,
                               status=status, outcome=outcome, admitted=admitted, ms=round(seconds * 1000, 2))
         return response
 
-    async def _call_workload(self, route: Route, parsed) -> dict:
-        timeout = route.subnet.timeout_s
+    async def _admit_and_call(self, route: Route, parsed, prio: float, deadline: float, timeout: float) -> dict:
+        """Breaker, then a slot by stake, then the call; the breaker hears how the call went."""
+        breaker, workload = route.breaker, route.adapter.workload
+        if breaker.state == OPEN:  # fail fast, before queueing
+            raise ApiError(503, "breaker_open", f"the {workload} workload is failing; refusing fast while it recovers",
+                           retry_after(breaker.retry_after_s()))
         try:
-            return await asyncio.wait_for(route.adapter.run(parsed, route.workload), timeout)
-        except asyncio.TimeoutError:
-            raise ApiError(504, "deadline_exceeded", f"the work did not finish within {timeout:g}s") from None
-        except (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError):
-            raise unavailable(f"the {route.adapter.workload} workload is restarting", retry_after_s=2) from None
+            async with route.admission.slot(prio, deadline):
+                if not breaker.allow():  # half-open and its probe is already out
+                    raise ApiError(503, "breaker_open", f"the {workload} workload is being probed after failures",
+                                   retry_after(1))
+                verdict = True  # failed, unless shown otherwise
+                try:
+                    result = await self._call_workload(route, parsed, deadline, timeout)
+                    verdict = False
+                    return result
+                except ApiError as err:
+                    # No verdict: Serve's own queue bound (load, not a fault), or a deadline the
+                    # validator set below the SLO (its choice: it must not trip the breaker for all).
+                    if err.code == "shed" or (err.code == "deadline_exceeded" and timeout < route.subnet.slo.latency_s):
+                        verdict = None
+                    raise
+                except asyncio.CancelledError:  # the caller went away
+                    verdict = None
+                    raise
+                finally:
+                    if verdict is None:
+                        breaker.abandon()
+                    else:
+                        breaker.record(verdict)
+        except Shed as exc:
+            raise shed(f"the {workload} workload is at capacity: {exc.reason}", retry_after_s=1) from None
+        except QueueDeadline:
+            raise deadline_exceeded(timeout) from None
+
+    async def _call_workload(self, route: Route, parsed, deadline: float, timeout: float) -> dict:
+        workload = route.adapter.workload
+        for attempt in range(DEAD_REPLICA_RETRIES + 1):
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise deadline_exceeded(timeout)
+            try:
+                call = route.adapter.run(parsed, route.workload, time.time() + remaining, route.subnet.allow_degraded)
+                return await asyncio.wait_for(call, remaining)
+            except (asyncio.TimeoutError, DeadlinePassed):
+                raise deadline_exceeded(timeout) from None
+            except BackPressureError:
+                raise shed(f"the {workload} workload's queue is full", retry_after_s=1) from None
+            except REPLICA_GONE:
+                if not route.adapter.idempotent or attempt == DEAD_REPLICA_RETRIES:
+                    raise unavailable(f"the {workload} workload is restarting", retry_after_s=2) from None
+                log.warning("a %s replica went away mid-call; trying another", workload)
+                await asyncio.sleep(random.uniform(0, RETRY_BACKOFF_S * 2**attempt))
+        raise AssertionError("unreachable")
 
     def _openapi(self) -> dict:
         error = {"description": "A refusal", "content": {"application/json": {"schema": {
@@ -224,15 +376,20 @@ class Router:
             "required": ["error", "detail"]}}}}
         paths = {"/health": {"get": {"summary": "Liveness", "responses": {"200": {"description": "alive"}}}},
                  "/info": {"get": {"summary": "Version, uptime, subnets, models and recent changes",
-                                   "responses": {"200": {"description": "the miner's public facts"}}}}}
+                                   "responses": {"200": {"description": "the miner's public facts"}}}},
+                 "/ready": {"get": {"summary": "Readiness: models answering, metagraph fresh, breakers not open",
+                                    "responses": {"200": {"description": "ready"}, "503": {"description": "not ready"}}}}}
         for route in self.routes.values():
             paths[route.path] = {"post": {
                 "summary": f"{route.adapter.workload} for subnet {route.subnet.netuid}",
                 "parameters": [{"name": h, "in": "header", "required": True, "schema": {"type": "string"}}
-                               for h in AUTH_HEADERS],
+                               for h in AUTH_HEADERS]
+                              + [{"name": TIMEOUT_HEADER, "in": "header", "required": False,
+                                  "description": "Seconds the caller will wait (default: the subnet's timeout_s)",
+                                  "schema": {"type": "number", "exclusiveMinimum": 0}}],
                 "requestBody": {"required": True, "content": {"application/json": {
                     "schema": route.adapter.request_model.model_json_schema()}}},
                 "responses": {"200": {"description": "the result"},
-                              **{str(code): error for code in (401, 403, 404, 413, 422, 503, 504)}},
+                              **{str(code): error for code in (401, 403, 404, 408, 413, 422, 429, 503, 504)}},
             }}
         return {"openapi": "3.1.0", "info": {"title": "torchrank-miner", "version": __version__}, "paths": paths}

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import math
 from typing import Optional
 
 from serve_app.chain.metagraph import MetagraphView
-from serve_app.config import AuthPolicy
+from serve_app.config import AuthPolicy, SubnetConfig
 from serve_app.errors import ApiError, unavailable
 
 
@@ -36,3 +37,29 @@ def caller_class(hotkey: str, view: Optional[MetagraphView], policy: AuthPolicy)
     if neuron is None:
         return "unregistered"
     return "validator" if neuron.validator_permit else "registered"
+
+
+TIMEOUT_HEADER = "X-Bittensor-Timeout"
+
+
+def request_timeout(headers, subnet: SubnetConfig) -> float:
+    """Seconds the validator will wait: its X-Bittensor-Timeout, else the subnet's default,
+    capped at the subnet's max_timeout_s. A malformed value is a 422 naming the header."""
+    raw = headers.get(TIMEOUT_HEADER)
+    if raw is None:
+        return subnet.timeout_s
+    try:
+        value = float(raw)
+    except ValueError:
+        value = math.nan
+    if not math.isfinite(value) or value <= 0:
+        raise ApiError(422, "invalid_timeout", f"{TIMEOUT_HEADER} must be a positive number of seconds")
+    return min(value, subnet.max_timeout_s)
+
+
+def priority(hotkey: str, view: Optional[MetagraphView], policy: AuthPolicy) -> float:
+    """Queue priority: the caller's stake; allow-listed hotkeys (the operator's own) go first."""
+    if hotkey in policy.allow_hotkeys:
+        return math.inf
+    neuron = view.neuron(hotkey) if view is not None else None
+    return neuron.stake if neuron is not None else 0.0

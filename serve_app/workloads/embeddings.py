@@ -14,10 +14,11 @@ import time
 from ray import serve
 
 from serve_app.config import EmbeddingsConfig
-from serve_app.engines.coalesce import CoalescingRunner
+from serve_app.engines.coalesce import CoalescingRunner, DeadlinePassed
 from serve_app.engines.thread import EngineThread
 from serve_app.observability import logs
 from serve_app.observability.metrics import WorkloadMetrics
+from serve_app.ops.watchdog import Hysteresis
 
 log = logging.getLogger("ray.serve.torchrank.embeddings")
 GAUGE_PERIOD_S = 1.0  # under the agent's gauge TTL (2 export periods, 2 s at the fastest)
@@ -37,9 +38,10 @@ class _DropInapplicableBatchWarning(logging.Filter):
 
 
 def texts_in(batch: list) -> int:
-    """Batch size in texts for @serve.batch. Must never raise: an exception kills the batch loop."""
+    """Batch size in texts for @serve.batch (items are (texts, deadline, cap)).
+    Must never raise: an exception kills the batch loop."""
     try:
-        return sum(len(texts) for texts in batch)
+        return sum(len(request[0]) for request in batch)
     except Exception:
         return len(batch)
 
@@ -59,13 +61,16 @@ class Embeddings:
         self._embed_batch.set_max_batch_size(cfg.max_batch_texts)
         self._embed_batch.set_batch_wait_timeout_s(cfg.batch_wait_timeout_s)
         self.in_flight = 0
+        # The cheaper preset (shorter texts) for subnets that allow it, under sustained overload.
+        self.degrade = Hysteresis(cfg.degraded.on_after_s, cfg.degraded.off_after_s) if cfg.degraded else None
         self._background = [asyncio.create_task(self._publish_gauges()), asyncio.create_task(logs.flush_every())]
 
-    def _encode_pass(self, texts: list[str]):
-        """One forward pass, on the engine thread, measured."""
+    def _encode_pass(self, items: list[tuple[str, int | None]]):
+        """One forward pass over (text, token cap) items, on the engine thread, measured."""
         started = time.perf_counter()
-        vectors, tokens = self.engine.encode(texts)
-        self.metrics.record_pass(time.perf_counter() - started, len(texts), texts=len(texts), tokens=int(tokens.sum()))
+        caps = [cap for _, cap in items]
+        vectors, tokens = self.engine.encode([text for text, _ in items], caps if any(caps) else None)
+        self.metrics.record_pass(time.perf_counter() - started, len(items), texts=len(items), tokens=int(tokens.sum()))
         return vectors, tokens
 
     async def _publish_gauges(self) -> None:
@@ -73,37 +78,57 @@ class Embeddings:
         while True:
             try:
                 self.metrics.in_flight.set(self.in_flight, self.metrics.tags)
-                self.metrics.queued.set(self.runner.queued_items, self.metrics.tags)
+                queued = self.runner.queued_items
+                self.metrics.queued.set(queued, self.metrics.tags)
+                if self.degrade is not None:
+                    was = self.degrade.on
+                    if self.degrade.update(queued >= self.cfg.degraded.queued_items) != was:
+                        log.warning("degraded preset %s: %d texts waiting", "on" if self.degrade.on else "off", queued)
+                    self.metrics.degraded.set(int(self.degrade.on), self.metrics.tags)
                 self.metrics.record_gpu(self.engine.torch)
             except Exception:  # the GPU-idle alert depends on this loop: never let it die
                 log.exception("publishing embeddings gauges failed")
             await asyncio.sleep(GAUGE_PERIOD_S)
 
-    async def embed(self, texts: list[str]):
-        """One request's texts -> (vectors [n, dim], total tokens)."""
+    @property
+    def degraded(self) -> bool:
+        return self.degrade is not None and self.degrade.on
+
+    async def embed(self, texts: list[str], deadline: float | None = None, degradable: bool = False):
+        """One request's texts -> (vectors [n, dim], total tokens).
+
+        `deadline` (time.time()): past it, the texts are dropped before the model and
+        DeadlinePassed is raised. `degradable`: the subnet accepts the cheaper preset.
+        """
+        if deadline is not None and time.time() >= deadline:
+            raise DeadlinePassed()
+        cap = self.cfg.degraded.max_seq_length if degradable and self.degraded else None
         self.in_flight += 1
         try:
-            vectors, tokens = await self._embed_batch(texts)
+            result = await self._embed_batch((texts, deadline, cap))
         finally:
             self.in_flight -= 1
+        if isinstance(result, BaseException):
+            raise result
+        vectors, tokens = result
         return vectors, int(tokens.sum())
 
     @serve.batch(max_batch_size=64, batch_wait_timeout_s=0.0, max_concurrent_batches=SERVE_BATCHES_IN_FLIGHT,
                  batch_size_fn=texts_in)
-    async def _embed_batch(self, requests: list[list[str]]):
-        flat = [text for texts in requests for text in texts]
-        vectors, tokens = await self.runner.run(flat)
-        out, start = [], 0
-        for texts in requests:
-            out.append((vectors[start : start + len(texts)], tokens[start : start + len(texts)]))
-            start += len(texts)
-        return out
+    async def _embed_batch(self, requests: list[tuple[list[str], float | None, int | None]]):
+        # One runner entry per request, so each keeps its own deadline; the runner
+        # still merges them into shared forward passes. Failures come back as values.
+        return await asyncio.gather(
+            *(self.runner.run([(text, cap) for text in texts], deadline) for texts, deadline, cap in requests),
+            return_exceptions=True)
 
     def stats(self) -> dict:
         return {
             "forward_calls": self.runner.passes,
             "texts_encoded": self.runner.items_done,
             "largest_batch": self.runner.largest_pass,
+            "expired": self.runner.expired,
+            "degraded": self.degraded,
         }
 
     def info(self) -> dict:

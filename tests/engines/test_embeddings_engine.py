@@ -45,3 +45,18 @@ def test_chunking_does_not_change_the_vectors(engine, monkeypatch):
 
 def test_cpu_default_chunk_is_small(engine):
     assert engine.chunk_tokens == 512
+
+
+def test_token_cap_equals_a_shorter_max_seq_length(engine, monkeypatch):
+    """The degraded preset cuts only the capped texts, exactly as the tokenizer would."""
+    caps = [None, 16, 16, 16, None]
+    capped, tokens = engine.encode(TEXTS, caps)
+    full, full_tokens = engine.encode(TEXTS)
+    monkeypatch.setattr(engine.model, "max_seq_length", 16)
+    short, short_tokens = engine.encode(TEXTS)
+    for i, cap in enumerate(caps):
+        reference, ref_tokens = (full, full_tokens) if cap is None else (short, short_tokens)
+        assert float(capped[i] @ reference[i]) >= 0.99999, i
+        assert tokens[i] == ref_tokens[i]
+    assert tokens[1] == 16 and full_tokens[1] > 16
+    assert tokens[2] == full_tokens[2]  # already short: untouched

@@ -22,7 +22,7 @@ def request(chunks, headers=()):
 def test_declared_oversize_is_refused_before_reading():
     req, taken = request([b"x" * 10], headers=[("content-length", "5000")])
     with pytest.raises(ApiError) as err:
-        asyncio.run(read_capped(req, 1024))
+        asyncio.run(read_capped(req, 1024, 5))
     assert (err.value.status, err.value.code) == (413, "body_too_large")
     assert taken == []
 
@@ -30,15 +30,15 @@ def test_declared_oversize_is_refused_before_reading():
 def test_undeclared_oversize_stops_at_the_limit():
     req, taken = request([b"x" * 600] * 10)
     with pytest.raises(ApiError) as err:
-        asyncio.run(read_capped(req, 1024))
+        asyncio.run(read_capped(req, 1024, 5))
     assert err.value.status == 413
     assert len(taken) == 2  # stopped reading at the second chunk
 
 
 def test_body_within_limit_and_bad_length_header():
     req, _ = request([b"ab", b"cd"])
-    assert asyncio.run(read_capped(req, 1024)) == b"abcd"
+    assert asyncio.run(read_capped(req, 1024, 5)) == b"abcd"
     req, _ = request([b"ab"], headers=[("content-length", "-1")])
     with pytest.raises(ApiError) as err:
-        asyncio.run(read_capped(req, 1024))
+        asyncio.run(read_capped(req, 1024, 5))
     assert err.value.status == 400

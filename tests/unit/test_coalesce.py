@@ -92,3 +92,26 @@ def test_a_cancelled_caller_is_skipped():
 
     assert run(scenario())[0].tolist() == [6]
     assert engine.passes == [[1], [3]]
+
+
+def test_work_whose_deadline_passed_while_queued_is_dropped_not_computed():
+    import time
+
+    from serve_app.engines.coalesce import DeadlinePassed
+
+    engine = Engine()
+    runner = CoalescingRunner(EngineThread("t"), engine, max_items=64)
+
+    async def scenario():
+        first = asyncio.create_task(runner.run([1]))
+        await asyncio.sleep(0.05)
+        late = asyncio.create_task(runner.run([2], deadline=time.time() + 0.01))
+        fine = asyncio.create_task(runner.run([3], deadline=time.time() + 10))
+        await asyncio.sleep(0.05)
+        engine.release.set()
+        return await first, await asyncio.gather(late, fine, return_exceptions=True)
+
+    _, (late, fine) = run(scenario())
+    assert isinstance(late, DeadlinePassed)
+    assert fine[0].tolist() == [6]
+    assert engine.passes == [[1], [3]] and runner.expired == 1

@@ -1,5 +1,6 @@
 import asyncio
 import base64
+import time
 
 import numpy as np
 import pytest
@@ -57,13 +58,14 @@ class _Handle:
 
     class embed:
         @staticmethod
-        async def remote(texts):
+        async def remote(texts, deadline, degradable):
+            assert deadline > 0 and degradable is False
             return np.arange(len(texts) * 3, dtype=np.float32).reshape(len(texts), 3), 7
 
 
 def test_response_shape_and_base64():
     req = ADAPTER.parse(b'{"input": ["a", "b"], "encoding_format": "base64"}')
-    out = asyncio.run(ADAPTER.run(req, _Handle))
+    out = asyncio.run(ADAPTER.run(req, _Handle, time.time() + 5, False))
     assert out["object"] == "list" and out["model"] == "all-MiniLM-L6-v2"
     assert out["usage"] == {"prompt_tokens": 7, "total_tokens": 7}
     assert [d["index"] for d in out["data"]] == [0, 1]
