@@ -1,0 +1,137 @@
+"""Signed load against a miner, as validators make it: open loop (a fixed arrival rate, the
+way overload really arrives) or closed loop (N callers, each waiting for its answer).
+
+Used by the reliability tests and benchmarks. Every request is signed fresh, just
+before it is sent, so nonces never go stale however long the run.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+import httpx
+
+from serve_app.client import signed_request
+
+# (path, payload) for request number i.
+MakeRequest = Callable[[int], tuple[str, object]]
+# Fast refusals for load: the validator may retry elsewhere at once. Anything else >= 500
+# (or no answer at all) is a failure.
+REFUSALS = {"rate_limited", "shed", "breaker_open"}
+
+
+@dataclass(frozen=True)
+class Outcome:
+    sent_at: float  # seconds since the run started
+    seconds: float
+    status: int  # 0: no HTTP answer (connection error or the client's own timeout)
+    error: str  # the JSON error code, "" for 200, the exception's name without an answer
+
+
+class Load:
+    def __init__(self, url: str, signer, receiver_ss58: str, make: MakeRequest, timeout_s: float = 10.0,
+                 headers: Optional[dict[str, str]] = None):
+        self.url = url
+        self.signer = signer
+        self.receiver = receiver_ss58
+        self.make = make
+        self.timeout_s = timeout_s
+        self.headers = headers or {}
+        self.outcomes: list[Outcome] = []
+        self._count = 0
+
+    async def _one(self, client: httpx.AsyncClient, t0: float) -> None:
+        i, self._count = self._count, self._count + 1
+        path, payload = self.make(i)
+        body, headers = signed_request(self.signer, path, payload, self.receiver)
+        sent = time.perf_counter()
+        try:
+            resp = await client.post(path, content=body, headers={**headers, **self.headers})
+            status = resp.status_code
+            error = "" if status == 200 else _error_code(resp)
+        except Exception as exc:  # the client gave up or the connection broke: that is a lost request
+            status, error = 0, type(exc).__name__
+        self.outcomes.append(Outcome(sent - t0, time.perf_counter() - sent, status, error))
+
+    def _client(self, connections: int) -> httpx.AsyncClient:
+        limits = httpx.Limits(max_connections=connections, max_keepalive_connections=connections)
+        # A little over the deadline: a request that outlives it counts as hung, not as answered.
+        return httpx.AsyncClient(base_url=self.url, timeout=self.timeout_s + 5, limits=limits)
+
+    async def open_loop(self, rate: float, seconds: float, connections: int = 512) -> list[Outcome]:
+        """`rate` requests/s for `seconds`, whether or not the miner keeps up."""
+        async with self._client(connections) as client:
+            t0 = time.perf_counter()
+            tasks, n = [], int(rate * seconds)
+            for i in range(n):
+                delay = t0 + i / rate - time.perf_counter()
+                if delay > 0:
+                    await asyncio.sleep(delay)
+                tasks.append(asyncio.create_task(self._one(client, t0)))
+            await asyncio.gather(*tasks)
+        return self.outcomes
+
+    async def closed_loop(self, concurrency: int, seconds: float, during: Optional[Callable] = None,
+                          at_s: float = 0.0) -> list[Outcome]:
+        """`concurrency` callers for `seconds`; `during()` (a fault) runs once, `at_s` in."""
+        async with self._client(concurrency) as client:
+            t0 = time.perf_counter()
+            end = t0 + seconds
+
+            async def caller():
+                while time.perf_counter() < end:
+                    await self._one(client, t0)
+
+            async def fault():
+                await asyncio.sleep(at_s)
+                await asyncio.to_thread(during)
+
+            await asyncio.gather(*(caller() for _ in range(concurrency)), *([fault()] if during else []))
+        return self.outcomes
+
+
+def _error_code(resp: httpx.Response) -> str:
+    try:
+        return str(resp.json().get("error", "?"))
+    except Exception:
+        return f"non-json {resp.status_code}"
+
+
+def percentile(values: list[float], q: float) -> Optional[float]:
+    if not values:
+        return None
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
+def summary(outcomes: list[Outcome], seconds: float) -> dict:
+    ok = [o.seconds for o in outcomes if o.status == 200]
+    refused = [o.seconds for o in outcomes if o.error in REFUSALS]
+    by_status: dict[str, int] = {}
+    for o in outcomes:
+        key = f"{o.status} {o.error}".strip()
+        by_status[key] = by_status.get(key, 0) + 1
+    return {
+        "sent": len(outcomes),
+        "offered_rps": round(len(outcomes) / seconds, 1),
+        "ok": len(ok),
+        "ok_rps": round(len(ok) / seconds, 1),
+        "refused": len(refused),
+        "failed": sum(1 for o in outcomes if failed(o)),
+        "ok_p50_ms": _ms(percentile(ok, 0.5)),
+        "ok_p99_ms": _ms(percentile(ok, 0.99)),
+        "refused_p50_ms": _ms(percentile(refused, 0.5)),
+        "refused_p99_ms": _ms(percentile(refused, 0.99)),
+        "by_status": dict(sorted(by_status.items())),
+    }
+
+
+def failed(o: Outcome) -> bool:
+    return o.status == 0 or (o.status >= 500 and o.error not in REFUSALS)
+
+
+def _ms(seconds: Optional[float]) -> Optional[float]:
+    return None if seconds is None else round(seconds * 1000, 1)

@@ -1,0 +1,212 @@
+"""Reliability under overload and faults, against a second app in the session's cluster.
+
+The app (prefix /rel) is sized for the faults: two Embeddings replicas (one can die while
+the other serves), two routers, small admission bounds, a quick breaker. Load is signed
+like a validator's and runs over loopback; each scenario is bounded in time.
+"""
+
+import asyncio
+import json
+import time
+
+import httpx
+import psutil
+import pytest
+import ray
+from bittensor.sp_core import Keypair
+from ray import serve
+
+from serve_app.app import build_app
+from serve_app.loadgen import REFUSALS, Load, failed, percentile, summary
+from tests.conftest import MINER, ss58
+
+APP = "reliability"
+PREFIX = "/rel"
+PATH = PREFIX + "/v1/embeddings"
+ALICE = Keypair.create_from_uri("//Alice")
+SMALL = Keypair.create_from_uri("//Small")  # a validator with 1 % of the stake
+
+
+@pytest.fixture(scope="module")
+def rel(miner, tmp_path_factory):
+    snapshot = tmp_path_factory.mktemp("rel") / "metagraph.json"
+    neurons = [
+        {"uid": 0, "hotkey": ss58("//Alice"), "validator_permit": True, "total_stake": 9900.0},
+        {"uid": 1, "hotkey": ss58("//Bob"), "validator_permit": False, "total_stake": 0.0},
+        {"uid": 2, "hotkey": ss58("//Small"), "validator_permit": True, "total_stake": 100.0},
+    ]
+    snapshot.write_text(json.dumps({"netuid": 2, "block": 1, "neurons": neurons}))
+    args = miner.cfg.model_dump()
+    args["name"] = "torchrank-reliability"
+    args["workloads"]["embeddings"].update(
+        num_replicas=2, num_cpus=0.5, torch_threads=1, max_queued_requests=64,
+        admission={"max_in_flight": 8, "max_queued": 16, "max_wait_s": 0.25})
+    subnet = args["subnets"][0]
+    subnet.update(netuid=2, prefix=PREFIX, breaker={"consecutive_failures": 3, "open_s": 3.0},
+                  # Small: 1 % of 1000/s = 10/s across both routers, a burst of 1 s.
+                  rate_limit={"total_rps": 1000.0, "floor_rps": 1.0, "burst_s": 1.0})
+    subnet["metagraph"]["path"] = str(snapshot)
+    subnet["auth"].update(min_stake=0.0, allow_hotkeys=(), deny_hotkeys=())
+    cfg = type(miner.cfg).model_validate(args)
+    serve.run(build_app(cfg), name=APP, route_prefix=PREFIX)
+    yield cfg
+    serve.delete(APP)
+
+
+def load(miner, signer=ALICE, timeout_s=5.0):
+    texts = ["validators score accuracy, reliability and latency", "stake", "a miner answers inside the deadline"]
+    return Load(miner.url, signer, MINER, lambda i: (PATH, {"input": f"{texts[i % 3]} {i}"}), timeout_s=timeout_s,
+                headers={"X-Bittensor-Timeout": str(timeout_s)})
+
+
+def replicas(deployment: str) -> list[dict]:
+    from ray.util.state import list_actors
+
+    name = f"ServeReplica:{APP}:{deployment}"
+    return [a for a in list_actors(filters=[("state", "=", "ALIVE")], limit=1000) if a["class_name"] == name]
+
+
+def running(deployment: str) -> int:
+    status = serve.status().applications[APP].deployments[deployment]
+    return status.replica_states.get("RUNNING", 0)
+
+
+def wait_until(check, timeout_s: float, what: str):
+    end = time.monotonic() + timeout_s
+    while time.monotonic() < end:
+        if check():
+            return
+        time.sleep(0.5)
+    raise AssertionError(f"not within {timeout_s}s: {what}")
+
+
+def ready(miner) -> bool:
+    return miner.http.get(PREFIX + "/ready").status_code == 200
+
+
+def rss_mb(pids) -> float:
+    return sum(psutil.Process(pid).memory_info().rss for pid in pids) / 2**20
+
+
+def test_ready_reports_models_metagraph_and_breakers(miner, rel):
+    wait_until(lambda: ready(miner), 30, "/ready")
+    body = miner.http.get(PREFIX + "/ready").json()
+    assert body["status"] == "ready" and body["reasons"] == []
+    assert body["workloads"] == {"embeddings": "answering"}
+    assert body["subnets"][0]["breakers"] == {"embeddings": "closed"}
+    info = miner.http.get(PREFIX + "/info").json()
+    assert info["subnets"][0]["breakers"]["embeddings"]["state"] == "closed"
+    assert set(info["admission"]["embeddings"]) == {"in_flight", "queued", "shed", "displaced"}
+
+
+def test_rate_limit_is_per_hotkey_by_stake_with_retry_after(miner, rel):
+    small = [miner.http.post(PATH, content=b, headers=h) for b, h in
+             (signed(SMALL, {"input": f"t {i}"}) for i in range(40))]
+    codes = [r.status_code for r in small]
+    assert codes.count(200) >= 2 and codes.count(429) >= 20, codes
+    limited = next(r for r in small if r.status_code == 429)
+    assert limited.json()["error"] == "rate_limited" and int(limited.headers["retry-after"]) >= 1
+    # Alice, with 99 % of the stake, is not limited at this pace.
+    assert all(miner.http.post(PATH, content=b, headers=h).status_code == 200
+               for b, h in (signed(ALICE, {"input": f"a {i}"}) for i in range(20)))
+
+
+def signed(signer, payload, timeout_s=None):
+    from serve_app.client import signed_request
+
+    body, headers = signed_request(signer, PATH, payload, MINER)
+    if timeout_s is not None:
+        headers["X-Bittensor-Timeout"] = str(timeout_s)
+    return body, headers
+
+
+def test_deadline_header_bounds_the_wait(miner, rel):
+    body, headers = signed(ALICE, {"input": "x"}, timeout_s="soon")
+    resp = miner.http.post(PATH, content=body, headers=headers)
+    assert (resp.status_code, resp.json()["error"]) == (422, "invalid_timeout")
+    # A deadline too short to meet: a fast 504, and the breaker does not count it against the workload.
+    for _ in range(5):
+        body, headers = signed(ALICE, {"input": ["a long text to embed " * 40] * 16}, timeout_s=0.001)
+        resp = miner.http.post(PATH, content=body, headers=headers)
+        assert (resp.status_code, resp.json()["error"]) == (504, "deadline_exceeded"), resp.text
+        assert resp.elapsed.total_seconds() < 1
+    assert miner.http.get(PREFIX + "/ready").json()["subnets"][0]["breakers"] == {"embeddings": "closed"}
+
+
+def test_overload_sheds_fast_and_keeps_admitted_latency(miner, rel):
+    wait_until(lambda: ready(miner), 30, "/ready")
+    # Capacity first: 16 callers, closed loop.
+    base = asyncio.run(load(miner).closed_loop(16, 4.0))
+    capacity = sum(o.status == 200 for o in base) / 4.0
+    assert capacity > 5, summary(base, 4.0)
+    pids = [a["pid"] for d in ("Router", "Embeddings") for a in replicas(d)]
+    rss_before = rss_mb(pids)
+    seconds = 6.0
+    outcomes = asyncio.run(load(miner).open_loop(4 * capacity, seconds))
+    stats = summary(outcomes, seconds)
+    print("overload", capacity, stats)
+    assert stats["failed"] == 0, stats["by_status"]
+    assert stats["refused"] > 0, "4x capacity was all admitted: nothing was shed"
+    assert {o.status for o in outcomes} <= {200, 429, 503}, stats["by_status"]
+    assert stats["ok_p99_ms"] <= rel.subnets[0].slo.latency_s * 1000, stats
+    assert stats["refused_p50_ms"] < 400, stats  # refused in milliseconds, not after a timeout
+    assert rss_mb(pids) - rss_before < 150, "memory grew under overload"
+
+
+def test_workload_replica_killed_mid_load(miner, rel):
+    wait_until(lambda: ready(miner) and running("Embeddings") == 2, 60, "two Embeddings replicas")
+    victim = replicas("Embeddings")[0]
+
+    def kill():
+        ray.kill(ray.get_actor(victim["name"], namespace="serve"), no_restart=True)
+
+    outcomes = asyncio.run(load(miner).closed_loop(8, 12.0, during=kill, at_s=3.0))
+    stats = summary(outcomes, 12.0)
+    print("workload killed", stats)
+    assert len(outcomes) > 100
+    assert stats["failed"] <= len(outcomes) // 100, stats["by_status"]
+    assert max(o.seconds for o in outcomes) < 5.0 + 1.0, "a request outlived its deadline"
+    wait_until(lambda: running("Embeddings") == 2 and ready(miner), 90, "Serve replaced the killed replica")
+
+
+def test_router_replica_killed_mid_load(miner, rel):
+    wait_until(lambda: ready(miner) and running("Router") == 2, 60, "two Router replicas")
+    victim = replicas("Router")[0]
+
+    def kill():
+        ray.kill(ray.get_actor(victim["name"], namespace="serve"), no_restart=True)
+
+    outcomes = asyncio.run(load(miner).closed_loop(4, 12.0, during=kill, at_s=3.0))
+    stats = summary(outcomes, 12.0)
+    print("router killed", stats)
+    assert len(outcomes) > 100
+    assert stats["failed"] <= max(1, len(outcomes) // 100), stats["by_status"]
+    assert max(o.seconds for o in outcomes) < 5.0 + 1.0, "a request outlived its deadline"
+    wait_until(lambda: running("Router") == 2 and ready(miner), 90, "Serve replaced the killed router")
+    after = asyncio.run(load(miner).closed_loop(4, 2.0))
+    assert all(o.status == 200 for o in after), summary(after, 2.0)
+
+
+def test_breaker_opens_fails_fast_and_recovers(miner, rel):
+    wait_until(lambda: ready(miner) and running("Embeddings") == 2, 60, "two Embeddings replicas")
+    for victim in replicas("Embeddings"):  # no replica left: calls time out until Serve replaces them
+        ray.kill(ray.get_actor(victim["name"], namespace="serve"), no_restart=True)
+    seen, opened_fast = [], False
+    end = time.monotonic() + 90
+    while time.monotonic() < end:
+        body, headers = signed(ALICE, {"input": "probe"}, timeout_s=1.5)
+        resp = miner.http.post(PATH, content=body, headers=headers)
+        code = resp.json().get("error", "ok") if resp.status_code != 200 else "ok"
+        seen.append(code)
+        if code == "breaker_open" and resp.elapsed.total_seconds() < 0.1:
+            opened_fast = True
+            assert int(resp.headers["retry-after"]) >= 1
+            ready_body = miner.http.get(PREFIX + "/ready")
+            if ready_body.status_code == 503:
+                assert any("breaker open" in r for r in ready_body.json()["reasons"])
+        if opened_fast and code == "ok":
+            break
+    assert opened_fast, seen
+    assert seen[-1] == "ok", f"never recovered: {seen[-10:]}"
+    assert set(seen) <= {"ok", "deadline_exceeded", "unavailable", "breaker_open", "shed"}, seen
+    wait_until(lambda: ready(miner), 30, "/ready after recovery")
