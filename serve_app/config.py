@@ -209,6 +209,10 @@ class EmbeddingsConfig(Strict):
     offline: bool = Field(default=False, description="Set HF_HUB_OFFLINE=1 in the replica: never contact a model hub.")
     device: Literal["auto", "cpu", "cuda"] = "auto"
     torch_threads: Optional[int] = Field(default=None, ge=1, description="Default: the replica's num_cpus, at least 1.")
+    cpu_nice: int = Field(
+        default=10, ge=0, le=19,
+        description="Run the replica this much below normal CPU priority: when CPU runs out (a CPU-only host under "
+                    "overload) the router keeps answering, and refusing, fast.")
     max_seq_length: Optional[int] = Field(default=None, ge=8, le=8192)
     # Batching: texts of concurrent requests share forward passes. With a zero wait a
     # lone request runs at once; requests arriving during a pass form the next batch.
@@ -254,6 +258,9 @@ class RouterConfig(Strict):
     num_replicas: int = Field(default=1, ge=1)
     num_cpus: float = Field(default=0.5, ge=0)
     max_ongoing_requests: int = Field(default=256, ge=1)
+    max_in_progress: int = Field(
+        default=96, ge=1, description="Requests inside one router replica at once; beyond it, 503 before reading them. "
+                                      "Keep it over the workloads' admission max_in_flight + max_queued.")
     max_body_bytes: int = Field(default=1 << 20, ge=1024, description="Larger bodies get 413 before being read.")
     body_timeout_s: float = Field(default=10.0, gt=0, description="A body slower than this to arrive gets 408.")
 

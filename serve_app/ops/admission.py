@@ -6,13 +6,19 @@ the lowest-stake waiter takes that waiter's place (the waiter is shed at once); 
 the newcomer is shed. A freed slot goes to the highest-stake waiter, first come first
 served among equals. Nobody waits past `max_wait_s` or its own deadline: a refusal in
 milliseconds beats an answer after the validator has given up.
+
+The queue is also bounded by what can drain in `max_wait_s` at the rate slots are being
+freed: a request that would wait longer than that anyway is refused at once, and
+`would_shed` lets the router refuse it before spending CPU on its signature.
 """
 
 from __future__ import annotations
 
 import asyncio
 import itertools
+import math
 import time
+from collections import deque
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 
@@ -45,6 +51,30 @@ class Admission:
         self._arrivals = itertools.count()
         self.shed_total = 0
         self.displaced_total = 0
+        self._releases: deque[float] = deque(maxlen=256)  # when slots were freed: the drain rate
+
+    def drain_rate(self) -> float | None:
+        """Slots freed per second lately (None until there is enough to tell)."""
+        if len(self._releases) < 8:
+            return None
+        span = self._releases[-1] - self._releases[0]
+        if time.monotonic() - self._releases[-1] > 1.0 or span <= 0:
+            return None  # idle, or a stale burst: no evidence about the current drain
+        return (len(self._releases) - 1) / span
+
+    def queue_bound(self) -> int:
+        rate = self.drain_rate()
+        if rate is None:
+            return self.cfg.max_queued
+        return min(self.cfg.max_queued, max(1, math.floor(rate * self.cfg.max_wait_s)))
+
+    def would_shed(self, priority: float) -> bool:
+        """Would a request of this priority be refused right now? (A cheap pre-check.)"""
+        if self.in_flight < self.cfg.max_in_flight and not self.waiting:
+            return False
+        if len(self.waiting) < self.queue_bound():
+            return False
+        return not self.waiting or -max(self.waiting).sort_key[0] >= priority
 
     @asynccontextmanager
     async def slot(self, priority: float, deadline: float):
@@ -62,7 +92,7 @@ class Admission:
         if self.in_flight < self.cfg.max_in_flight and not self.waiting:
             self.in_flight += 1
             return
-        if len(self.waiting) >= self.cfg.max_queued:
+        if len(self.waiting) >= self.queue_bound():
             lowest = max(self.waiting) if self.waiting else None
             if lowest is None or -lowest.sort_key[0] >= priority:
                 self.shed_total += 1
@@ -99,6 +129,7 @@ class Admission:
 
     def _release(self) -> None:
         self.in_flight -= 1
+        self._releases.append(time.monotonic())
         while self.waiting and self.in_flight < self.cfg.max_in_flight:
             best = min(self.waiting)
             self.waiting.remove(best)

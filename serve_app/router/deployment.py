@@ -131,6 +131,7 @@ class Router:
         models = {"embeddings": cfg.workloads.embeddings.model if cfg.workloads.embeddings else None}
         self.model_ids = ",".join(f"{workload}={model}" for workload, model in models.items() if model)
         self.in_flight = {subnet.netuid: 0 for subnet in cfg.subnets}
+        self.in_progress = 0  # all routes: the entry gate's count
         self._background = [asyncio.create_task(self._publish_gauges()), asyncio.create_task(self._watch()),
                             asyncio.create_task(logs.flush_every())]
 
@@ -268,13 +269,21 @@ class Router:
         caller, who, outcome, status, admitted, response = "-", "unauthenticated", "internal_error", 500, False, None
         if route is not None:
             self.in_flight[route.subnet.netuid] += 1  # published by _publish_gauges
+        self.in_progress += 1
         try:
             if route is None:
                 raise not_found(request.url.path)
             if request.method != "POST":
                 raise ApiError(405, "method_not_allowed", f"{route.path} accepts POST", {"Allow": "POST"})
+            if self.in_progress > self.cfg.router.max_in_progress:
+                # Before any work on it (body, signature, replay store): past this point even
+                # refusing costs CPU the admitted requests need.
+                raise shed("the miner is at capacity", retry_after_s=1)
             timeout = request_timeout(request.headers, route.subnet)
             deadline = time.monotonic() + timeout
+            claimed = request.headers.get("X-Bittensor-Hotkey", "")  # not verified yet: only used to refuse
+            if route.admission.would_shed(priority(claimed, route.metagraph.view, route.subnet.auth)):
+                raise shed(f"the {route.adapter.workload} workload is at capacity", retry_after_s=1)
             body = await read_capped(request, self.cfg.router.max_body_bytes, self.cfg.router.body_timeout_s)
             caller = await self.auth.authenticate(
                 request.headers, body, method=request.method, path=signed_target(request), policy=route.subnet.auth
@@ -300,6 +309,7 @@ class Router:
             response = error_response(ApiError(500, "internal_error", f"the miner failed this request (id {rid})"), headers)
         finally:
             seconds = time.perf_counter() - started
+            self.in_progress -= 1
             if route is not None:
                 self.in_flight[route.subnet.netuid] -= 1
                 netuid, path_label, workload, slo_s = (str(route.subnet.netuid), route.path,

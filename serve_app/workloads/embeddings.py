@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import time
 
 from ray import serve
@@ -53,6 +54,7 @@ class Embeddings:
 
         logging.getLogger("ray.serve").addFilter(_DropInapplicableBatchWarning())
         self.cfg = cfg
+        os.nice(cfg.cpu_nice)  # before the engine and its threads exist: they inherit it
         self.torch = EngineThread("embeddings")
         threads = cfg.torch_threads or max(1, int(cfg.num_cpus))
         self.engine = self.torch.run_sync(SentenceEmbeddingEngine, cfg, threads)

@@ -40,7 +40,7 @@ def rel(miner, tmp_path_factory):
     args["name"] = "torchrank-reliability"
     args["workloads"]["embeddings"].update(
         num_replicas=2, num_cpus=0.5, torch_threads=1, max_queued_requests=64,
-        admission={"max_in_flight": 8, "max_queued": 16, "max_wait_s": 0.25})
+        admission={"max_in_flight": 4, "max_queued": 16, "max_wait_s": 0.2})
     subnet = args["subnets"][0]
     subnet.update(netuid=2, prefix=PREFIX, breaker={"consecutive_failures": 3, "open_s": 3.0},
                   # Small: 1 % of 1000/s = 10/s across both routers, a burst of 1 s.
@@ -60,10 +60,13 @@ def load(miner, signer=ALICE, timeout_s=5.0):
 
 
 def replicas(deployment: str) -> list[dict]:
-    from ray.util.state import list_actors
+    """The deployment's live replica actors ({"name", "pid", ...}), read from the GCS
+    (the state API needs the dashboard, which the test cluster does not run)."""
+    from ray._private.state import actors
 
-    name = f"ServeReplica:{APP}:{deployment}"
-    return [a for a in list_actors(filters=[("state", "=", "ALIVE")], limit=1000) if a["class_name"] == name]
+    cls = f"ServeReplica:{APP}:{deployment}"
+    return [{"name": a["Name"], "pid": a["Pid"]} for a in actors().values()
+            if a["ActorClassName"] == cls and a["State"] == "ALIVE"]
 
 
 def running(deployment: str) -> int:
@@ -81,7 +84,8 @@ def wait_until(check, timeout_s: float, what: str):
 
 
 def ready(miner) -> bool:
-    return miner.http.get(PREFIX + "/ready").status_code == 200
+    """Every router replica says ready (several answers in a row: they are spread over both)."""
+    return all(miner.http.get(PREFIX + "/ready").status_code == 200 for _ in range(6))
 
 
 def rss_mb(pids) -> float:
