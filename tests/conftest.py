@@ -67,7 +67,8 @@ def miner(tmp_path_factory):
     cfg = base.model_copy(
         update={
             "subnets": (subnet,),
-            "router": base.router.model_copy(update={"num_replicas": 2, "num_cpus": 0.25, "max_body_bytes": 65536}),
+            "router": base.router.model_copy(update={"num_replicas": 2, "num_cpus": 0.25, "max_body_bytes": 65536,
+                                                    "body_timeout_s": 2.0}),
             "workloads": base.workloads.model_copy(
                 update={"embeddings": base.workloads.embeddings.model_copy(update={**TEST_LIMITS, "torch_threads": 1})}
             ),

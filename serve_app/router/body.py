@@ -9,6 +9,15 @@ from starlette.requests import ClientDisconnect, Request
 from serve_app.errors import ApiError
 
 
+def check_content_type(value: str | None) -> None:
+    """JSON or unstated; anything else (a form, plain text) is refused with 415."""
+    if value is None:
+        return
+    media = value.split(";", 1)[0].strip().lower()
+    if media != "application/json" and not media.endswith("+json"):
+        raise ApiError(415, "unsupported_media_type", f"the body must be application/json, not {media[:80] or 'empty'}")
+
+
 def too_large(limit: int) -> ApiError:
     return ApiError(413, "body_too_large", f"request body is over the {limit}-byte limit")
 

@@ -38,7 +38,7 @@ from serve_app.ops.watchdog import SubnetWatchdog
 from serve_app.protocols.base import Adapter
 from serve_app.protocols.registry import make_adapter
 from serve_app.router.auth import Authenticator, shared_nonce_store
-from serve_app.router.body import read_capped
+from serve_app.router.body import check_content_type, read_capped
 from serve_app.router.policy import TIMEOUT_HEADER, authorise, caller_class, priority, request_timeout
 
 log = logging.getLogger("ray.serve.torchrank.router")
@@ -279,6 +279,7 @@ class Router:
                 # Before any work on it (body, signature, replay store): past this point even
                 # refusing costs CPU the admitted requests need.
                 raise shed("the miner is at capacity", retry_after_s=1)
+            check_content_type(request.headers.get("content-type"))
             timeout = request_timeout(request.headers, route.subnet)
             deadline = time.monotonic() + timeout
             claimed = request.headers.get("X-Bittensor-Hotkey", "")  # not verified yet: only used to refuse

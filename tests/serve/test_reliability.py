@@ -167,6 +167,7 @@ def test_workload_replica_killed_mid_load(miner, rel):
     outcomes = asyncio.run(load(miner).closed_loop(8, 12.0, during=kill, at_s=3.0))
     stats = summary(outcomes, 12.0)
     print("workload killed", stats)
+    assert victim["name"] not in {r["name"] for r in replicas("Embeddings")}, "the replica was not killed"
     assert len(outcomes) > 100
     assert stats["failed"] <= len(outcomes) // 100, stats["by_status"]
     assert max(o.seconds for o in outcomes) < 5.0 + 1.0, "a request outlived its deadline"
@@ -183,6 +184,7 @@ def test_router_replica_killed_mid_load(miner, rel):
     outcomes = asyncio.run(load(miner).closed_loop(4, 12.0, during=kill, at_s=3.0))
     stats = summary(outcomes, 12.0)
     print("router killed", stats)
+    assert victim["name"] not in {r["name"] for r in replicas("Router")}, "the router was not killed"
     assert len(outcomes) > 100
     assert stats["failed"] <= max(1, len(outcomes) // 100), stats["by_status"]
     assert max(o.seconds for o in outcomes) < 5.0 + 1.0, "a request outlived its deadline"

@@ -1,0 +1,157 @@
+"""Bad input against the session's miner: generated from its OpenAPI (schemathesis) and by
+hypothesis, plus the wire-level cases a generator cannot make (truncated bodies, huge
+headers, slow clients). Never a 500, always a JSON error, and nothing unauthenticated
+reaches the model.
+"""
+
+import socket
+import time
+
+import bittensor
+import hypothesis.strategies as st
+import schemathesis
+from bittensor.sp_core import Keypair
+from hypothesis import HealthCheck, given, settings
+from schemathesis.generation import GenerationMode
+
+from tests.conftest import MINER
+
+ALICE = Keypair.create_from_uri("//Alice")
+FUZZ = settings(max_examples=60, deadline=None, database=None,
+                suppress_health_check=list(HealthCheck))
+AUTH_NAMES = ["X-Bittensor-Version", "X-Bittensor-Hotkey", "X-Bittensor-Nonce", "X-Bittensor-Signature",
+              "X-Bittensor-Receiver", "X-Bittensor-Crypto", "X-Bittensor-Timeout", "Content-Type", "Content-Length"]
+
+
+def assert_refusal_shape(status: int, content_type, body: bytes):
+    if isinstance(content_type, list):  # schemathesis keeps every value of a header
+        content_type = content_type[0] if content_type else ""
+    assert status != 500 and status < 600, (status, body[:200])
+    if status >= 400:
+        assert content_type.startswith("application/json"), (status, content_type, body[:200])
+
+
+def test_openapi_operations_fuzzed_by_schemathesis(miner):
+    """Every operation in /openapi.json, valid and invalid generated input, unsigned."""
+    before = miner.workload_stats()
+    schema = schemathesis.openapi.from_url(miner.url + "/openapi.json")
+    operations = [result.ok() for result in schema.get_all_operations()]
+    assert {op.path for op in operations} >= {"/v1/embeddings", "/health", "/ready", "/info"}
+    calls = 0
+    for operation in operations:
+        # GETs take no input: there is nothing to make invalid.
+        modes = [GenerationMode.POSITIVE] + ([GenerationMode.NEGATIVE] if operation.method.upper() == "POST" else [])
+        for mode in modes:
+            @FUZZ
+            @given(case=operation.as_strategy(generation_mode=mode))
+            def check(case):
+                nonlocal calls
+                resp = case.call(base_url=miner.url, timeout=30)
+                calls += 1
+                assert_refusal_shape(resp.status_code, resp.headers.get("content-type", ""), resp.content)
+                if operation.path == "/v1/embeddings":
+                    assert resp.status_code in (401, 403, 408, 413, 415, 422, 429, 503), resp.text
+
+            check()
+    assert calls > 100
+    assert miner.workload_stats() == before, "an unauthenticated request reached the model"
+
+
+header_values = st.one_of(st.text(max_size=200), st.from_regex(r"[0-9a-fx]{0,140}", fullmatch=True),
+                          st.sampled_from(["", "1", "-1", "nan", "inf", "1e309", "btauth/1", "sr25519", "ed25519"]))
+
+
+@FUZZ
+@given(headers=st.dictionaries(st.sampled_from(AUTH_NAMES), header_values, max_size=8),
+       body=st.one_of(st.binary(max_size=2000), st.just(b'{"input": "x"}')))
+def test_hypothesis_headers_and_bodies_never_break_the_router(miner, headers, body):
+    clean = {k: v for k, v in headers.items()
+             if v.isprintable() and v.isascii() and v == v.strip() and k != "Content-Length"}
+    resp = miner.http.post("/v1/embeddings", content=body, headers=clean)
+    assert_refusal_shape(resp.status_code, resp.headers.get("content-type", ""), resp.content)
+    assert resp.status_code in (401, 408, 413, 415, 422), resp.text
+
+
+@FUZZ
+@given(payload=st.recursive(st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=50),
+                            lambda inner: st.lists(inner, max_size=5) | st.dictionaries(st.text(max_size=8), inner, max_size=5),
+                            max_leaves=20)
+       | st.fixed_dictionaries({"input": st.one_of(st.text(max_size=300), st.lists(st.text(max_size=100), max_size=20))},
+                               optional={"model": st.text(max_size=20), "encoding_format": st.text(max_size=10),
+                                         "user": st.text(max_size=10)}))
+def test_signed_generated_bodies_get_200_or_422(miner, payload):
+    """Authenticated callers with arbitrary JSON: an answer or a 422 naming the field, never a 500."""
+    resp = miner.post(payload)
+    assert resp.status_code in (200, 422), resp.text
+    if resp.status_code == 422:
+        assert resp.json()["error"] in ("invalid_request", "invalid_json", "limit_exceeded")
+
+
+def raw_exchange(miner, data: bytes, pause_s: float = 0.0, rest: bytes = b"", read_s: float = 15.0) -> bytes:
+    host, port = miner.url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=read_s) as sock:
+        sock.sendall(data)
+        if pause_s:
+            time.sleep(pause_s)
+            if rest:
+                sock.sendall(rest)
+        chunks = []
+        try:
+            while True:
+                chunk = sock.recv(65536)
+                if not chunk:
+                    break
+                chunks.append(chunk)
+                if b"\r\n\r\n" in b"".join(chunks) and len(b"".join(chunks)) > 20:
+                    head, _, tail = b"".join(chunks).partition(b"\r\n\r\n")
+                    length = next((int(line.split(b":")[1]) for line in head.split(b"\r\n")
+                                   if line.lower().startswith(b"content-length:")), None)
+                    if length is not None and len(tail) >= length:
+                        break
+        except socket.timeout:
+            pass
+        return b"".join(chunks)
+
+
+def status_of(reply: bytes) -> int:
+    return int(reply.split(b" ", 2)[1]) if reply.startswith(b"HTTP/") else 0
+
+
+def signed_head(body: bytes, declared: int) -> bytes:
+    headers = bittensor.http_auth.sign(ALICE, method="POST", path="/v1/embeddings", body=body, receiver_ss58=MINER)
+    lines = [f"{k}: {v}" for k, v in headers.items()]
+    return ("POST /v1/embeddings HTTP/1.1\r\nHost: miner\r\nContent-Type: application/json\r\n"
+            f"Content-Length: {declared}\r\n" + "\r\n".join(lines) + "\r\n\r\n").encode()
+
+
+def test_truncated_body_is_refused_and_reaches_no_model(miner):
+    before = miner.workload_stats()
+    body = b'{"input": "a body that never finishes arriving"}'
+    reply = raw_exchange(miner, signed_head(body, len(body)) + body[:10])  # then the client closes its side
+    assert status_of(reply) in (0, 400, 408), reply[:300]
+    assert miner.workload_stats() == before
+    assert miner.post({"input": "still serving"}).status_code == 200
+
+
+def test_slow_body_gets_408_in_json(miner):
+    """A client trickling its body past router.body_timeout_s frees the router's slot with a 408."""
+    body = b'{"input": "slow"}'
+    limit = miner.cfg.router.body_timeout_s
+    started = time.monotonic()
+    reply = raw_exchange(miner, signed_head(body, len(body)) + body[:5], pause_s=limit + 1, rest=body[5:])
+    assert status_of(reply) == 408, reply[:300]
+    assert b'"body_timeout"' in reply and b"application/json" in reply.lower()
+    assert time.monotonic() - started < limit + 10
+
+
+def test_wrong_content_type_is_415(miner):
+    for content_type in ("text/plain", "multipart/form-data; boundary=x", "application/x-www-form-urlencoded"):
+        resp = miner.http.post("/v1/embeddings", content=b'{"input": "x"}', headers={"Content-Type": content_type})
+        assert (resp.status_code, resp.json()["error"]) == (415, "unsupported_media_type")
+
+
+def test_huge_headers_are_refused_without_a_500(miner):
+    for size in (16 * 1024, 128 * 1024):
+        resp = miner.http.post("/v1/embeddings", content=b"{}", headers={"X-Padding": "a" * size})
+        assert resp.status_code in (400, 413, 431), (size, resp.status_code)
+    assert miner.post({"input": "still serving"}).status_code == 200
