@@ -197,7 +197,7 @@ def test_breaker_opens_fails_fast_and_recovers(miner, rel):
     wait_until(lambda: ready(miner) and running("Embeddings") == 2, 60, "two Embeddings replicas")
     for victim in replicas("Embeddings"):  # no replica left: calls time out until Serve replaces them
         ray.kill(ray.get_actor(victim["name"], namespace="serve"), no_restart=True)
-    seen, opened_fast = [], False
+    seen, opened_fast, ready_reasons = [], False, set()
     end = time.monotonic() + 90
     while time.monotonic() < end:
         body, headers = signed(ALICE, {"input": "probe"}, timeout_s=1.5)
@@ -207,12 +207,12 @@ def test_breaker_opens_fails_fast_and_recovers(miner, rel):
         if code == "breaker_open" and resp.elapsed.total_seconds() < 0.1:
             opened_fast = True
             assert int(resp.headers["retry-after"]) >= 1
-            ready_body = miner.http.get(PREFIX + "/ready")
-            if ready_body.status_code == 503:
-                assert any("breaker open" in r for r in ready_body.json()["reasons"])
+            # /ready answers from either router; the one whose breaker is open says so.
+            ready_reasons.update(miner.http.get(PREFIX + "/ready").json()["reasons"])
         if opened_fast and code == "ok":
             break
     assert opened_fast, seen
+    assert any("embeddings breaker open" in r for r in ready_reasons), ready_reasons
     assert seen[-1] == "ok", f"never recovered: {seen[-10:]}"
     assert set(seen) <= {"ok", "deadline_exceeded", "unavailable", "breaker_open", "shed"}, seen
     wait_until(lambda: ready(miner), 30, "/ready after recovery")

@@ -1,0 +1,196 @@
+"""Reliability run: load held, faults injected, requests lost, admitted p99, time to recover.
+
+    .venv/bin/python benchmarks/reliability.py [--seconds 12]
+
+Starts its own Ray cluster and the embedded default sized for faults (2 Router and 2
+Embeddings replicas, admission 4 in flight + 16 queued per router), then runs, each
+from a healthy miner:
+  baseline      16 closed-loop callers: the capacity the other scenarios are scaled to
+  overload      open loop at 4 x capacity
+  kill-workload 8 callers; one Embeddings replica is killed (ray.kill) a quarter in
+  kill-router   4 callers; one Router replica is killed a quarter in
+  breaker       both Embeddings replicas killed; one caller with a 1.5 s deadline
+"Lost" is an admitted request that got no answer or a 5xx other than a fast refusal
+(503 shed / breaker_open, 429); "recover" is the time from the fault until Serve runs
+the full replica count again and every router answers /ready.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sys
+import threading
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from serve_app import rayenv  # noqa: E402
+from serve_app.app import build_app, load_config  # noqa: E402
+from serve_app.client import signer_for  # noqa: E402
+from serve_app.loadgen import Load, summary  # noqa: E402
+
+APP = "miner"
+PATH = "/v1/embeddings"
+
+
+def config():
+    args = load_config(ROOT / "deployments/local.yaml").model_dump()
+    args["subnets"][0]["metagraph"]["path"] = str(ROOT / "deployments/local-metagraph.json")
+    args["subnets"][0]["breaker"] = {"consecutive_failures": 3, "open_s": 3.0}
+    args["router"].update(num_replicas=2, num_cpus=0.25)
+    args["workloads"]["embeddings"].update(
+        num_replicas=2, num_cpus=0.5, torch_threads=1, max_queued_requests=64,
+        admission={"max_in_flight": 4, "max_queued": 16, "max_wait_s": 0.2})
+    return type(load_config(ROOT / "deployments/local.yaml")).model_validate(args)
+
+
+class Miner:
+    def __init__(self, port: int):
+        import httpx
+
+        self.url = f"http://127.0.0.1:{port}"
+        self.http = httpx.Client(base_url=self.url, timeout=10)
+        self.signer = signer_for("//Alice")
+        self.hotkey = signer_for("//Bob").ss58_address
+
+    def load(self, timeout_s=5.0) -> Load:
+        return Load(self.url, self.signer, self.hotkey, lambda i: (PATH, {"input": f"a validator's text number {i}"}),
+                    timeout_s=timeout_s, headers={"X-Bittensor-Timeout": str(timeout_s)})
+
+    def healthy(self, replicas: dict[str, int]) -> bool:
+        from ray import serve
+
+        try:
+            deployments = serve.status().applications[APP].deployments
+            if any(deployments[d].replica_states.get("RUNNING", 0) < n for d, n in replicas.items()):
+                return False
+            return all(self.http.get("/ready").status_code == 200 for _ in range(6))
+        except Exception:
+            return False
+
+    def wait_healthy(self, replicas, timeout_s=120.0) -> float:
+        start = time.monotonic()
+        while not self.healthy(replicas):
+            if time.monotonic() - start > timeout_s:
+                raise RuntimeError("the miner did not recover")
+            time.sleep(0.25)
+        return time.monotonic() - start
+
+
+def replica_actors(deployment: str) -> list[str]:
+    from ray._private.state import actors
+
+    cls = f"ServeReplica:{APP}:{deployment}"
+    return [a["Name"] for a in actors().values() if a["ActorClassName"] == cls and a["State"] == "ALIVE"]
+
+
+def kill(names: list[str]) -> None:
+    import ray
+
+    for name in names:
+        ray.kill(ray.get_actor(name, namespace="serve"), no_restart=True)
+
+
+def fault_run(miner: Miner, replicas, concurrency, seconds, deployment, how_many=1) -> dict:
+    """Load with one fault a quarter in; recovery timed from the fault, in a thread beside the load."""
+    victims = replica_actors(deployment)[:how_many]
+    recovery: dict = {}
+
+    def fault():
+        kill(victims)
+        recovery["killed_at"] = time.monotonic()
+
+        def watch():
+            time.sleep(1.0)  # let Serve notice the death first
+            miner.wait_healthy(replicas)
+            recovery["recover_s"] = time.monotonic() - recovery["killed_at"]
+
+        threading.Thread(target=watch, daemon=True).start()
+
+    outcomes = asyncio.run(miner.load().closed_loop(concurrency, seconds, during=fault, at_s=seconds / 4))
+    while "recover_s" not in recovery:
+        time.sleep(0.25)
+    stats = summary(outcomes, seconds)
+    stats.update(fault=f"ray.kill {how_many} {deployment}", recover_s=round(recovery["recover_s"], 1))
+    return stats
+
+
+def breaker_run(miner: Miner, replicas) -> dict:
+    kill(replica_actors("Embeddings"))
+    killed = time.monotonic()
+    signer, seen, first_open, first_ok_after = miner.signer, [], None, None
+    from serve_app.client import signed_request
+
+    while time.monotonic() - killed < 120:
+        body, headers = signed_request(signer, PATH, {"input": "probe"}, miner.hotkey)
+        headers["X-Bittensor-Timeout"] = "1.5"
+        t0 = time.monotonic()
+        resp = miner.http.post(PATH, content=body, headers=headers)
+        code = "ok" if resp.status_code == 200 else resp.json().get("error")
+        seen.append((round(t0 - killed, 2), code, round((time.monotonic() - t0) * 1000, 1)))
+        if code == "breaker_open" and first_open is None:
+            first_open = t0 - killed
+        if code == "ok" and first_open is not None:
+            first_ok_after = t0 - killed
+            break
+    fast = [ms for _, code, ms in seen if code == "breaker_open"]
+    recover = miner.wait_healthy(replicas)
+    return {"fault": "ray.kill both Embeddings replicas", "probes": len(seen),
+            "breaker_open_after_s": None if first_open is None else round(first_open, 1),
+            "breaker_open_answers": len(fast), "breaker_open_p50_ms": sorted(fast)[len(fast) // 2] if fast else None,
+            "first_200_after_s": None if first_ok_after is None else round(first_ok_after, 1),
+            "ready_again_after_s": round(time.monotonic() - killed, 1), "extra_wait_s": round(recover, 1),
+            "codes": sorted({code for _, code, _ in seen})}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--seconds", type=float, default=12.0)
+    parser.add_argument("--port", type=int, default=8131)
+    parser.add_argument("--out", default=str(ROOT / "benchmarks/results/reliability.json"))
+    args = parser.parse_args()
+
+    rayenv.apply()
+    import ray
+    from ray import serve
+
+    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
+    serve.start(http_options={"host": "127.0.0.1", "port": args.port})
+    cfg = config()
+    serve.run(build_app(cfg), name=APP, route_prefix="/")
+    miner = Miner(args.port)
+    replicas = {"Router": 2, "Embeddings": 2}
+    miner.wait_healthy(replicas)
+    seconds = args.seconds
+    results = {}
+    try:
+        base = asyncio.run(miner.load().closed_loop(16, seconds))
+        results["baseline"] = summary(base, seconds)
+        capacity = results["baseline"]["ok_rps"]
+        over = asyncio.run(miner.load().open_loop(4 * capacity, seconds))
+        results["overload"] = {**summary(over, seconds), "fault": f"open loop at 4 x {capacity} req/s"}
+        miner.wait_healthy(replicas)
+        results["kill-workload"] = fault_run(miner, replicas, 8, seconds, "Embeddings")
+        results["kill-router"] = fault_run(miner, replicas, 4, seconds, "Router")
+        results["breaker"] = breaker_run(miner, replicas)
+    finally:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(results, indent=2))
+        serve.shutdown()
+        ray.shutdown()
+    print(f"{'scenario':14} {'load':>22} {'sent':>6} {'ok':>6} {'refused':>8} {'lost':>5} {'ok p99 ms':>10} "
+          f"{'refused p50 ms':>15} {'recover s':>10}")
+    for name in ("baseline", "overload", "kill-workload", "kill-router"):
+        r = results[name]
+        print(f"{name:14} {str(r['offered_rps']) + ' req/s offered':>22} {r['sent']:>6} {r['ok']:>6} {r['refused']:>8} "
+              f"{r['failed']:>5} {str(r['ok_p99_ms']):>10} {str(r['refused_p50_ms']):>15} {str(r.get('recover_s', '-')):>10}")
+    print("breaker", json.dumps(results["breaker"]))
+    print("statuses", json.dumps({k: results[k]["by_status"] for k in ("overload", "kill-workload", "kill-router")}))
+
+
+if __name__ == "__main__":
+    main()
