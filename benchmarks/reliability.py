@@ -168,7 +168,7 @@ def main() -> None:
         results["kill-router"] = fault_run(miner, replicas, 4, seconds, "Router")[0]
         # Both Embeddings replicas gone: calls wait for a replica until their 1.5 s deadline,
         # then the breakers open and refuse at once until a probe succeeds.
-        stats, outcomes, fault_at = fault_run(miner, replicas, 8, 2 * seconds, "Embeddings", how_many=2, timeout_s=1.5)
+        stats, outcomes, fault_at = fault_run(miner, replicas, 8, 3 * seconds, "Embeddings", how_many=2, timeout_s=1.5)
         results["breaker"] = {**stats, **breaker_stats(outcomes, fault_at)}
     finally:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)

@@ -195,9 +195,10 @@ class EmbeddingsDegradation(Strict):
     """A cheaper preset for subnets that allow it (`allow_degraded`), on under sustained overload."""
 
     max_seq_length: int = Field(default=128, ge=8, description="Texts are cut to this many tokens while degraded.")
-    queued_items: int = Field(default=64, ge=1, description="Overloaded: at least this many texts waiting for the model...")
+    busy_fraction: float = Field(default=0.85, gt=0, le=1, description="Overloaded: the model busy this share of the time...")
+    queued_items: int = Field(default=1, ge=1, description="...with at least this many texts waiting...")
     on_after_s: float = Field(default=5.0, ge=0, description="...for this long switches the preset on.")
-    off_after_s: float = Field(default=15.0, ge=0, description="Under the threshold for this long switches it off.")
+    off_after_s: float = Field(default=15.0, ge=0, description="Not overloaded for this long switches it off.")
 
 
 class EmbeddingsConfig(Strict):

@@ -38,6 +38,7 @@ class CoalescingRunner:
         self.items_done = 0
         self.largest_pass = 0
         self.expired = 0
+        self.busy_s = 0.0  # seconds the engine spent in passes: utilisation for the degraded preset
 
     @property
     def queued_items(self) -> int:
@@ -82,6 +83,7 @@ class CoalescingRunner:
                 if not taken:
                     continue
                 flat = [item for items, _, _ in taken for item in items]
+                started = time.perf_counter()
                 try:
                     outputs = await self._thread.run(self._fn, flat)
                 except Exception as exc:  # the callers get the error; the runner goes on
@@ -89,6 +91,7 @@ class CoalescingRunner:
                         if not future.done():
                             future.set_exception(exc)
                     continue
+                self.busy_s += time.perf_counter() - started
                 self.passes += 1
                 self.items_done += len(flat)
                 self.largest_pass = max(self.largest_pass, len(flat))

@@ -401,6 +401,6 @@ class Router:
                 "requestBody": {"required": True, "content": {"application/json": {
                     "schema": route.adapter.request_model.model_json_schema()}}},
                 "responses": {"200": {"description": "the result"},
-                              **{str(code): error for code in (401, 403, 404, 408, 413, 422, 429, 503, 504)}},
+                              **{str(code): error for code in (401, 403, 404, 408, 413, 415, 422, 429, 503, 504)}},
             }}
         return {"openapi": "3.1.0", "info": {"title": "torchrank-miner", "version": __version__}, "paths": paths}

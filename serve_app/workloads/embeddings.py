@@ -65,6 +65,7 @@ class Embeddings:
         self.in_flight = 0
         # The cheaper preset (shorter texts) for subnets that allow it, under sustained overload.
         self.degrade = Hysteresis(cfg.degraded.on_after_s, cfg.degraded.off_after_s) if cfg.degraded else None
+        self._busy_seen = (time.perf_counter(), 0.0)  # (when, runner.busy_s then): busy share per gauge period
         self._background = [asyncio.create_task(self._publish_gauges()), asyncio.create_task(logs.flush_every())]
 
     def _encode_pass(self, items: list[tuple[str, int | None]]):
@@ -82,10 +83,14 @@ class Embeddings:
                 self.metrics.in_flight.set(self.in_flight, self.metrics.tags)
                 queued = self.runner.queued_items
                 self.metrics.queued.set(queued, self.metrics.tags)
+                now, busy_s = time.perf_counter(), self.runner.busy_s
+                busy = (busy_s - self._busy_seen[1]) / max(1e-3, now - self._busy_seen[0])
+                self._busy_seen = (now, busy_s)
                 if self.degrade is not None:
-                    was = self.degrade.on
-                    if self.degrade.update(queued >= self.cfg.degraded.queued_items) != was:
-                        log.warning("degraded preset %s: %d texts waiting", "on" if self.degrade.on else "off", queued)
+                    was, wanted = self.degrade.on, self.cfg.degraded
+                    if self.degrade.update(busy >= wanted.busy_fraction and queued >= wanted.queued_items) != was:
+                        log.warning("degraded preset %s (model busy %.0f%%, %d texts waiting)",
+                                    "on" if self.degrade.on else "off", busy * 100, queued)
                     self.metrics.degraded.set(int(self.degrade.on), self.metrics.tags)
                 self.metrics.record_gpu(self.engine.torch)
             except Exception:  # the GPU-idle alert depends on this loop: never let it die
