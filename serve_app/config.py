@@ -196,7 +196,7 @@ class EmbeddingsDegradation(Strict):
 
     max_seq_length: int = Field(default=128, ge=8, description="Texts are cut to this many tokens while degraded.")
     busy_fraction: float = Field(default=0.85, gt=0, le=1, description="Overloaded: the model busy this share of the time...")
-    queued_items: int = Field(default=1, ge=1, description="...with at least this many texts waiting...")
+    waited_items: int = Field(default=8, ge=1, description="...and at least this many texts a second arriving to a busy model...")
     on_after_s: float = Field(default=5.0, ge=0, description="...for this long switches the preset on.")
     off_after_s: float = Field(default=15.0, ge=0, description="Not overloaded for this long switches it off.")
 

@@ -39,6 +39,7 @@ class CoalescingRunner:
         self.largest_pass = 0
         self.expired = 0
         self.busy_s = 0.0  # seconds the engine spent in passes: utilisation for the degraded preset
+        self.items_waited = 0  # items that arrived while the engine was busy: they had to wait
 
     @property
     def queued_items(self) -> int:
@@ -52,6 +53,8 @@ class CoalescingRunner:
         and DeadlinePassed is raised: nobody accepts an answer after its deadline.
         """
         future = asyncio.get_running_loop().create_future()
+        if self._drainer is not None:
+            self.items_waited += len(items)
         self._pending.append((list(items), future, deadline))
         if self._drainer is None:
             self._drainer = asyncio.create_task(self._drain())

@@ -65,7 +65,8 @@ class Embeddings:
         self.in_flight = 0
         # The cheaper preset (shorter texts) for subnets that allow it, under sustained overload.
         self.degrade = Hysteresis(cfg.degraded.on_after_s, cfg.degraded.off_after_s) if cfg.degraded else None
-        self._busy_seen = (time.perf_counter(), 0.0)  # (when, runner.busy_s then): busy share per gauge period
+        # (when, runner.busy_s, runner.items_waited) at the last gauge period: load over the period
+        self._load_seen = (time.perf_counter(), 0.0, 0)
         self._background = [asyncio.create_task(self._publish_gauges()), asyncio.create_task(logs.flush_every())]
 
     def _encode_pass(self, items: list[tuple[str, int | None]]):
@@ -83,14 +84,16 @@ class Embeddings:
                 self.metrics.in_flight.set(self.in_flight, self.metrics.tags)
                 queued = self.runner.queued_items
                 self.metrics.queued.set(queued, self.metrics.tags)
-                now, busy_s = time.perf_counter(), self.runner.busy_s
-                busy = (busy_s - self._busy_seen[1]) / max(1e-3, now - self._busy_seen[0])
-                self._busy_seen = (now, busy_s)
+                now, busy_s, waited = time.perf_counter(), self.runner.busy_s, self.runner.items_waited
+                seen_at, seen_busy, seen_waited = self._load_seen
+                period = max(1e-3, now - seen_at)
+                busy, waited_per_s = (busy_s - seen_busy) / period, (waited - seen_waited) / period
+                self._load_seen = (now, busy_s, waited)
                 if self.degrade is not None:
                     was, wanted = self.degrade.on, self.cfg.degraded
-                    if self.degrade.update(busy >= wanted.busy_fraction and queued >= wanted.queued_items) != was:
-                        log.warning("degraded preset %s (model busy %.0f%%, %d texts waiting)",
-                                    "on" if self.degrade.on else "off", busy * 100, queued)
+                    if self.degrade.update(busy >= wanted.busy_fraction and waited_per_s >= wanted.waited_items) != was:
+                        log.warning("degraded preset %s (model busy %.0f%%, %.0f texts/s waited for it)",
+                                    "on" if self.degrade.on else "off", busy * 100, waited_per_s)
                     self.metrics.degraded.set(int(self.degrade.on), self.metrics.tags)
                 self.metrics.record_gpu(self.engine.torch)
             except Exception:  # the GPU-idle alert depends on this loop: never let it die

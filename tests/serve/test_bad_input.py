@@ -4,6 +4,7 @@ headers, slow clients). Never a 500, always a JSON error, and nothing unauthenti
 reaches the model.
 """
 
+import json
 import socket
 import time
 
@@ -80,8 +81,11 @@ def test_hypothesis_headers_and_bodies_never_break_the_router(miner, headers, bo
                                optional={"model": st.text(max_size=20), "encoding_format": st.text(max_size=10),
                                          "user": st.text(max_size=10)}))
 def test_signed_generated_bodies_get_200_or_422(miner, payload):
-    """Authenticated callers with arbitrary JSON: an answer or a 422 naming the field, never a 500."""
-    resp = miner.post(payload)
+    """Authenticated callers with arbitrary JSON (ints past 64 bits, NaN included): an answer or
+    a 422 naming the problem, never a 500."""
+    body = json.dumps(payload).encode()
+    headers = bittensor.http_auth.sign(ALICE, method="POST", path="/v1/embeddings", body=body, receiver_ss58=MINER)
+    resp = miner.http.post("/v1/embeddings", content=body, headers={**headers, "Content-Type": "application/json"})
     assert resp.status_code in (200, 422), resp.text
     if resp.status_code == 422:
         assert resp.json()["error"] in ("invalid_request", "invalid_json", "limit_exceeded")
