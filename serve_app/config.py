@@ -251,6 +251,51 @@ class EmbeddingsConfig(Strict):
         return self.served_model_name or self.model.rstrip("/").split("/")[-1]
 
 
+class DiffusionPreset(Strict):
+    """One quality/cost point: what a request naming this preset runs."""
+
+    steps: int = Field(ge=1, le=200)
+    width: int = Field(default=512, ge=64, le=2048, multiple_of=8)
+    height: int = Field(default=512, ge=64, le=2048, multiple_of=8)
+    guidance_scale: float = Field(default=7.5, ge=0, le=30)
+    scheduler: Literal["default", "ddim", "euler", "euler_a", "dpm"] = "default"
+
+
+TINY_DIFFUSION_PRESETS = {
+    "fast": DiffusionPreset(steps=2, width=64, height=64, guidance_scale=1.0),
+    "balanced": DiffusionPreset(steps=4, width=64, height=64),
+    "quality": DiffusionPreset(steps=8, width=64, height=64, scheduler="dpm"),
+}
+
+
+class DiffusionConfig(Strict):
+    """Text-to-image through diffusers (work in progress: the engine exists, the deployment does not yet)."""
+
+    model: str = Field(default="torchrank/tiny-sd",
+                       description="A hub id or local path of a diffusers pipeline; torchrank/tiny-sd is built locally.")
+    presets: dict[str, DiffusionPreset] = Field(default_factory=lambda: dict(TINY_DIFFUSION_PRESETS))
+    default_preset: str = "balanced"
+    max_batch_images: int = Field(
+        default=4, ge=1, le=64,
+        description="Every pipeline call runs this many images (padded): same shapes, so a seeded image is the same "
+                    "bytes alone or beside others.")
+    max_prompt_chars: int = Field(default=1000, ge=1)
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    fp16: bool = Field(default=True, description="Half precision on GPU (ignored on CPU).")
+    attention_slicing: bool = False
+    vae_tiling: bool = False
+    gpu_memory_fraction: Optional[float] = Field(
+        default=None, gt=0, le=1, description="torch.cuda.set_per_process_memory_fraction for this replica; default: num_gpus.")
+    offline: bool = False
+    cache_dir: str = Field(default="~/.cache/torchrank-miner", description="Where locally built pipelines are saved.")
+
+    @model_validator(mode="after")
+    def _default_preset_exists(self) -> "DiffusionConfig":
+        if self.default_preset not in self.presets:
+            raise ValueError(f"default_preset {self.default_preset!r} is not one of the presets {sorted(self.presets)}")
+        return self
+
+
 class WorkloadsConfig(Strict):
     embeddings: Optional[EmbeddingsConfig] = EmbeddingsConfig()
 

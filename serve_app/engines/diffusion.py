@@ -1,0 +1,97 @@
+"""Text-to-image engine over a diffusers pipeline (no Serve here; the deployment comes next).
+
+Determinism: every pipeline call runs exactly `max_batch_images` images, padding with
+blank prompts, and each image has its own seeded generator. With identical shapes each
+image's arithmetic is the same whatever shares its batch, so a seeded request gives the
+same PNG bytes alone or batched (measured on CPU: an unpadded batch of 4 differs from a
+lone image by ~2e-6, enough to flip some pixels after rounding; padded, 0.0).
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+from serve_app.config import DiffusionConfig, DiffusionPreset
+from serve_app.engines.tiny_diffusion import TINY_DIFFUSION_ID, build_tiny_pipeline
+
+log = logging.getLogger("ray.serve.torchrank.diffusion")
+
+SCHEDULERS = {"ddim": "DDIMScheduler", "euler": "EulerDiscreteScheduler",
+              "euler_a": "EulerAncestralDiscreteScheduler", "dpm": "DPMSolverMultistepScheduler"}
+
+
+@dataclass(frozen=True)
+class ImageJob:
+    prompt: str
+    seed: int
+    negative_prompt: str = ""
+
+
+def resolve_pipeline_path(cfg: DiffusionConfig) -> str:
+    if cfg.model == TINY_DIFFUSION_ID:
+        return str(build_tiny_pipeline(Path(cfg.cache_dir).expanduser() / "tiny-sd"))
+    return cfg.model  # a local directory or a hub id: from_pretrained takes both
+
+
+class DiffusionEngine:
+    def __init__(self, cfg: DiffusionConfig, num_threads: int = 1, gpu_fraction: Optional[float] = None):
+        if cfg.offline:
+            os.environ["HF_HUB_OFFLINE"] = "1"
+        import torch
+        from diffusers import AutoPipelineForText2Image
+
+        torch.set_num_threads(num_threads)
+        self.torch = torch
+        self.cfg = cfg
+        self.device = ("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device
+        dtype = torch.float16 if self.device == "cuda" and cfg.fp16 else torch.float32
+        if self.device == "cuda" and (cfg.gpu_memory_fraction or gpu_fraction):
+            # A fractional-GPU replica must not take its neighbours' memory.
+            torch.cuda.set_per_process_memory_fraction(cfg.gpu_memory_fraction or gpu_fraction)
+        pipe = AutoPipelineForText2Image.from_pretrained(resolve_pipeline_path(cfg), torch_dtype=dtype)
+        pipe.set_progress_bar_config(disable=True)
+        if cfg.attention_slicing:
+            pipe.enable_attention_slicing()
+        if cfg.vae_tiling:
+            pipe.vae.enable_tiling()
+        self.pipe = pipe.to(self.device)
+        # One pipeline per preset, sharing the model weights: a preset may name its own scheduler.
+        self.pipes = {name: self._with_scheduler(preset.scheduler) for name, preset in cfg.presets.items()}
+        self.calls = 0
+        log.info("loaded %s on %s (%s)", cfg.model, self.device, dtype)
+        self.generate([ImageJob("warm up", 0)], cfg.default_preset)
+
+    def _with_scheduler(self, name: str):
+        if name == "default":
+            return self.pipe
+        import diffusers
+
+        scheduler = getattr(diffusers, SCHEDULERS[name]).from_config(self.pipe.scheduler.config)
+        return type(self.pipe)(**{**self.pipe.components, "scheduler": scheduler})
+
+    def generate(self, jobs: list[ImageJob], preset_name: str) -> list[bytes]:
+        """PNG bytes per job, in order; len(jobs) <= max_batch_images, all with one preset."""
+        preset: DiffusionPreset = self.cfg.presets[preset_name]
+        size = self.cfg.max_batch_images
+        if not 0 < len(jobs) <= size:
+            raise ValueError(f"{len(jobs)} images in one call; 1 to {size} allowed")
+        padded = list(jobs) + [ImageJob("", 0)] * (size - len(jobs))
+        generators = [self.torch.Generator(device="cpu").manual_seed(job.seed) for job in padded]
+        with self.torch.inference_mode():
+            images = self.pipes[preset_name](
+                prompt=[job.prompt for job in padded], negative_prompt=[job.negative_prompt for job in padded],
+                num_inference_steps=preset.steps, guidance_scale=preset.guidance_scale,
+                width=preset.width, height=preset.height, generator=generators, output_type="pil").images
+        self.calls += 1
+        return [png(image) for image in images[: len(jobs)]]
+
+
+def png(image) -> bytes:
+    out = io.BytesIO()
+    image.save(out, format="PNG")
+    return out.getvalue()

@@ -1,0 +1,53 @@
+"""The diffusion engine on the tiny pipeline: presets, padded batches, seeded PNG bytes."""
+
+import io
+
+import pytest
+from PIL import Image
+
+from serve_app.config import DiffusionConfig
+from serve_app.engines.diffusion import DiffusionEngine, ImageJob
+
+
+@pytest.fixture(scope="module")
+def engine(tmp_path_factory):
+    return DiffusionEngine(DiffusionConfig(cache_dir=str(tmp_path_factory.mktemp("cache")), device="cpu"))
+
+
+def unet_calls(engine):
+    calls = []
+    handle = engine.pipe.unet.register_forward_pre_hook(lambda *_: calls.append(1))
+    return calls, handle
+
+
+def test_seeded_image_is_the_same_bytes_alone_or_batched(engine):
+    alone = engine.generate([ImageJob("a red cat", 7)], "balanced")[0]
+    batched = engine.generate([ImageJob("a dog", 1), ImageJob("x", 2), ImageJob("a red cat", 7)], "balanced")
+    assert batched[2] == alone
+    assert batched[0] != alone and batched[1] != batched[0]
+    image = Image.open(io.BytesIO(alone))
+    assert image.format == "PNG" and image.size == (64, 64)
+
+
+def test_one_call_per_batch_and_steps_from_the_preset(engine):
+    calls, handle = unet_calls(engine)
+    try:
+        before = engine.calls
+        engine.generate([ImageJob(f"p{i}", i) for i in range(4)], "fast")
+        assert engine.calls == before + 1
+        assert len(calls) == engine.cfg.presets["fast"].steps  # each step: one UNet pass for the whole batch
+    finally:
+        handle.remove()
+
+
+def test_presets_with_their_own_scheduler_share_the_weights(engine):
+    assert type(engine.pipes["quality"].scheduler).__name__ == "DPMSolverMultistepScheduler"
+    assert engine.pipes["quality"].unet is engine.pipe.unet
+    assert engine.generate([ImageJob("x", 3)], "quality")[0] == engine.generate([ImageJob("x", 3)], "quality")[0]
+
+
+def test_batch_bounds(engine):
+    with pytest.raises(ValueError):
+        engine.generate([], "fast")
+    with pytest.raises(ValueError):
+        engine.generate([ImageJob("x", i) for i in range(5)], "fast")
