@@ -197,8 +197,10 @@ def test_replica_killed_mid_load(miner, rel, deployment, callers):
     def kill():
         ray.kill(ray.get_actor(victim["name"], namespace="serve"), no_restart=True)
 
-    outcomes = asyncio.run(load(miner).closed_loop(callers, 12.0, during=kill, at_s=3.0))
-    stats = summary(outcomes, 12.0)
+    # 20 s: the few calls in flight on a dead router are lost whatever the run's length, so the
+    # 1 % bound needs enough calls around them (a 12 s run on a slow CI machine made ~590).
+    outcomes = asyncio.run(load(miner).closed_loop(callers, 20.0, during=kill, at_s=3.0))
+    stats = summary(outcomes, 20.0)
     print(deployment, "killed", stats)
     assert victim["name"] not in {r["name"] for r in replicas(deployment)}, "the replica was not killed"
     assert len(outcomes) > 100
