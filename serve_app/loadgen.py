@@ -51,10 +51,8 @@ class Load:
         sent = time.perf_counter()
         try:
             async with client.post(self.url + path, data=body, headers={**headers, **self.headers}) as resp:
-                status = resp.status
-                error = "" if status == 200 else _error_code(status, await resp.read())
-                if status == 200:
-                    await resp.read()
+                status, answer = resp.status, await resp.read()
+            error = "" if status == 200 else _error_code(status, answer)
         except Exception as exc:  # the client gave up or the connection broke: that is a lost request
             status, error = 0, type(exc).__name__
         self.outcomes.append(Outcome(sent - t0, time.perf_counter() - sent, status, error))

@@ -92,11 +92,11 @@ class Admission:
         if self.in_flight < self.cfg.max_in_flight and not self.waiting:
             self.in_flight += 1
             return
-        if len(self.waiting) >= self.queue_bound():
-            lowest = max(self.waiting) if self.waiting else None
-            if lowest is None or -lowest.sort_key[0] >= priority:
-                self.shed_total += 1
-                raise Shed("the workload's queue is full")
+        if self.would_shed(priority):
+            self.shed_total += 1
+            raise Shed("the workload's queue is full")
+        if len(self.waiting) >= self.queue_bound():  # full, and the newcomer outranks the lowest waiter
+            lowest = max(self.waiting)
             self.waiting.remove(lowest)
             self.displaced_total += 1
             self.shed_total += 1

@@ -163,8 +163,8 @@ class Router:
         """The per-subnet watchdog and the readiness probe of each workload."""
         while True:
             try:
-                for name, handle in self.workloads.items():
-                    self.workload_ready[name] = await self._answers(handle)
+                for name in self.workloads:
+                    self.workload_ready[name] = await self._answers(name)
                 for netuid, watchdog in self.watchdogs.items():
                     before = watchdog.reasons
                     reasons = watchdog.verdict(self.metagraphs[netuid].age_s)
@@ -176,10 +176,10 @@ class Router:
                 log.exception("watchdog pass failed")
             await asyncio.sleep(WATCHDOG_PERIOD_S)
 
-    @staticmethod
-    async def _answers(handle: DeploymentHandle) -> bool:
+    async def _answers(self, name: str) -> bool:
+        """The readiness probe: the workload's info(); its answer also fills the /info cache."""
         try:
-            await asyncio.wait_for(handle.info.remote(), READY_PROBE_TIMEOUT_S)
+            self.workload_info[name] = await asyncio.wait_for(self.workloads[name].info.remote(), READY_PROBE_TIMEOUT_S)
             return True
         except Exception:
             return False
