@@ -3,7 +3,7 @@
 Serve validates `args` into a MinerConfig (the parameter's annotation) before calling
 this; here we also check what needs the filesystem (the wallet's hotkey, snapshot
 files), so a bad deployment fails at `serve run` rather than in a replica. Heavy
-libraries (torch, sentence-transformers) load only inside the workload replicas.
+libraries (torch, sentence-transformers, diffusers) load only inside the workload replicas.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ from serve_app.config import MinerConfig, SnapshotMetagraph
 from serve_app.observability.info import BuildInfo
 from serve_app.observability.logs import JSON_LOGS
 from serve_app.router.deployment import Router
+from serve_app.workloads.diffusion import Diffusion
 from serve_app.workloads.embeddings import Embeddings
 
 
@@ -46,15 +47,16 @@ def build_app(args: MinerConfig) -> Application:
     cfg = with_absolute_paths(MinerConfig.model_validate(args))
     check_startable(cfg)
     workloads = {}
-    emb = cfg.workloads.embeddings
-    if emb is not None:
-        workloads["embeddings"] = Embeddings.options(
-            num_replicas=emb.num_replicas,
-            ray_actor_options={"num_cpus": emb.num_cpus, "num_gpus": emb.num_gpus},
-            max_ongoing_requests=emb.max_ongoing_requests,
-            max_queued_requests=emb.max_queued_requests,
-            logging_config=JSON_LOGS,
-        ).bind(emb)
+    for name, deployment in (("embeddings", Embeddings), ("diffusion", Diffusion)):
+        wl = getattr(cfg.workloads, name)
+        if wl is not None:
+            workloads[name] = deployment.options(
+                num_replicas=wl.num_replicas,
+                ray_actor_options={"num_cpus": wl.num_cpus, "num_gpus": wl.num_gpus},
+                max_ongoing_requests=wl.max_ongoing_requests,
+                max_queued_requests=wl.max_queued_requests,
+                logging_config=JSON_LOGS,
+            ).bind(wl)
     return Router.options(
         num_replicas=cfg.router.num_replicas,
         ray_actor_options={"num_cpus": cfg.router.num_cpus},

@@ -14,7 +14,7 @@ from typing import Annotated, Literal, Optional, Union
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 DEV_URI = re.compile(r"^//[A-Za-z0-9]+$")
-PROTOCOL_WORKLOAD = {"openai-embeddings": "embeddings"}
+PROTOCOL_WORKLOAD = {"openai-embeddings": "embeddings", "openai-images": "diffusion"}
 
 
 class Strict(BaseModel):
@@ -109,7 +109,7 @@ class AuthPolicy(Strict):
 
 class RouteConfig(Strict):
     path: str = Field(pattern=r"^/[A-Za-z0-9_\-./]*$")
-    protocol: Literal["openai-embeddings"]
+    protocol: Literal["openai-embeddings", "openai-images"]
 
 
 class SLOConfig(Strict):
@@ -153,6 +153,13 @@ class WatchdogConfig(Strict):
         default=1200.0, gt=0, description="Older than this: degraded, and /ready answers 503.")
 
 
+class SubnetDiffusion(Strict):
+    """Which of the diffusion workload's presets this subnet's validators get."""
+
+    default_preset: Optional[str] = Field(default=None, description="For requests naming none; default: the workload's.")
+    allowed_presets: tuple[str, ...] = Field(default=(), description="Presets a request may name; empty: all of them.")
+
+
 class SubnetConfig(Strict):
     netuid: int = Field(ge=0, le=65535)
     prefix: str = Field(
@@ -171,6 +178,7 @@ class SubnetConfig(Strict):
     watchdog: WatchdogConfig = WatchdogConfig()
     allow_degraded: bool = Field(
         default=False, description="Under sustained overload, may this subnet's work use the workload's cheaper preset?")
+    diffusion: SubnetDiffusion = SubnetDiffusion()
 
     @field_validator("routes")
     @classmethod
@@ -255,8 +263,8 @@ class DiffusionPreset(Strict):
     """One quality/cost point: what a request naming this preset runs."""
 
     steps: int = Field(ge=1, le=200)
-    width: int = Field(default=512, ge=64, le=2048, multiple_of=8)
-    height: int = Field(default=512, ge=64, le=2048, multiple_of=8)
+    width: int = Field(default=512, ge=8, le=4096, multiple_of=8)
+    height: int = Field(default=512, ge=8, le=4096, multiple_of=8)
     guidance_scale: float = Field(default=7.5, ge=0, le=30)
     scheduler: Literal["default", "ddim", "euler", "euler_a", "dpm"] = "default"
 
@@ -269,35 +277,65 @@ TINY_DIFFUSION_PRESETS = {
 
 
 class DiffusionConfig(Strict):
-    """Text-to-image through diffusers (work in progress: the engine exists, the deployment does not yet)."""
+    """Text-to-image through diffusers: presets, padded batches, a result cache."""
 
     model: str = Field(default="torchrank/tiny-sd",
                        description="A hub id or local path of a diffusers pipeline; torchrank/tiny-sd is built locally.")
     presets: dict[str, DiffusionPreset] = Field(default_factory=lambda: dict(TINY_DIFFUSION_PRESETS))
     default_preset: str = "balanced"
+    # Per-request limits -> 422. A request may ask for other steps or another size than its
+    # preset's, within these bounds; the preset keeps its guidance and scheduler.
+    max_steps: int = Field(default=50, ge=1, le=200)
+    min_side: int = Field(default=64, ge=8, multiple_of=8)
+    max_side: int = Field(default=1024, ge=8, le=4096, multiple_of=8)
+    max_prompt_chars: int = Field(default=1000, ge=1)
     max_batch_images: int = Field(
         default=4, ge=1, le=64,
-        description="Every pipeline call runs this many images (padded): same shapes, so a seeded image is the same "
-                    "bytes alone or beside others.")
-    max_prompt_chars: int = Field(default=1000, ge=1)
+        description="Images per pipeline call, and the most one request may ask for. Every call runs exactly this "
+                    "many (padded): the same shapes every time, so a seeded image is the same bytes alone or batched.")
+    batch_wait_timeout_s: float = Field(
+        default=0.0, ge=0, le=1, description="Wait this long for more requests before an idle replica starts a call.")
+    cache_bytes: int = Field(default=256 << 20, ge=0, description="Result cache (PNG bytes) per replica; 0 turns it off.")
     device: Literal["auto", "cpu", "cuda"] = "auto"
     fp16: bool = Field(default=True, description="Half precision on GPU (ignored on CPU).")
-    attention_slicing: bool = False
-    vae_tiling: bool = False
+    attention_slicing: bool = Field(default=False, description="Less GPU memory per call for some speed.")
+    vae_tiling: bool = Field(default=False, description="Decode large images tile by tile: less GPU memory.")
     gpu_memory_fraction: Optional[float] = Field(
-        default=None, gt=0, le=1, description="torch.cuda.set_per_process_memory_fraction for this replica; default: num_gpus.")
-    offline: bool = False
+        default=None, gt=0, le=1,
+        description="torch.cuda.set_per_process_memory_fraction for this replica; default: num_gpus when below 1.")
+    offline: bool = Field(default=False, description="Set HF_HUB_OFFLINE=1 in the replica: never contact a model hub.")
     cache_dir: str = Field(default="~/.cache/torchrank-miner", description="Where locally built pipelines are saved.")
+    torch_threads: Optional[int] = Field(default=None, ge=1, description="Default: the replica's num_cpus, at least 1.")
+    cpu_nice: int = Field(default=10, ge=0, le=19, description="As for embeddings: the router stays responsive on CPU.")
+    stuck_call_s: float = Field(
+        default=600.0, gt=0, description="A pipeline call running longer than this fails the health check.")
+    # Placement.
+    num_replicas: int = Field(default=1, ge=1)
+    num_cpus: float = Field(default=1.0, ge=0)
+    num_gpus: float = Field(default=0.0, ge=0)
+    max_ongoing_requests: int = Field(default=64, ge=1, le=4096)
+    max_queued_requests: int = Field(default=128, ge=1)
+    admission: AdmissionConfig = AdmissionConfig(max_in_flight=8, max_queued=16, max_wait_s=2.0)
 
     @model_validator(mode="after")
-    def _default_preset_exists(self) -> "DiffusionConfig":
+    def _presets_within_limits(self) -> "DiffusionConfig":
         if self.default_preset not in self.presets:
             raise ValueError(f"default_preset {self.default_preset!r} is not one of the presets {sorted(self.presets)}")
+        if self.min_side > self.max_side:
+            raise ValueError(f"min_side ({self.min_side}) exceeds max_side ({self.max_side})")
+        for name, preset in self.presets.items():
+            if preset.steps > self.max_steps:
+                raise ValueError(f"preset {name!r}: {preset.steps} steps, over max_steps ({self.max_steps})")
+            for side in (preset.width, preset.height):
+                if not self.min_side <= side <= self.max_side:
+                    raise ValueError(f"preset {name!r}: size {preset.width}x{preset.height} is outside "
+                                     f"min_side..max_side ({self.min_side}..{self.max_side})")
         return self
 
 
 class WorkloadsConfig(Strict):
     embeddings: Optional[EmbeddingsConfig] = EmbeddingsConfig()
+    diffusion: Optional[DiffusionConfig] = None
 
 
 class RouterConfig(Strict):
@@ -340,4 +378,15 @@ class MinerConfig(Strict):
                     raise ValueError(
                         f"subnet {subnet.netuid} route {route.path} needs workload {workload!r}, which is disabled"
                     )
+            diffusion, policy = self.workloads.diffusion, subnet.diffusion
+            if diffusion is not None:
+                named = [p for p in (policy.default_preset, *policy.allowed_presets) if p is not None]
+                unknown = sorted(set(named) - set(diffusion.presets))
+                if unknown:
+                    raise ValueError(f"subnet {subnet.netuid} diffusion: unknown presets {unknown}; "
+                                     f"the model has {sorted(diffusion.presets)}")
+                default = policy.default_preset or diffusion.default_preset
+                if policy.allowed_presets and default not in policy.allowed_presets:
+                    raise ValueError(f"subnet {subnet.netuid} diffusion: the default preset {default!r} "
+                                     f"is not among allowed_presets {list(policy.allowed_presets)}")
         return self

@@ -1,7 +1,7 @@
 """One Ray cluster and one Serve app for the whole session, started only if a test asks.
 
-The app is the embedded default (deployments/local.yaml, under deployments/ray.env) with
-a richer metagraph snapshot and two router replicas, served on a free loopback port so a
+The app is the embedded default (deployments/local.yaml, under deployments/ray.env: the
+embeddings and the tiny diffusion model) with a richer metagraph snapshot and two router replicas, served on a free loopback port so a
 running `make run` is not disturbed.
 """
 
@@ -70,7 +70,9 @@ def miner(tmp_path_factory):
             "router": base.router.model_copy(update={"num_replicas": 2, "num_cpus": 0.25, "max_body_bytes": 65536,
                                                     "body_timeout_s": 2.0}),
             "workloads": base.workloads.model_copy(
-                update={"embeddings": base.workloads.embeddings.model_copy(update={**TEST_LIMITS, "torch_threads": 1})}
+                update={"embeddings": base.workloads.embeddings.model_copy(update={**TEST_LIMITS, "torch_threads": 1}),
+                        "diffusion": base.workloads.diffusion.model_copy(update={
+                            "cache_dir": str(tmp_path_factory.mktemp("models")), "torch_threads": 1})}
             ),
         }
     )
@@ -97,11 +99,11 @@ class Miner:
         self.metrics_url = metrics_url
         self.http = httpx.Client(base_url=url, timeout=60)
 
-    def post(self, payload, key="//Alice", path="/v1/embeddings", receiver=MINER, **kw):
-        body, headers = signed_request(Keypair.create_from_uri(key), path, payload, receiver)
-        return self.http.post(path, content=body, headers=headers, **kw)
+    def post(self, payload, key="//Alice", path="/v1/embeddings", receiver=MINER, headers=None, **kw):
+        body, signed = signed_request(Keypair.create_from_uri(key), path, payload, receiver)
+        return self.http.post(path, content=body, headers={**signed, **(headers or {})}, **kw)
 
-    def workload_stats(self) -> dict:
+    def workload_stats(self, deployment="Embeddings", app=APP) -> dict:
         from ray import serve
 
-        return serve.get_deployment_handle("Embeddings", APP).stats.remote().result()
+        return serve.get_deployment_handle(deployment, app).stats.remote().result()

@@ -19,7 +19,7 @@ from typing import Callable, Optional, Sequence
 
 from serve_app.engines.thread import EngineThread
 
-# fn(flat items) -> a tuple of arrays whose first axis follows the items.
+# fn(flat items) -> a tuple of arrays (or lists) whose first axis follows the items.
 BatchFn = Callable[[list], tuple]
 
 
@@ -45,6 +45,11 @@ class CoalescingRunner:
     def queued_items(self) -> int:
         """Items waiting for a pass (not the one running)."""
         return sum(len(items) for items, _, _ in self._pending)
+
+    @property
+    def idle(self) -> bool:
+        """Nothing queued and no pass running."""
+        return self._drainer is None and not self._pending
 
     async def run(self, items: Sequence, deadline: Optional[float] = None) -> tuple:
         """The outputs for `items`, computed in one pass with whatever else is queued.

@@ -1,4 +1,4 @@
-"""Text-to-image engine over a diffusers pipeline (no Serve here; the deployment comes next).
+"""Text-to-image engine over a diffusers pipeline (no Serve here: serve_app/workloads/diffusion.py).
 
 Determinism: every pipeline call runs exactly `max_batch_images` images, padding with
 blank prompts, and each image has its own seeded generator. With identical shapes each
@@ -14,7 +14,6 @@ import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
 
 from serve_app.config import DiffusionConfig, DiffusionPreset
 from serve_app.engines.tiny_diffusion import TINY_DIFFUSION_ID, build_tiny_pipeline
@@ -32,6 +31,21 @@ class ImageJob:
     negative_prompt: str = ""
 
 
+@dataclass(frozen=True)
+class RenderSpec:
+    """What one pipeline call shares: only images with equal specs are batched together."""
+
+    preset: str
+    steps: int
+    width: int
+    height: int
+
+    @property
+    def work(self) -> int:
+        """Pixel-steps of one image: what an image of this spec costs, roughly."""
+        return self.width * self.height * self.steps
+
+
 def resolve_pipeline_path(cfg: DiffusionConfig) -> str:
     if cfg.model == TINY_DIFFUSION_ID:
         return str(build_tiny_pipeline(Path(cfg.cache_dir).expanduser() / "tiny-sd"))
@@ -39,7 +53,7 @@ def resolve_pipeline_path(cfg: DiffusionConfig) -> str:
 
 
 class DiffusionEngine:
-    def __init__(self, cfg: DiffusionConfig, num_threads: int = 1, gpu_fraction: Optional[float] = None):
+    def __init__(self, cfg: DiffusionConfig, num_threads: int = 1):
         if cfg.offline:
             os.environ["HF_HUB_OFFLINE"] = "1"
         import torch
@@ -50,9 +64,10 @@ class DiffusionEngine:
         self.cfg = cfg
         self.device = ("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device
         dtype = torch.float16 if self.device == "cuda" and cfg.fp16 else torch.float32
-        if self.device == "cuda" and (cfg.gpu_memory_fraction or gpu_fraction):
-            # A fractional-GPU replica must not take its neighbours' memory.
-            torch.cuda.set_per_process_memory_fraction(cfg.gpu_memory_fraction or gpu_fraction)
+        self.memory_fraction = cfg.gpu_memory_fraction or (cfg.num_gpus if 0 < cfg.num_gpus < 1 else None)
+        if self.device == "cuda" and self.memory_fraction:
+            # A fractional-GPU replica must not take its neighbours' memory: past the cap it gets OOM itself.
+            torch.cuda.set_per_process_memory_fraction(self.memory_fraction)
         pipe = AutoPipelineForText2Image.from_pretrained(resolve_pipeline_path(cfg), torch_dtype=dtype)
         pipe.set_progress_bar_config(disable=True)
         if cfg.attention_slicing:
@@ -63,8 +78,24 @@ class DiffusionEngine:
         # One pipeline per preset, sharing the model weights: a preset may name its own scheduler.
         self.pipes = {name: self._with_scheduler(preset.scheduler) for name, preset in cfg.presets.items()}
         self.calls = 0
-        log.info("loaded %s on %s (%s)", cfg.model, self.device, dtype)
-        self.generate([ImageJob("warm up", 0)], cfg.default_preset)
+        self.dtype = str(dtype).removeprefix("torch.")
+        log.info("loaded %s on %s (%s)", cfg.model, self.device, self.dtype)
+        self.generate([ImageJob("warm up", 0)], self.preset_spec(cfg.default_preset))  # kernels, allocator, caches
+
+    @property
+    def info(self) -> dict:
+        return {"model": self.cfg.model, "device": self.device, "dtype": self.dtype,
+                "gpu_memory_fraction": self.memory_fraction if self.device == "cuda" else None,
+                "images_per_call": self.cfg.max_batch_images, "default_preset": self.cfg.default_preset,
+                "presets": {name: p.model_dump() for name, p in self.cfg.presets.items()}}
+
+    def preset_spec(self, name: str) -> RenderSpec:
+        preset = self.cfg.presets[name]
+        return RenderSpec(name, preset.steps, preset.width, preset.height)
+
+    def probe(self) -> None:
+        """The cheapest real call (one step at the smallest size): the health check."""
+        self.generate([ImageJob("health", 0)], RenderSpec(self.cfg.default_preset, 1, self.cfg.min_side, self.cfg.min_side))
 
     def _with_scheduler(self, name: str):
         if name == "default":
@@ -74,19 +105,19 @@ class DiffusionEngine:
         scheduler = getattr(diffusers, SCHEDULERS[name]).from_config(self.pipe.scheduler.config)
         return type(self.pipe)(**{**self.pipe.components, "scheduler": scheduler})
 
-    def generate(self, jobs: list[ImageJob], preset_name: str) -> list[bytes]:
-        """PNG bytes per job, in order; len(jobs) <= max_batch_images, all with one preset."""
-        preset: DiffusionPreset = self.cfg.presets[preset_name]
+    def generate(self, jobs: list[ImageJob], spec: RenderSpec) -> list[bytes]:
+        """PNG bytes per job, in order: one pipeline call; len(jobs) <= max_batch_images."""
+        preset: DiffusionPreset = self.cfg.presets[spec.preset]
         size = self.cfg.max_batch_images
         if not 0 < len(jobs) <= size:
             raise ValueError(f"{len(jobs)} images in one call; 1 to {size} allowed")
         padded = list(jobs) + [ImageJob("", 0)] * (size - len(jobs))
         generators = [self.torch.Generator(device="cpu").manual_seed(job.seed) for job in padded]
         with self.torch.inference_mode():
-            images = self.pipes[preset_name](
+            images = self.pipes[spec.preset](
                 prompt=[job.prompt for job in padded], negative_prompt=[job.negative_prompt for job in padded],
-                num_inference_steps=preset.steps, guidance_scale=preset.guidance_scale,
-                width=preset.width, height=preset.height, generator=generators, output_type="pil").images
+                num_inference_steps=spec.steps, guidance_scale=preset.guidance_scale,
+                width=spec.width, height=spec.height, generator=generators, output_type="pil").images
         self.calls += 1
         return [png(image) for image in images[: len(jobs)]]
 

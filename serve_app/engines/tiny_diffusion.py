@@ -10,6 +10,8 @@ noise-like, but deterministic: enough for tests, the embedded default and benchm
 from __future__ import annotations
 
 import json
+import os
+import shutil
 from pathlib import Path
 
 TINY_DIFFUSION_ID = "torchrank/tiny-sd"  # the name the embedded default uses
@@ -49,7 +51,8 @@ def build_tiny_pipeline(path: str | Path) -> Path:
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
     torch.manual_seed(SEED)
-    staging = path.with_name(path.name + ".partial")
+    # Replicas starting together may build at once: each in its own staging directory.
+    staging = path.with_name(f"{path.name}.partial-{os.getpid()}")
     vocab = write_tokenizer(staging / "tokenizer_src")
     tokenizer = CLIPTokenizer(str(staging / "tokenizer_src/vocab.json"), str(staging / "tokenizer_src/merges.txt"),
                               model_max_length=32)
@@ -70,5 +73,10 @@ def build_tiny_pipeline(path: str | Path) -> Path:
                                    scheduler=scheduler, safety_checker=None, feature_extractor=None,
                                    requires_safety_checker=False)
     pipe.save_pretrained(str(staging))
-    staging.rename(path)  # only a complete build is ever seen under `path`
+    try:
+        staging.rename(path)  # only a complete build is ever seen under `path`
+    except OSError:  # another process finished first: its build is the same (fixed seed)
+        if not (path / "model_index.json").exists():
+            raise
+        shutil.rmtree(staging, ignore_errors=True)
     return path

@@ -100,6 +100,10 @@ class WorkloadMetrics:
                                        tag_keys=("workload",))
         self.degraded = metrics.Gauge("torchrank_workload_degraded", "1 while the cheaper preset is on in this replica.",
                                       tag_keys=("workload",))
+        self.cache = metrics.Counter("torchrank_result_cache", "Result cache lookups by result (hit, miss).",
+                                     tag_keys=("workload", "result"))
+        self.cache_bytes = metrics.Gauge("torchrank_result_cache_bytes", "Bytes held by this replica's result cache.",
+                                         tag_keys=("workload",))
         self.gpu_util = metrics.Gauge("torchrank_gpu_utilization", "GPU utilisation 0-1 (absent on CPU).",
                                       tag_keys=("workload", "gpu"))
         self.gpu_memory = metrics.Gauge("torchrank_gpu_memory_bytes", "GPU memory allocated by this replica (absent on CPU).",
@@ -109,7 +113,14 @@ class WorkloadMetrics:
         self.model_time.observe(seconds, self.tags)
         self.batch.observe(items, self.tags)
         for kind, n in counts.items():
-            self.items.inc(n, {**self.tags, "kind": kind})
+            if n:  # Ray's Counter refuses 0
+                self.items.inc(n, {**self.tags, "kind": kind})
+
+    def record_cache(self, hits: int, misses: int) -> None:
+        if hits:
+            self.cache.inc(hits, {**self.tags, "result": "hit"})
+        if misses:
+            self.cache.inc(misses, {**self.tags, "result": "miss"})
 
     def record_gpu(self, torch) -> None:
         """Set the GPU gauges when this replica has a GPU; on CPU they are never set, so absent."""

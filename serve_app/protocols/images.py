@@ -1,8 +1,9 @@
-"""OpenAI-compatible text-to-image: POST /v1/images/generations (in progress: not routed yet).
+"""OpenAI-compatible text-to-image: POST /v1/images/generations.
 
 Beyond OpenAI's fields: `seed` (validators re-run and compare bytes), `preset` (one of the
-model's presets) and `negative_prompt`. Each image in the answer carries its seed, so a
-request sent without one can still be reproduced.
+presets the subnet offers), `steps` and `negative_prompt`. Each image in the answer carries
+its seed, and the answer names the preset, steps and size used, so any image can be
+reproduced.
 """
 
 from __future__ import annotations
@@ -14,7 +15,8 @@ from typing import Literal, Optional
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from serve_app.config import DiffusionConfig
+from serve_app.config import DiffusionConfig, SubnetDiffusion
+from serve_app.engines.diffusion import RenderSpec
 from serve_app.protocols.base import limit_exceeded, parse_json
 
 MAX_SEED = 2**63 - 1
@@ -28,6 +30,7 @@ class ImagesRequest(BaseModel):
     response_format: Literal["b64_json"] = "b64_json"
     seed: Optional[int] = Field(default=None, ge=0, le=MAX_SEED)
     preset: Optional[str] = None
+    steps: Optional[int] = Field(default=None, ge=1, description="Default: the preset's.")
     negative_prompt: str = ""
     model: Optional[str] = None
     user: Optional[str] = None
@@ -38,28 +41,43 @@ class OpenAIImages:
     request_model = ImagesRequest
     idempotent = True  # a seeded image: the same bytes again, no side effect
 
-    def __init__(self, cfg: DiffusionConfig):
+    def __init__(self, cfg: DiffusionConfig, policy: SubnetDiffusion = SubnetDiffusion()):
         self.cfg = cfg
+        self.default_preset = policy.default_preset or cfg.default_preset
+        self.allowed = policy.allowed_presets or tuple(cfg.presets)
 
     def parse(self, body: bytes) -> ImagesRequest:
+        """The request with its preset, steps, size and seed filled in and checked (422 otherwise)."""
         req = parse_json(body, ImagesRequest)
-        preset_name = req.preset or self.cfg.default_preset
-        preset = self.cfg.presets.get(preset_name)
-        if preset is None:
-            raise limit_exceeded("preset", f"{preset_name!r} is not one of {sorted(self.cfg.presets)}")
-        if req.size is not None and req.size != f"{preset.width}x{preset.height}":
-            raise limit_exceeded("size", f"preset {preset_name!r} makes {preset.width}x{preset.height} images")
-        if req.n > self.cfg.max_batch_images:
-            raise limit_exceeded("n", f"at most {self.cfg.max_batch_images} images per request")
+        cfg = self.cfg
+        preset_name = req.preset or self.default_preset
+        if preset_name not in self.allowed:
+            raise limit_exceeded("preset", f"{preset_name!r} is not offered on this subnet; choose from {list(self.allowed)}")
+        preset = cfg.presets[preset_name]
+        steps = req.steps if req.steps is not None else preset.steps
+        if steps > cfg.max_steps:
+            raise limit_exceeded("steps", f"{steps}, at most {cfg.max_steps}")
+        width, height = (int(side) for side in req.size.split("x")) if req.size else (preset.width, preset.height)
+        for side in (width, height):
+            if not cfg.min_side <= side <= cfg.max_side or side % 8:
+                raise limit_exceeded("size", f"{width}x{height}: each side a multiple of 8 from {cfg.min_side} "
+                                             f"to {cfg.max_side}")
+        if req.n > cfg.max_batch_images:
+            raise limit_exceeded("n", f"at most {cfg.max_batch_images} images per request")
         for field, text in (("prompt", req.prompt), ("negative_prompt", req.negative_prompt)):
-            if len(text) > self.cfg.max_prompt_chars:
-                raise limit_exceeded(field, f"{len(text)} characters, at most {self.cfg.max_prompt_chars}")
+            if len(text) > cfg.max_prompt_chars:
+                raise limit_exceeded(field, f"{len(text)} characters, at most {cfg.max_prompt_chars}")
         if not req.prompt.strip():
             raise limit_exceeded("prompt", "an empty prompt")
         seed = req.seed if req.seed is not None else secrets.randbelow(MAX_SEED - req.n)
         if seed + req.n - 1 > MAX_SEED:
             raise limit_exceeded("seed", f"seed + n - 1 must not exceed {MAX_SEED}")
-        return req.model_copy(update={"preset": preset_name, "seed": seed})
+        return req.model_copy(update={"preset": preset_name, "steps": steps, "size": f"{width}x{height}", "seed": seed})
+
+    def spec(self, req: ImagesRequest) -> RenderSpec:
+        """Of a parsed request."""
+        width, height = (int(side) for side in req.size.split("x"))
+        return RenderSpec(req.preset, req.steps, width, height)
 
     def seeds(self, req: ImagesRequest) -> list[int]:
         """Image i of a request uses seed + i: each image reproducible on its own."""
@@ -67,6 +85,7 @@ class OpenAIImages:
 
     async def run(self, req: ImagesRequest, handle, deadline: float, degradable: bool) -> dict:
         seeds = self.seeds(req)
-        images = await handle.generate.remote(req.prompt, req.negative_prompt, seeds, req.preset, deadline)
+        images = await handle.generate.remote(req.prompt, req.negative_prompt, seeds, self.spec(req), deadline)
         return {"created": int(time.time()),
-                "data": [{"b64_json": base64.b64encode(png).decode(), "seed": seed} for png, seed in zip(images, seeds)]}
+                "data": [{"b64_json": base64.b64encode(png).decode(), "seed": seed} for png, seed in zip(images, seeds)],
+                "preset": req.preset, "steps": req.steps, "size": req.size}

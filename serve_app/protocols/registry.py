@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
-from serve_app.config import MinerConfig
+from serve_app.config import MinerConfig, SubnetConfig
 from serve_app.protocols.base import Adapter
 
 
-def make_adapter(protocol: str, cfg: MinerConfig) -> Adapter:
+def make_adapter(protocol: str, cfg: MinerConfig, subnet: SubnetConfig) -> Adapter:
     if protocol == "openai-embeddings":
         from serve_app.protocols.embeddings import OpenAIEmbeddings
 
         return OpenAIEmbeddings(cfg.workloads.embeddings)
+    if protocol == "openai-images":
+        from serve_app.protocols.images import OpenAIImages
+
+        return OpenAIImages(cfg.workloads.diffusion, subnet.diffusion)
     raise ValueError(f"unknown protocol {protocol!r}")

@@ -121,15 +121,14 @@ class Router:
                     path=subnet.prefix + route.path,
                     subnet=subnet,
                     metagraph=cache,
-                    adapter=make_adapter(route.protocol, cfg),
+                    adapter=make_adapter(route.protocol, cfg, subnet),
                     workload=workloads[workload],
                     breaker=breaker,
                     admission=self.admission[workload],
                     rate_limit=rate_limit,
                 )
         self.metrics = RouterMetrics()
-        models = {"embeddings": cfg.workloads.embeddings.model if cfg.workloads.embeddings else None}
-        self.model_ids = ",".join(f"{workload}={model}" for workload, model in models.items() if model)
+        self.model_ids = ",".join(f"{name}={getattr(cfg.workloads, name).model}" for name in workloads)
         self.in_flight = {subnet.netuid: 0 for subnet in cfg.subnets}
         self.in_progress = 0  # all routes: the entry gate's count
         self._background = [asyncio.create_task(self._publish_gauges()), asyncio.create_task(self._watch()),

@@ -6,12 +6,16 @@ import pytest
 from PIL import Image
 
 from serve_app.config import DiffusionConfig
-from serve_app.engines.diffusion import DiffusionEngine, ImageJob
+from serve_app.engines.diffusion import DiffusionEngine, ImageJob, RenderSpec
 
 
 @pytest.fixture(scope="module")
 def engine(tmp_path_factory):
     return DiffusionEngine(DiffusionConfig(cache_dir=str(tmp_path_factory.mktemp("cache")), device="cpu"))
+
+
+def spec(engine, preset, **change):
+    return RenderSpec(**{**engine.preset_spec(preset).__dict__, **change})
 
 
 def unet_calls(engine):
@@ -21,21 +25,24 @@ def unet_calls(engine):
 
 
 def test_seeded_image_is_the_same_bytes_alone_or_batched(engine):
-    alone = engine.generate([ImageJob("a red cat", 7)], "balanced")[0]
-    batched = engine.generate([ImageJob("a dog", 1), ImageJob("x", 2), ImageJob("a red cat", 7)], "balanced")
+    alone = engine.generate([ImageJob("a red cat", 7)], spec(engine, "balanced"))[0]
+    batched = engine.generate([ImageJob("a dog", 1), ImageJob("x", 2), ImageJob("a red cat", 7)], spec(engine, "balanced"))
     assert batched[2] == alone
     assert batched[0] != alone and batched[1] != batched[0]
     image = Image.open(io.BytesIO(alone))
     assert image.format == "PNG" and image.size == (64, 64)
 
 
-def test_one_call_per_batch_and_steps_from_the_preset(engine):
+def test_one_call_per_batch_with_the_specs_steps_and_size(engine):
     calls, handle = unet_calls(engine)
     try:
         before = engine.calls
-        engine.generate([ImageJob(f"p{i}", i) for i in range(4)], "fast")
+        engine.generate([ImageJob(f"p{i}", i) for i in range(4)], spec(engine, "fast"))
         assert engine.calls == before + 1
         assert len(calls) == engine.cfg.presets["fast"].steps  # each step: one UNet pass for the whole batch
+        calls.clear()
+        wide = engine.generate([ImageJob("p", 1)], spec(engine, "fast", steps=3, width=128))[0]
+        assert len(calls) == 3 and Image.open(io.BytesIO(wide)).size == (128, 64)
     finally:
         handle.remove()
 
@@ -43,11 +50,21 @@ def test_one_call_per_batch_and_steps_from_the_preset(engine):
 def test_presets_with_their_own_scheduler_share_the_weights(engine):
     assert type(engine.pipes["quality"].scheduler).__name__ == "DPMSolverMultistepScheduler"
     assert engine.pipes["quality"].unet is engine.pipe.unet
-    assert engine.generate([ImageJob("x", 3)], "quality")[0] == engine.generate([ImageJob("x", 3)], "quality")[0]
+    quality = spec(engine, "quality")
+    assert engine.generate([ImageJob("x", 3)], quality)[0] == engine.generate([ImageJob("x", 3)], quality)[0]
 
 
 def test_batch_bounds(engine):
     with pytest.raises(ValueError):
-        engine.generate([], "fast")
+        engine.generate([], spec(engine, "fast"))
     with pytest.raises(ValueError):
-        engine.generate([ImageJob("x", i) for i in range(5)], "fast")
+        engine.generate([ImageJob("x", i) for i in range(5)], spec(engine, "fast"))
+
+
+def test_probe_is_one_real_step(engine):
+    calls, handle = unet_calls(engine)
+    try:
+        engine.probe()
+        assert len(calls) == 1
+    finally:
+        handle.remove()

@@ -24,6 +24,10 @@ AUTH_NAMES = ["X-Bittensor-Version", "X-Bittensor-Hotkey", "X-Bittensor-Nonce", 
               "X-Bittensor-Receiver", "X-Bittensor-Crypto", "X-Bittensor-Timeout", "Content-Type", "Content-Length"]
 
 
+WORKLOADS = ("Embeddings", "Diffusion")
+WORKLOAD_PATHS = {"/v1/embeddings", "/v1/images/generations"}
+
+
 def assert_refusal_shape(status: int, content_type, body: bytes):
     if isinstance(content_type, list):  # schemathesis keeps every value of a header
         content_type = content_type[0] if content_type else ""
@@ -34,10 +38,10 @@ def assert_refusal_shape(status: int, content_type, body: bytes):
 
 def test_openapi_operations_fuzzed_by_schemathesis(miner):
     """Every operation in /openapi.json, valid and invalid generated input, unsigned."""
-    before = miner.workload_stats()
+    before = [miner.workload_stats(d) for d in WORKLOADS]
     schema = schemathesis.openapi.from_url(miner.url + "/openapi.json")
     operations = [result.ok() for result in schema.get_all_operations()]
-    assert {op.path for op in operations} >= {"/v1/embeddings", "/health", "/ready", "/info"}
+    assert {op.path for op in operations} >= {*WORKLOAD_PATHS, "/health", "/ready", "/info"}
     calls = 0
     for operation in operations:
         # GETs take no input: there is nothing to make invalid.
@@ -50,12 +54,12 @@ def test_openapi_operations_fuzzed_by_schemathesis(miner):
                 resp = case.call(base_url=miner.url, timeout=30)
                 calls += 1
                 assert_refusal_shape(resp.status_code, resp.headers.get("content-type", ""), resp.content)
-                if operation.path == "/v1/embeddings":
+                if operation.path in WORKLOAD_PATHS:
                     assert resp.status_code in (401, 403, 408, 413, 415, 422, 429, 503), resp.text
 
             check()
     assert calls > 100
-    assert miner.workload_stats() == before, "an unauthenticated request reached the model"
+    assert [miner.workload_stats(d) for d in WORKLOADS] == before, "an unauthenticated request reached a model"
 
 
 header_values = st.one_of(st.text(max_size=200), st.from_regex(r"[0-9a-fx]{0,140}", fullmatch=True),
@@ -89,6 +93,25 @@ def test_signed_generated_bodies_get_200_or_422(miner, payload):
     assert resp.status_code in (200, 422), resp.text
     if resp.status_code == 422:
         assert resp.json()["error"] in ("invalid_request", "invalid_json", "limit_exceeded")
+
+
+@settings(FUZZ, max_examples=30)
+@given(payload=st.fixed_dictionaries(
+    {"prompt": st.text(max_size=40)},
+    optional={"n": st.integers(-2, 6), "size": st.sampled_from(["64x64", "64x128", "65x64", "0x0", "99999x1", "x", ""]),
+              "steps": st.integers(-1, 20) | st.floats(allow_nan=True) | st.text(max_size=3),
+              "seed": st.integers(-1, 2**64), "preset": st.sampled_from(["fast", "quality", "ultra", ""]),
+              "negative_prompt": st.text(max_size=20) | st.none(), "response_format": st.sampled_from(["b64_json", "url"])}))
+def test_signed_generated_image_requests_get_200_or_422(miner, payload):
+    body = json.dumps(payload).encode()
+    path = "/v1/images/generations"
+    headers = bittensor.http_auth.sign(ALICE, method="POST", path=path, body=body, receiver_ss58=MINER)
+    resp = miner.http.post(path, content=body, headers={**headers, "Content-Type": "application/json"})
+    assert resp.status_code in (200, 422), resp.text
+    if resp.status_code == 422:
+        assert resp.json()["error"] in ("invalid_request", "invalid_json", "limit_exceeded")
+    else:
+        assert len(resp.json()["data"]) == payload.get("n", 1)
 
 
 def raw_exchange(miner, data: bytes, pause_s: float = 0.0, rest: bytes = b"", read_s: float = 15.0) -> bytes:

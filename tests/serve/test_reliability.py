@@ -37,6 +37,7 @@ def rel(miner, tmp_path_factory):
     snapshot.write_text(json.dumps({"netuid": 2, "block": 1, "neurons": neurons}))
     args = miner.cfg.model_dump()
     args["name"] = "torchrank-reliability"
+    args["workloads"]["diffusion"] = None  # embeddings only: the faults below are injected there
     args["workloads"]["embeddings"].update(
         num_replicas=2, num_cpus=0.5, torch_threads=1, max_queued_requests=64,
         admission={"max_in_flight": 4, "max_queued": 16, "max_wait_s": 0.2},
@@ -46,6 +47,7 @@ def rel(miner, tmp_path_factory):
                   # Small: 1 % of 1000/s = 10/s across both routers, a burst of 1 s.
                   rate_limit={"total_rps": 1000.0, "floor_rps": 1.0, "burst_s": 1.0})
     subnet["metagraph"]["path"] = str(snapshot)
+    subnet["routes"] = [route for route in subnet["routes"] if route["protocol"] == "openai-embeddings"]
     subnet["auth"].update(min_stake=0.0, allow_hotkeys=(), deny_hotkeys=())
     cfg = type(miner.cfg).model_validate(args)
     serve.run(build_app(cfg), name=APP, route_prefix=PREFIX)

@@ -69,6 +69,30 @@ def test_route_needs_its_workload():
         MinerConfig.model_validate(args(workloads={"embeddings": None}))
 
 
+IMAGES = {"path": "/v1/images/generations", "protocol": "openai-images"}
+
+
+def test_images_route_needs_the_diffusion_workload():
+    with pytest.raises(ValidationError, match="needs workload 'diffusion'"):
+        MinerConfig.model_validate(args(subnets=[{"netuid": 1, "metagraph": SNAPSHOT, "routes": [IMAGES]}]))
+    cfg = MinerConfig.model_validate(args(subnets=[{"netuid": 1, "metagraph": SNAPSHOT, "routes": [IMAGES]}],
+                                          workloads={"diffusion": {}}))
+    assert cfg.workloads.diffusion.default_preset in cfg.workloads.diffusion.presets
+
+
+@pytest.mark.parametrize("diffusion, subnet_policy, match", [
+    ({"default_preset": "ultra"}, {}, "default_preset 'ultra'"),
+    ({"max_steps": 4}, {}, "preset 'quality': 8 steps, over max_steps"),
+    ({"max_side": 32, "min_side": 16}, {}, "outside min_side..max_side"),
+    ({}, {"allowed_presets": ["fast", "turbo"]}, r"unknown presets \['turbo'\]"),
+    ({}, {"allowed_presets": ["fast"]}, "default preset 'balanced' is not among allowed_presets"),
+])
+def test_diffusion_presets_are_checked_against_limits_and_subnets(diffusion, subnet_policy, match):
+    subnet = {"netuid": 1, "metagraph": SNAPSHOT, "routes": [IMAGES], "diffusion": subnet_policy}
+    with pytest.raises(ValidationError, match=match):
+        MinerConfig.model_validate(args(subnets=[subnet], workloads={"diffusion": diffusion}))
+
+
 def test_builder_checks_snapshot_file(tmp_path):
     missing = args(subnets=[{"netuid": 1, "metagraph": {"source": "snapshot", "path": str(tmp_path / "none.json")}}])
     with pytest.raises(ValueError, match="metagraph.path"):
@@ -79,9 +103,10 @@ def test_builder_module_imports_no_torch():
     import subprocess
     import sys
 
-    code = "import sys, serve_app.app; print('torch' in sys.modules, 'sentence_transformers' in sys.modules)"
+    code = ("import sys, serve_app.app; "
+            "print(*(m in sys.modules for m in ('torch', 'sentence_transformers', 'diffusers')))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
-    assert out.split() == ["False", "False"]
+    assert out.split() == ["False", "False", "False"]
 
 
 def test_slo_objectives_are_validated_with_their_field():

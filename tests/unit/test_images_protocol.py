@@ -1,30 +1,49 @@
 import pytest
 
-from serve_app.config import DiffusionConfig
+from serve_app.config import DiffusionConfig, SubnetDiffusion
+from serve_app.engines.diffusion import RenderSpec
 from serve_app.errors import ApiError
 from serve_app.protocols.images import MAX_SEED, OpenAIImages
 
-ADAPTER = OpenAIImages(DiffusionConfig())
+CFG = DiffusionConfig(max_steps=16, max_side=128)
+ADAPTER = OpenAIImages(CFG)
 
 
-def refused(body: bytes):
+def refused(body: bytes, adapter=ADAPTER):
     with pytest.raises(ApiError) as err:
-        ADAPTER.parse(body)
+        adapter.parse(body)
     return err.value.status, err.value.code, err.value.detail
 
 
-def test_defaults_fill_preset_and_seed():
+def test_defaults_come_from_the_preset_and_a_seed_is_drawn():
     req = ADAPTER.parse(b'{"prompt": "a cat", "n": 2}')
-    assert req.preset == "balanced" and 0 <= req.seed < MAX_SEED
+    assert (req.preset, req.steps, req.size) == ("balanced", 4, "64x64") and 0 <= req.seed < MAX_SEED
     assert ADAPTER.seeds(req) == [req.seed, req.seed + 1]
-    assert ADAPTER.parse(b'{"prompt": "a cat", "seed": 5, "preset": "fast", "size": "64x64"}').seed == 5
+    assert ADAPTER.spec(req) == RenderSpec("balanced", 4, 64, 64)
+
+
+def test_steps_and_size_within_limits_override_the_preset():
+    req = ADAPTER.parse(b'{"prompt": "a cat", "seed": 5, "preset": "fast", "size": "128x64", "steps": 16}')
+    assert req.seed == 5 and ADAPTER.spec(req) == RenderSpec("fast", 16, 128, 64)
+
+
+def test_a_subnet_picks_its_default_and_allowed_presets():
+    adapter = OpenAIImages(CFG, SubnetDiffusion(default_preset="fast", allowed_presets=("fast", "balanced")))
+    assert adapter.parse(b'{"prompt": "x"}').preset == "fast"
+    assert adapter.parse(b'{"prompt": "x", "preset": "balanced"}').preset == "balanced"
+    status, code, detail = refused(b'{"prompt": "x", "preset": "quality"}', adapter)
+    assert (status, code) == (422, "limit_exceeded") and "'quality' is not offered" in detail
 
 
 @pytest.mark.parametrize("body, field", [
     (b'{"prompt": "x", "preset": "ultra"}', "preset"),
     (b'{"prompt": "x", "size": "512x512"}', "size"),
+    (b'{"prompt": "x", "size": "32x64"}', "size"),
+    (b'{"prompt": "x", "size": "68x64"}', "size"),
+    (b'{"prompt": "x", "steps": 17}', "steps"),
     (b'{"prompt": "x", "n": 5}', "n"),
     (b'{"prompt": "' + b"p" * 1001 + b'"}', "prompt"),
+    (b'{"prompt": "x", "negative_prompt": "' + b"p" * 1001 + b'"}', "negative_prompt"),
     (b'{"prompt": "   "}', "prompt"),
     (b'{"prompt": "x", "n": 2, "seed": 9223372036854775807}', "seed"),
 ])
@@ -35,6 +54,7 @@ def test_limits_are_422_naming_the_field(body, field):
 
 @pytest.mark.parametrize("body", [b'{"prompt": 1}', b'{"prompt": "x", "n": 0}', b'{"prompt": "x", "seed": -1}',
                                   b'{"prompt": "x", "response_format": "url"}', b'{"prompt": "x", "extra": 1}',
-                                  b'{"prompt": "x", "size": "big"}'])
+                                  b'{"prompt": "x", "size": "big"}', b'{"prompt": "x", "steps": 0}',
+                                  b'{"prompt": "x", "seed": 9223372036854775808}'])
 def test_schema_errors_are_422(body):
     assert refused(body)[:2] == (422, "invalid_request")

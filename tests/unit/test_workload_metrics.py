@@ -36,3 +36,21 @@ def test_no_gpu_gauge_is_set_on_cpu():
     m.gpu_util, m.gpu_memory = FakeGauge(), FakeGauge()
     m.record_gpu(fake_torch(False))
     assert m.gpu_util.values == {} and m.gpu_memory.values == {}
+
+
+class FakeCounter:
+    def __init__(self):
+        self.counts = {}
+
+    def inc(self, value, tags):
+        if value <= 0:
+            raise ValueError("Ray's Counter refuses values <= 0")
+        self.counts[tags["kind"]] = self.counts.get(tags["kind"], 0) + value
+
+
+def test_record_pass_skips_zero_counts():
+    # A full diffusion call pads 0 images: a refused inc(0) would fail a finished pass.
+    m = WorkloadMetrics("diffusion")
+    m.items, m.model_time, m.batch = FakeCounter(), SimpleNamespace(observe=lambda *a: None), SimpleNamespace(observe=lambda *a: None)
+    m.record_pass(0.1, 4, images=4, padding=0)
+    assert m.items.counts == {"images": 4}
