@@ -1,6 +1,7 @@
 """`torchrank-miner`: the operator's command.
 
   torchrank-miner validator embed "some text"     sign as //Alice, call the miner, print the result
+  torchrank-miner validator image "a prompt"      the same for text-to-image; PNGs written to files
   torchrank-miner config check deployments/x.yaml validate a serve config's miner args
   torchrank-miner status                          per-subnet req/s, latency, error budget, queues
 """
@@ -10,6 +11,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 
 DEFAULT_CONFIG = "deployments/local.yaml"
 
@@ -22,31 +24,56 @@ def _miner_hotkey(args) -> str:
     return load_config(args.config).wallet.hotkey_ss58()
 
 
-def cmd_embed(args) -> int:
+def _call_signed(args, payload: dict):
+    """(exit code, response, its JSON) for one signed POST to args.path; prints why on failure."""
     import httpx
 
     from serve_app.client import signed_request, signer_for
 
     signer = signer_for(args.key, args.wallet_name, args.wallet_hotkey, args.wallet_path)
-    payload = {"input": args.text if len(args.text) > 1 else args.text[0]}
     body, headers = signed_request(signer, args.path, payload, _miner_hotkey(args))
     try:
         resp = httpx.post(args.url.rstrip("/") + args.path, content=body, headers=headers, timeout=args.timeout)
     except httpx.HTTPError as exc:
         print(f"cannot reach the miner at {args.url}: {exc}", file=sys.stderr)
-        return 2
+        return 2, None, None
     data = resp.json()
     if resp.status_code != 200:
         print(f"HTTP {resp.status_code}: {json.dumps(data)}", file=sys.stderr)
-        return 1
+        return 1, resp, data
     if args.full:
         print(json.dumps(data))
-        return 0
+    return 0, resp, data
+
+
+def cmd_embed(args) -> int:
+    code, resp, data = _call_signed(args, {"input": args.text if len(args.text) > 1 else args.text[0]})
+    if code or args.full:
+        return code
     for item in data["data"]:
         vec = item["embedding"]
         head = ", ".join(f"{x:.4f}" for x in vec[:6])
         print(f"[{item['index']}] dim={len(vec)} [{head}, ...]")
     print(f"model={data['model']} usage={json.dumps(data['usage'])} request_id={resp.headers.get('x-request-id')}")
+    return 0
+
+
+def cmd_image(args) -> int:
+    import base64
+
+    payload = {"prompt": args.prompt, "n": args.n}
+    for field in ("seed", "preset", "size", "steps", "negative_prompt"):
+        if getattr(args, field) is not None:
+            payload[field] = getattr(args, field)
+    code, resp, data = _call_signed(args, payload)
+    if code or args.full:
+        return code
+    for i, item in enumerate(data["data"]):
+        path = Path(f"{args.out}-{item['seed']}.png")
+        path.write_bytes(base64.b64decode(item["b64_json"]))
+        print(f"[{i}] seed={item['seed']} -> {path}")
+    print(f"preset={data['preset']} steps={data['steps']} size={data['size']} "
+          f"request_id={resp.headers.get('x-request-id')}")
     return 0
 
 
@@ -89,6 +116,19 @@ def cmd_status(args) -> int:
     return 0
 
 
+def _validator_options(cmd: argparse.ArgumentParser, path: str) -> None:
+    cmd.add_argument("--url", default="http://127.0.0.1:8000")
+    cmd.add_argument("--path", default=path)
+    cmd.add_argument("--key", default="//Alice", help="dev key URI to sign with (default //Alice)")
+    cmd.add_argument("--wallet-name", help="sign with this wallet's hotkey instead of a dev key")
+    cmd.add_argument("--wallet-hotkey", default="default")
+    cmd.add_argument("--wallet-path", default="~/.bittensor/wallets")
+    cmd.add_argument("--miner-hotkey", help="receiver ss58 (default: the hotkey in --config)")
+    cmd.add_argument("--config", default=DEFAULT_CONFIG, help="serve config to read the miner hotkey from")
+    cmd.add_argument("--timeout", type=float, default=30.0)
+    cmd.add_argument("--full", action="store_true", help="print the whole JSON response")
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="torchrank-miner", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="command", required=True)
@@ -97,17 +137,19 @@ def parser() -> argparse.ArgumentParser:
     vsub = validator.add_subparsers(dest="action", required=True)
     embed = vsub.add_parser("embed", help="request embeddings, signed with btauth/1")
     embed.add_argument("text", nargs="+", help="one or more texts")
-    embed.add_argument("--url", default="http://127.0.0.1:8000")
-    embed.add_argument("--path", default="/v1/embeddings")
-    embed.add_argument("--key", default="//Alice", help="dev key URI to sign with (default //Alice)")
-    embed.add_argument("--wallet-name", help="sign with this wallet's hotkey instead of a dev key")
-    embed.add_argument("--wallet-hotkey", default="default")
-    embed.add_argument("--wallet-path", default="~/.bittensor/wallets")
-    embed.add_argument("--miner-hotkey", help="receiver ss58 (default: the hotkey in --config)")
-    embed.add_argument("--config", default=DEFAULT_CONFIG, help="serve config to read the miner hotkey from")
-    embed.add_argument("--timeout", type=float, default=30.0)
-    embed.add_argument("--full", action="store_true", help="print the whole JSON response")
+    _validator_options(embed, "/v1/embeddings")
     embed.set_defaults(func=cmd_embed)
+    image = vsub.add_parser("image", help="request text-to-image, signed with btauth/1; PNGs written to files")
+    image.add_argument("prompt")
+    image.add_argument("--n", type=int, default=1)
+    image.add_argument("--seed", type=int)
+    image.add_argument("--preset")
+    image.add_argument("--size", help="WIDTHxHEIGHT")
+    image.add_argument("--steps", type=int)
+    image.add_argument("--negative-prompt")
+    image.add_argument("--out", default="image", help="file name stem: files are <stem>-<seed>.png")
+    _validator_options(image, "/v1/images/generations")
+    image.set_defaults(func=cmd_image)
 
     config = sub.add_parser("config", help="miner config tools")
     csub = config.add_subparsers(dest="action", required=True)

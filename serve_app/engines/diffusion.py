@@ -17,6 +17,7 @@ from pathlib import Path
 
 from serve_app.config import DiffusionConfig, DiffusionPreset
 from serve_app.engines.tiny_diffusion import TINY_DIFFUSION_ID, build_tiny_pipeline
+from serve_app.engines.weights import weights_digest
 
 log = logging.getLogger("ray.serve.torchrank.diffusion")
 
@@ -68,7 +69,9 @@ class DiffusionEngine:
         if self.device == "cuda" and self.memory_fraction:
             # A fractional-GPU replica must not take its neighbours' memory: past the cap it gets OOM itself.
             torch.cuda.set_per_process_memory_fraction(self.memory_fraction)
-        pipe = AutoPipelineForText2Image.from_pretrained(resolve_pipeline_path(cfg), torch_dtype=dtype)
+        path = resolve_pipeline_path(cfg)
+        self.weights_sha256 = weights_digest(path)
+        pipe = AutoPipelineForText2Image.from_pretrained(path, torch_dtype=dtype)
         pipe.set_progress_bar_config(disable=True)
         if cfg.attention_slicing:
             pipe.enable_attention_slicing()
@@ -84,7 +87,7 @@ class DiffusionEngine:
 
     @property
     def info(self) -> dict:
-        return {"model": self.cfg.model, "device": self.device, "dtype": self.dtype,
+        return {"model": self.cfg.model, "weights_sha256": self.weights_sha256, "device": self.device, "dtype": self.dtype,
                 "gpu_memory_fraction": self.memory_fraction if self.device == "cuda" else None,
                 "images_per_call": self.cfg.max_batch_images, "default_preset": self.cfg.default_preset,
                 "presets": {name: p.model_dump() for name, p in self.cfg.presets.items()}}

@@ -9,7 +9,6 @@ tokens (benchmarks/README.md). Results come back in input order, L2-normalised.
 
 from __future__ import annotations
 
-import hashlib
 import importlib
 import logging
 import os
@@ -19,6 +18,7 @@ from typing import Optional, Sequence
 import numpy as np
 
 from serve_app.config import EmbeddingsConfig
+from serve_app.engines.weights import weights_digest
 
 log = logging.getLogger("torchrank.embeddings")
 
@@ -40,21 +40,6 @@ def resolve_model_path(model: str) -> str:
         except ImportError:
             pass
     return model
-
-
-def weights_digest(path: str) -> Optional[str]:
-    """sha256 of the model's weight files (first 16 hex digits): the version validators can compare.
-    None for a hub id resolved by the library's own cache."""
-    root = Path(path)
-    files = sorted(p for pattern in ("*.safetensors", "*.bin") for p in root.glob(pattern)) if root.is_dir() else []
-    if not files:
-        return None
-    digest = hashlib.sha256()
-    for file in files:
-        with open(file, "rb") as f:
-            for block in iter(lambda: f.read(1 << 20), b""):
-                digest.update(block)
-    return digest.hexdigest()[:16]
 
 
 def sentence_transformers_version() -> str:

@@ -147,3 +147,15 @@ def test_info_lists_the_diffusion_model_and_presets(miner):
     info = miner.http.get("/info").json()["workloads"]["diffusion"]
     assert info["model"] == "torchrank/tiny-sd" and info["device"] == "cpu" and info["images_per_call"] == 4
     assert set(info["presets"]) == {"fast", "balanced", "quality"}
+
+
+def test_validator_image_command_writes_pngs(miner, tmp_path, capsys):
+    from serve_app.cli import main
+
+    stem = tmp_path / "fox"
+    assert main(["validator", "image", "a fox", "--seed", "9", "--n", "2", "--url", miner.url, "--out", str(stem)]) == 0
+    written = sorted(tmp_path.glob("fox-*.png"))
+    assert [p.name for p in written] == ["fox-10.png", "fox-9.png"]
+    assert Image.open(written[1]).size == (64, 64)
+    assert main(["validator", "image", "a fox", "--steps", "99", "--url", miner.url, "--out", str(stem)]) == 1
+    assert "limit_exceeded" in capsys.readouterr().err

