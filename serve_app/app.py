@@ -16,7 +16,7 @@ from ray.serve import Application
 from serve_app.chain.metagraph import SnapshotSource
 from serve_app.config import MinerConfig, SnapshotMetagraph
 from serve_app.observability.info import BuildInfo
-from serve_app.observability.logs import JSON_LOGS
+from serve_app.observability.logs import JSON_LOGS, WORKLOAD_LOGS
 from serve_app.router.deployment import Router
 from serve_app.workloads.diffusion import Diffusion
 from serve_app.workloads.embeddings import Embeddings
@@ -55,7 +55,7 @@ def build_app(args: MinerConfig) -> Application:
                 ray_actor_options={"num_cpus": wl.num_cpus, "num_gpus": wl.num_gpus},
                 max_ongoing_requests=wl.max_ongoing_requests,
                 max_queued_requests=wl.max_queued_requests,
-                logging_config=JSON_LOGS,
+                logging_config=WORKLOAD_LOGS,
             ).bind(wl)
     return Router.options(
         num_replicas=cfg.router.num_replicas,

@@ -63,6 +63,7 @@ class Diffusion:
         self._render_batch.set_batch_wait_timeout_s(cfg.batch_wait_timeout_s)
         self.in_flight = 0
         self.calls = 0
+        self.busy_s = 0.0  # seconds in pipeline calls: utilisation over any interval
         self.images_done = 0
         self.largest_call = 0
         self.expired = 0
@@ -76,8 +77,9 @@ class Diffusion:
             images = self.engine.generate(jobs, spec)
         finally:
             self.call_started = None
-        self.metrics.record_pass(time.perf_counter() - started, len(jobs), images=len(jobs),
-                                 padding=self.cfg.max_batch_images - len(jobs))
+        seconds = time.perf_counter() - started
+        self.metrics.record_pass(seconds, len(jobs), images=len(jobs), padding=self.cfg.max_batch_images - len(jobs))
+        self.busy_s += seconds
         self.calls += 1
         self.images_done += len(jobs)
         self.largest_call = max(self.largest_call, len(jobs))
@@ -155,6 +157,7 @@ class Diffusion:
     def stats(self) -> dict:
         return {
             "pipeline_calls": self.calls,  # requests' calls: not the warm-up or health probes
+            "busy_s": round(self.busy_s, 3),
             "images_rendered": self.images_done,
             "largest_call": self.largest_call,
             "expired": self.expired,
