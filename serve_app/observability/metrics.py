@@ -18,6 +18,10 @@ from typing import Optional
 
 from ray.serve import metrics
 
+# Ray exports a gauge value only for a while after it is set (2 export periods, 2 s at the
+# fastest): replicas set their gauges again this often.
+GAUGE_PERIOD_S = 1.0
+
 # Seconds: from a fast embedding (5 ms) to a slow diffusion or agent run (60 s).
 LATENCY_BUCKETS = [0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0]
 BATCH_BUCKETS = [1, 2, 4, 8, 16, 32, 64, 128, 256, 512]

@@ -30,7 +30,7 @@ from serve_app.errors import (ApiError, deadline_exceeded, error_response, json_
                               unavailable)
 from serve_app.observability import logs
 from serve_app.observability.info import BuildInfo
-from serve_app.observability.metrics import MINER_FAILURES, RouterMetrics
+from serve_app.observability.metrics import GAUGE_PERIOD_S, MINER_FAILURES, RouterMetrics
 from serve_app.ops.admission import Admission, QueueDeadline, Shed
 from serve_app.ops.breaker import OPEN, STATE_VALUE, CircuitBreaker
 from serve_app.ops.ratelimit import RateLimiter
@@ -42,7 +42,6 @@ from serve_app.router.body import check_content_type, read_capped
 from serve_app.router.policy import TIMEOUT_HEADER, authorise, caller_class, priority, request_timeout
 
 log = logging.getLogger("ray.serve.torchrank.router")
-GAUGE_PERIOD_S = 1.0  # under the agent's gauge TTL (2 export periods, 2 s at the fastest)
 WATCHDOG_PERIOD_S = 2.0
 READY_PROBE_TIMEOUT_S = 2.0
 # A replica that died mid-call: try another this many times (idempotent workloads only).

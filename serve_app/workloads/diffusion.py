@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
-import os
 import time
 
 from ray import serve
@@ -21,10 +20,9 @@ from serve_app.config import DiffusionConfig
 from serve_app.engines.coalesce import CoalescingRunner, DeadlinePassed
 from serve_app.engines.diffusion import ImageJob, RenderSpec
 from serve_app.engines.result_cache import ByteLRU
-from serve_app.engines.thread import EngineThread
 from serve_app.observability import logs
-from serve_app.observability.metrics import WorkloadMetrics
-from serve_app.workloads.embeddings import GAUGE_PERIOD_S, SERVE_BATCHES_IN_FLIGHT, _DropInapplicableBatchWarning
+from serve_app.observability.metrics import GAUGE_PERIOD_S, WorkloadMetrics
+from serve_app.workloads.common import SERVE_BATCHES_IN_FLIGHT, start_engine
 
 log = logging.getLogger("ray.serve.torchrank.diffusion")
 PROBE_TIMEOUT_S = 20.0
@@ -49,12 +47,8 @@ class Diffusion:
     def __init__(self, cfg: DiffusionConfig):
         from serve_app.engines.diffusion import DiffusionEngine
 
-        logging.getLogger("ray.serve").addFilter(_DropInapplicableBatchWarning())
         self.cfg = cfg
-        os.nice(cfg.cpu_nice)  # before the engine and its threads exist: they inherit it
-        self.torch = EngineThread("diffusion")
-        threads = cfg.torch_threads or max(1, int(cfg.num_cpus))
-        self.engine = self.torch.run_sync(DiffusionEngine, cfg, threads)  # loads and warms up
+        self.torch, self.engine = start_engine("diffusion", cfg, DiffusionEngine)
         self.cache = ByteLRU(cfg.cache_bytes)
         self.runners: dict[RenderSpec, CoalescingRunner] = {}
         self.metrics = WorkloadMetrics("diffusion")

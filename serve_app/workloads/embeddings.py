@@ -9,35 +9,18 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import time
 
 from ray import serve
 
 from serve_app.config import EmbeddingsConfig
 from serve_app.engines.coalesce import CoalescingRunner, DeadlinePassed
-from serve_app.engines.thread import EngineThread
 from serve_app.observability import logs
-from serve_app.observability.metrics import WorkloadMetrics
+from serve_app.observability.metrics import GAUGE_PERIOD_S, WorkloadMetrics
 from serve_app.ops.watchdog import Hysteresis
+from serve_app.workloads.common import SERVE_BATCHES_IN_FLIGHT, start_engine
 
 log = logging.getLogger("ray.serve.torchrank.embeddings")
-GAUGE_PERIOD_S = 1.0  # under the agent's gauge TTL (2 export periods, 2 s at the fastest)
-
-# See serve_app/engines/coalesce.py: the runner below merges the batches Serve cuts, so
-# Serve's batch semaphore must never hold one back. Each cut batch holds at least one
-# request, so this bound (the config's ceiling on max_ongoing_requests) never binds.
-SERVE_BATCHES_IN_FLIGHT = 4096
-
-
-class _DropInapplicableBatchWarning(logging.Filter):
-    """Serve warns that max_batch_size × max_concurrent_batches exceeds max_ongoing_requests;
-    with the runner doing the merging that product means nothing, and the line misleads."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        return "max_concurrent_batches" not in record.getMessage()
-
-
 def texts_in(batch: list) -> int:
     """Batch size in texts for @serve.batch (items are (texts, deadline, cap)).
     Must never raise: an exception kills the batch loop."""
@@ -52,12 +35,8 @@ class Embeddings:
     def __init__(self, cfg: EmbeddingsConfig):
         from serve_app.engines.embeddings import SentenceEmbeddingEngine
 
-        logging.getLogger("ray.serve").addFilter(_DropInapplicableBatchWarning())
         self.cfg = cfg
-        os.nice(cfg.cpu_nice)  # before the engine and its threads exist: they inherit it
-        self.torch = EngineThread("embeddings")
-        threads = cfg.torch_threads or max(1, int(cfg.num_cpus))
-        self.engine = self.torch.run_sync(SentenceEmbeddingEngine, cfg, threads)
+        self.torch, self.engine = start_engine("embeddings", cfg, SentenceEmbeddingEngine)
         self.metrics = WorkloadMetrics("embeddings")
         self.runner = CoalescingRunner(self.torch, self._encode_pass, max_items=cfg.max_batch_texts)
         self._embed_batch.set_max_batch_size(cfg.max_batch_texts)
