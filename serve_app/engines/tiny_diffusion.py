@@ -10,9 +10,9 @@ noise-like, but deterministic: enough for tests, the embedded default and benchm
 from __future__ import annotations
 
 import json
-import os
-import shutil
 from pathlib import Path
+
+from serve_app.engines.weights import build_once
 
 TINY_DIFFUSION_ID = "torchrank/tiny-sd"  # the name the embedded default uses
 SEED = 1234
@@ -43,16 +43,15 @@ def write_tokenizer(path: Path) -> int:
 
 def build_tiny_pipeline(path: str | Path) -> Path:
     """Build and save the pipeline under `path` (idempotent: an existing build is kept)."""
-    path = Path(path)
-    if (path / "model_index.json").exists():
-        return path
+    return build_once(Path(path), "model_index.json", _write)
+
+
+def _write(staging: Path) -> None:
     import torch
     from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
     torch.manual_seed(SEED)
-    # Replicas starting together may build at once: each in its own staging directory.
-    staging = path.with_name(f"{path.name}.partial-{os.getpid()}")
     vocab = write_tokenizer(staging / "tokenizer_src")
     tokenizer = CLIPTokenizer(str(staging / "tokenizer_src/vocab.json"), str(staging / "tokenizer_src/merges.txt"),
                               model_max_length=32)
@@ -73,10 +72,3 @@ def build_tiny_pipeline(path: str | Path) -> Path:
                                    scheduler=scheduler, safety_checker=None, feature_extractor=None,
                                    requires_safety_checker=False)
     pipe.save_pretrained(str(staging))
-    try:
-        staging.rename(path)  # only a complete build is ever seen under `path`
-    except OSError:  # another process finished first: its build is the same (fixed seed)
-        if not (path / "model_index.json").exists():
-            raise
-        shutil.rmtree(staging, ignore_errors=True)
-    return path
