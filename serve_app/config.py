@@ -309,6 +309,9 @@ class DiffusionConfig(Strict):
     cpu_nice: int = Field(default=10, ge=0, le=19, description="As for embeddings: the router stays responsive on CPU.")
     stuck_call_s: float = Field(
         default=600.0, gt=0, description="A pipeline call running longer than this fails the health check.")
+    engine_process: bool = Field(
+        default=True, description="Run the pipeline in a child process of the replica, with a GIL of its own: "
+                                  "Serve's request handling no longer slows it (benchmarks/README.md).")
     # Placement.
     num_replicas: int = Field(default=1, ge=1)
     num_cpus: float = Field(default=1.0, ge=0)

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from serve_app.config import DiffusionConfig, DiffusionPreset
+from serve_app.engines.gpu import gpu_usage
 from serve_app.engines.tiny_diffusion import TINY_DIFFUSION_ID, build_tiny_pipeline
 from serve_app.engines.weights import weights_digest
 
@@ -91,6 +92,9 @@ class DiffusionEngine:
                 "gpu_memory_fraction": self.memory_fraction if self.device == "cuda" else None,
                 "images_per_call": self.cfg.max_batch_images, "default_preset": self.cfg.default_preset,
                 "presets": {name: p.model_dump() for name, p in self.cfg.presets.items()}}
+
+    def gpu_usage(self) -> dict:
+        return gpu_usage(self.torch)
 
     def preset_spec(self, name: str) -> RenderSpec:
         preset = self.cfg.presets[name]

@@ -126,14 +126,11 @@ class WorkloadMetrics:
         if misses:
             self.cache.inc(misses, {**self.tags, "result": "miss"})
 
-    def record_gpu(self, torch) -> None:
-        """Set the GPU gauges when this replica has a GPU; on CPU they are never set, so absent."""
-        if not torch.cuda.is_available():
-            return
-        for index in range(torch.cuda.device_count()):
+    def record_gpu(self, usage: dict[int, tuple[int, Optional[float]]]) -> None:
+        """Set the GPU gauges from gpu_usage(); on CPU there is none, so they stay absent."""
+        for index, (allocated, utilization) in usage.items():
             tags = {**self.tags, "gpu": str(index)}
-            self.gpu_memory.set(torch.cuda.memory_allocated(index), tags)
-            try:
-                self.gpu_util.set(torch.cuda.utilization(index) / 100.0, tags)  # needs NVML (nvidia-ml-py)
-            except Exception:
-                pass
+            self.gpu_memory.set(allocated, tags)
+            if utilization is not None:
+                self.gpu_util.set(utilization, tags)
+

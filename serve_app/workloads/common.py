@@ -28,10 +28,11 @@ class _DropInapplicableBatchWarning(logging.Filter):
 def start_engine(name: str, cfg, engine_cls: Callable[..., E]) -> tuple[EngineThread, E]:
     """The replica's engine thread and its engine, built (loaded, warmed up) on that thread.
 
-    `cfg` gives `cpu_nice`, `torch_threads` and `num_cpus`.
+    `cfg` gives `cpu_nice`, `torch_threads` and `num_cpus`. `engine_cls` may also be a
+    wrapper such as EngineProcess, called with (engine class, cfg, threads) via partial.
     """
     logging.getLogger("ray.serve").addFilter(_DropInapplicableBatchWarning())
-    os.nice(cfg.cpu_nice)  # before the engine and its threads exist: they inherit it
+    os.nice(cfg.cpu_nice)  # before the engine, its threads and processes exist: they inherit it
     thread = EngineThread(name)
     threads = cfg.torch_threads or max(1, int(cfg.num_cpus))
     return thread, thread.run_sync(engine_cls, cfg, threads)

@@ -48,7 +48,11 @@ class Diffusion:
         from serve_app.engines.diffusion import DiffusionEngine
 
         self.cfg = cfg
-        self.torch, self.engine = start_engine("diffusion", cfg, DiffusionEngine)
+        from serve_app.engines.process import EngineProcess, InProcessEngine
+
+        host = EngineProcess if cfg.engine_process else InProcessEngine
+        self.torch, self.engine = start_engine("diffusion", cfg, functools.partial(host, DiffusionEngine))
+        self.engine_info = self.engine.call("info")  # fixed for the replica's life: never wait on a call for it
         self.cache = ByteLRU(cfg.cache_bytes)
         self.runners: dict[RenderSpec, CoalescingRunner] = {}
         self.metrics = WorkloadMetrics("diffusion")
@@ -68,7 +72,7 @@ class Diffusion:
         """One pipeline call, on the engine thread, measured."""
         self.call_started = started = time.perf_counter()
         try:
-            images = self.engine.generate(jobs, spec)
+            images = self.engine.call("generate", jobs, spec)
         finally:
             self.call_started = None
         seconds = time.perf_counter() - started
@@ -143,7 +147,8 @@ class Diffusion:
                 self.metrics.in_flight.set(self.in_flight, self.metrics.tags)
                 self.metrics.queued.set(sum(r.queued_items for r in self.runners.values()), self.metrics.tags)
                 self.metrics.cache_bytes.set(self.cache.bytes, self.metrics.tags)
-                self.metrics.record_gpu(self.engine.torch)
+                if self.engine_info["device"] == "cuda":  # read where the model runs, between calls
+                    self.metrics.record_gpu(await self.torch.run(self.engine.call, "gpu_usage"))
             except Exception:  # the GPU-idle alert depends on this loop: never let it die
                 log.exception("publishing diffusion gauges failed")
             await asyncio.sleep(GAUGE_PERIOD_S)
@@ -160,7 +165,7 @@ class Diffusion:
         }
 
     def info(self) -> dict:
-        return self.engine.info
+        return self.engine_info
 
     async def check_health(self) -> None:
         # Busy: calls in progress show the engine works, unless one has run too long (wedged).
@@ -169,4 +174,4 @@ class Diffusion:
         if started is not None and time.perf_counter() - started > self.cfg.stuck_call_s:
             raise RuntimeError(f"a pipeline call has run for over {self.cfg.stuck_call_s:.0f}s")
         if started is None and all(runner.idle for runner in self.runners.values()):
-            await asyncio.wait_for(self.torch.run(self.engine.probe), timeout=PROBE_TIMEOUT_S)
+            await asyncio.wait_for(self.torch.run(self.engine.call, "probe"), timeout=PROBE_TIMEOUT_S)

@@ -15,6 +15,7 @@ from ray import serve
 
 from serve_app.config import EmbeddingsConfig
 from serve_app.engines.coalesce import CoalescingRunner, DeadlinePassed
+from serve_app.engines.gpu import gpu_usage
 from serve_app.observability import logs
 from serve_app.observability.metrics import GAUGE_PERIOD_S, WorkloadMetrics
 from serve_app.ops.watchdog import Hysteresis
@@ -74,7 +75,7 @@ class Embeddings:
                         log.warning("degraded preset %s (model busy %.0f%%, %.0f texts/s waited for it)",
                                     "on" if self.degrade.on else "off", busy * 100, waited_per_s)
                     self.metrics.degraded.set(int(self.degrade.on), self.metrics.tags)
-                self.metrics.record_gpu(self.engine.torch)
+                self.metrics.record_gpu(gpu_usage(self.engine.torch))
             except Exception:  # the GPU-idle alert depends on this loop: never let it die
                 log.exception("publishing embeddings gauges failed")
             await asyncio.sleep(GAUGE_PERIOD_S)

@@ -1,7 +1,8 @@
-"""GPU gauges: set per device where CUDA is present, never set (absent) on CPU."""
+"""GPU gauges: set per device where CUDA is present, never set (absent) on CPU; item counts."""
 
 from types import SimpleNamespace
 
+from serve_app.engines.gpu import gpu_usage
 from serve_app.observability.metrics import WorkloadMetrics
 
 
@@ -26,7 +27,7 @@ def fake_torch(available: bool, devices: int = 2):
 def test_gpu_gauges_per_device_when_cuda_is_present():
     m = WorkloadMetrics("diffusion")
     m.gpu_util, m.gpu_memory = FakeGauge(), FakeGauge()
-    m.record_gpu(fake_torch(True))
+    m.record_gpu(gpu_usage(fake_torch(True)))
     assert m.gpu_util.values == {"0": 0.40, "1": 0.41}
     assert m.gpu_memory.values == {"0": 1000, "1": 2000}
 
@@ -34,7 +35,7 @@ def test_gpu_gauges_per_device_when_cuda_is_present():
 def test_no_gpu_gauge_is_set_on_cpu():
     m = WorkloadMetrics("embeddings")
     m.gpu_util, m.gpu_memory = FakeGauge(), FakeGauge()
-    m.record_gpu(fake_torch(False))
+    m.record_gpu(gpu_usage(fake_torch(False)))
     assert m.gpu_util.values == {} and m.gpu_memory.values == {}
 
 
