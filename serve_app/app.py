@@ -18,6 +18,7 @@ from serve_app.config import MinerConfig, SnapshotMetagraph
 from serve_app.observability.info import BuildInfo
 from serve_app.observability.logs import JSON_LOGS, WORKLOAD_LOGS
 from serve_app.router.deployment import Router
+from serve_app.workloads.agents import Agents
 from serve_app.workloads.diffusion import Diffusion
 from serve_app.workloads.embeddings import Embeddings
 
@@ -43,6 +44,17 @@ def check_startable(cfg: MinerConfig) -> None:
                 raise ValueError(f"subnets[netuid={subnet.netuid}].metagraph.path: {exc}") from None
 
 
+def placed(deployment, wl):
+    """A workload deployment with its config's placement and load bounds."""
+    return deployment.options(
+        num_replicas=wl.num_replicas,
+        ray_actor_options={"num_cpus": wl.num_cpus, "num_gpus": wl.num_gpus},
+        max_ongoing_requests=wl.max_ongoing_requests,
+        max_queued_requests=wl.max_queued_requests,
+        logging_config=WORKLOAD_LOGS,
+    )
+
+
 def build_app(args: MinerConfig) -> Application:
     cfg = with_absolute_paths(MinerConfig.model_validate(args))
     check_startable(cfg)
@@ -50,13 +62,11 @@ def build_app(args: MinerConfig) -> Application:
     for name, deployment in (("embeddings", Embeddings), ("diffusion", Diffusion)):
         wl = getattr(cfg.workloads, name)
         if wl is not None:
-            workloads[name] = deployment.options(
-                num_replicas=wl.num_replicas,
-                ray_actor_options={"num_cpus": wl.num_cpus, "num_gpus": wl.num_gpus},
-                max_ongoing_requests=wl.max_ongoing_requests,
-                max_queued_requests=wl.max_queued_requests,
-                logging_config=WORKLOAD_LOGS,
-            ).bind(wl)
+            workloads[name] = placed(deployment, wl).bind(wl)
+    agents = cfg.workloads.agents
+    if agents is not None:
+        # The retrieve tool calls the embeddings deployment directly, beside the router's calls.
+        workloads["agents"] = placed(Agents, agents).bind(agents, workloads.get("embeddings"))
     return Router.options(
         num_replicas=cfg.router.num_replicas,
         ray_actor_options={"num_cpus": cfg.router.num_cpus},

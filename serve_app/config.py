@@ -14,7 +14,7 @@ from typing import Annotated, Literal, Optional, Union
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 DEV_URI = re.compile(r"^//[A-Za-z0-9]+$")
-PROTOCOL_WORKLOAD = {"openai-embeddings": "embeddings", "openai-images": "diffusion"}
+PROTOCOL_WORKLOAD = {"openai-embeddings": "embeddings", "openai-images": "diffusion", "agent-runs": "agents"}
 
 
 class Strict(BaseModel):
@@ -109,7 +109,7 @@ class AuthPolicy(Strict):
 
 class RouteConfig(Strict):
     path: str = Field(pattern=r"^/[A-Za-z0-9_\-./]*$")
-    protocol: Literal["openai-embeddings", "openai-images"]
+    protocol: Literal["openai-embeddings", "openai-images", "agent-runs"]
 
 
 class SLOConfig(Strict):
@@ -336,9 +336,68 @@ class DiffusionConfig(Strict):
         return self
 
 
+class ToolConfig(Strict):
+    enabled: bool = True
+    timeout_s: float = Field(default=5.0, gt=0, le=300, description="Per call; the run's deadline may cut it shorter.")
+    retries: int = Field(default=0, ge=0, le=5, description="Further tries after a retryable failure (timeout, 5xx).")
+
+
+class FetchToolConfig(ToolConfig):
+    """HTTP GET for the agent: off unless enabled, and only to the listed hosts."""
+
+    enabled: bool = False
+    retries: int = Field(default=2, ge=0, le=5)
+    allowed_hosts: tuple[str, ...] = ()
+    max_bytes: int = Field(default=65536, ge=1, le=1 << 22)
+
+
+class AgentToolsConfig(Strict):
+    calculator: ToolConfig = ToolConfig(timeout_s=1.0)
+    scratchpad: ToolConfig = ToolConfig(timeout_s=1.0)
+    retrieve: ToolConfig = ToolConfig(timeout_s=5.0, retries=1)
+    http_fetch: FetchToolConfig = FetchToolConfig()
+
+
+class AgentsConfig(Strict):
+    """Multi-step tool use with a causal LM: many sessions' steps batched into shared passes."""
+
+    model: str = Field(default="torchrank/tiny-lm",
+                       description="A hub id or local path of a chat causal LM; torchrank/tiny-lm is built locally.")
+    offline: bool = False
+    cache_dir: str = Field(default="~/.cache/torchrank-miner", description="Where locally built models are saved.")
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    fp16: bool = True
+    torch_threads: Optional[int] = Field(default=None, ge=1)
+    cpu_nice: int = Field(default=10, ge=0, le=19)
+    engine_process: bool = Field(default=True, description="Run the model in a child process (its own GIL), as for diffusion.")
+    max_new_tokens: int = Field(default=96, ge=1, le=4096, description="Per model step.")
+    max_batch_sessions: int = Field(default=64, ge=1, le=1024, description="Sessions advanced by one batched model call.")
+    default_max_steps: int = Field(default=8, ge=1)
+    max_steps: int = Field(default=16, ge=1, le=100, description="The most a request may ask for.")
+    max_task_chars: int = Field(default=4000, ge=1)
+    max_documents: int = Field(default=32, ge=0)
+    max_document_chars: int = Field(default=4000, ge=1)
+    tools: AgentToolsConfig = AgentToolsConfig()
+    # Placement and load: a replica runs at most max_ongoing_requests sessions at once;
+    # Serve queues the next max_queued_requests per caller, then refuses (503 shed).
+    num_replicas: int = Field(default=1, ge=1)
+    num_cpus: float = Field(default=1.0, ge=0)
+    num_gpus: float = Field(default=0.0, ge=0)
+    max_ongoing_requests: int = Field(default=64, ge=1, le=4096, description="Concurrent sessions per replica.")
+    max_queued_requests: int = Field(default=64, ge=1)
+    admission: AdmissionConfig = AdmissionConfig(max_in_flight=64, max_queued=64, max_wait_s=2.0)
+
+    @model_validator(mode="after")
+    def _steps(self) -> "AgentsConfig":
+        if self.default_max_steps > self.max_steps:
+            raise ValueError(f"default_max_steps ({self.default_max_steps}) exceeds max_steps ({self.max_steps})")
+        return self
+
+
 class WorkloadsConfig(Strict):
     embeddings: Optional[EmbeddingsConfig] = EmbeddingsConfig()
     diffusion: Optional[DiffusionConfig] = None
+    agents: Optional[AgentsConfig] = None
 
 
 class RouterConfig(Strict):

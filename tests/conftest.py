@@ -56,6 +56,7 @@ def miner(tmp_path_factory):
     snapshot = tmp_path_factory.mktemp("metagraph") / "metagraph.json"
     snapshot.write_text(json.dumps({"netuid": 1, "block": 1, "neurons": snapshot_neurons()}))
     base = load_config("deployments/local.yaml")
+    models = str(tmp_path_factory.mktemp("models"))
     subnet = base.subnets[0].model_copy(
         update={
             "metagraph": base.subnets[0].metagraph.model_copy(update={"path": str(snapshot)}),
@@ -71,8 +72,8 @@ def miner(tmp_path_factory):
                                                     "body_timeout_s": 2.0}),
             "workloads": base.workloads.model_copy(
                 update={"embeddings": base.workloads.embeddings.model_copy(update={**TEST_LIMITS, "torch_threads": 1}),
-                        "diffusion": base.workloads.diffusion.model_copy(update={
-                            "cache_dir": str(tmp_path_factory.mktemp("models")), "torch_threads": 1})}
+                        "diffusion": base.workloads.diffusion.model_copy(update={"cache_dir": models, "torch_threads": 1}),
+                        "agents": base.workloads.agents.model_copy(update={"cache_dir": models})}
             ),
         }
     )

@@ -13,6 +13,8 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from serve_app.config import AgentsConfig
+from serve_app.engines.gpu import gpu_usage
 from serve_app.engines.tiny_lm import TINY_LM_ID, build_tiny_lm
 from serve_app.engines.weights import weights_digest
 
@@ -33,29 +35,28 @@ def resolve_model_path(model: str, cache_dir: str) -> str:
 
 
 class LLMEngine:
-    def __init__(self, model: str, cache_dir: str = "~/.cache/torchrank-miner", num_threads: int = 1,
-                 device: str = "auto", fp16: bool = True, offline: bool = False, max_new_tokens: int = 64):
-        if offline:
+    def __init__(self, cfg: AgentsConfig, num_threads: int = 1):
+        if cfg.offline:
             os.environ["HF_HUB_OFFLINE"] = "1"
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         torch.set_num_threads(num_threads)
         self.torch = torch
-        self.device = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
-        dtype = torch.float16 if self.device == "cuda" and fp16 else torch.float32
-        path = resolve_model_path(model, cache_dir)
-        self.model_id = model
+        self.device = ("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device
+        dtype = torch.float16 if self.device == "cuda" and cfg.fp16 else torch.float32
+        path = resolve_model_path(cfg.model, cfg.cache_dir)
+        self.model_id = cfg.model
         self.weights_sha256 = weights_digest(path)
         self.tokenizer = AutoTokenizer.from_pretrained(path)
         self.tokenizer.padding_side = "left"  # generation continues every row from its last real token
         if self.tokenizer.pad_token is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
         self.model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(self.device).eval()
-        self.max_new_tokens = max_new_tokens
+        self.max_new_tokens = cfg.max_new_tokens
         self.forward_passes = 0
         self.model.register_forward_pre_hook(self._count_pass)
-        log.info("loaded %s on %s (%s)", model, self.device, dtype)
+        log.info("loaded %s on %s (%s)", cfg.model, self.device, dtype)
         self.generate([[{"role": "user", "content": "warm up"}]], max_new_tokens=2)
 
     def _count_pass(self, *_):
@@ -82,6 +83,9 @@ class LLMEngine:
             row = [t for t in row if t != self.tokenizer.pad_token_id]
             results.append(Generation(self.tokenizer.decode(row, skip_special_tokens=True), len(prompt), len(row)))
         return results
+
+    def gpu_usage(self) -> dict:
+        return gpu_usage(self.torch)
 
     @property
     def info(self) -> dict:

@@ -15,4 +15,8 @@ def make_adapter(protocol: str, cfg: MinerConfig, subnet: SubnetConfig) -> Adapt
         from serve_app.protocols.images import OpenAIImages
 
         return OpenAIImages(cfg.workloads.diffusion, subnet.diffusion)
+    if protocol == "agent-runs":
+        from serve_app.protocols.agents import AgentRuns
+
+        return AgentRuns(cfg.workloads.agents, embeddings=cfg.workloads.embeddings is not None)
     raise ValueError(f"unknown protocol {protocol!r}")

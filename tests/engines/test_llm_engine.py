@@ -2,13 +2,14 @@
 
 import pytest
 
+from serve_app.config import AgentsConfig
 from serve_app.engines.llm import LLMEngine
-from serve_app.engines.tiny_lm import TINY_LM_ID, build_tiny_lm
+from serve_app.engines.tiny_lm import build_tiny_lm
 
 
 @pytest.fixture(scope="module")
 def engine(tmp_path_factory):
-    return LLMEngine(TINY_LM_ID, cache_dir=str(tmp_path_factory.mktemp("models")), device="cpu", max_new_tokens=8)
+    return LLMEngine(AgentsConfig(cache_dir=str(tmp_path_factory.mktemp("models")), device="cpu", max_new_tokens=8))
 
 
 def test_build_is_idempotent_and_deterministic(tmp_path, engine):

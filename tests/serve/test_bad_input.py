@@ -24,8 +24,8 @@ AUTH_NAMES = ["X-Bittensor-Version", "X-Bittensor-Hotkey", "X-Bittensor-Nonce", 
               "X-Bittensor-Receiver", "X-Bittensor-Crypto", "X-Bittensor-Timeout", "Content-Type", "Content-Length"]
 
 
-WORKLOADS = ("Embeddings", "Diffusion")
-WORKLOAD_PATHS = {"/v1/embeddings", "/v1/images/generations"}
+WORKLOADS = ("Embeddings", "Diffusion", "Agents")
+WORKLOAD_PATHS = {"/v1/embeddings", "/v1/images/generations", "/v1/agents/runs"}
 
 
 def assert_refusal_shape(status: int, content_type, body: bytes):

@@ -28,7 +28,7 @@ def nocache(miner, tmp_path_factory):
     snapshot.write_text(json.dumps({"netuid": 3, "block": 1, "neurons": neurons}))
     args = miner.cfg.model_dump()
     args["name"] = "torchrank-images-nocache"
-    args["workloads"]["embeddings"] = None
+    args["workloads"].update(embeddings=None, agents=None)
     args["workloads"]["diffusion"].update(cache_bytes=0, num_cpus=0.25)
     args["router"].update(num_replicas=1, num_cpus=0.25)
     subnet = args["subnets"][0]

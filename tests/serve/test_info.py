@@ -19,7 +19,7 @@ def test_info_publishes_version_uptime_subnets_models_and_changes(miner):
     assert info["uptime_s"] >= 0 and info["started_at"] > 0
     assert info["hotkey"] == MINER
     [subnet] = info["subnets"]
-    assert subnet["netuid"] == 1 and subnet["routes"] == ["/v1/embeddings", "/v1/images/generations"]
+    assert subnet["netuid"] == 1 and subnet["routes"] == ["/v1/embeddings", "/v1/images/generations", "/v1/agents/runs"]
     assert subnet["metagraph"]["source"] == "snapshot" and subnet["metagraph"]["block"] == 1
     emb = info["workloads"]["embeddings"]
     assert emb["model"] == "sentence-transformers/all-MiniLM-L6-v2" and emb["dimension"] == 384

@@ -37,7 +37,7 @@ def rel(miner, tmp_path_factory):
     snapshot.write_text(json.dumps({"netuid": 2, "block": 1, "neurons": neurons}))
     args = miner.cfg.model_dump()
     args["name"] = "torchrank-reliability"
-    args["workloads"]["diffusion"] = None  # embeddings only: the faults below are injected there
+    args["workloads"].update(diffusion=None, agents=None)  # embeddings only: the faults below are injected there
     args["workloads"]["embeddings"].update(
         num_replicas=2, num_cpus=0.5, torch_threads=1, max_queued_requests=64,
         admission={"max_in_flight": 4, "max_queued": 16, "max_wait_s": 0.2},

@@ -1,0 +1,60 @@
+"""Agent runs: POST /v1/agents/runs.
+
+    {"task": str, "tools": [names], "max_steps"?: int, "documents"?: [str]}
+ -> {"answer": str | null, "finish": "answer" | "max_steps",
+     "steps": [{"tool", "args", "result" | "error", "ms"}], "usage": {...}}
+
+The tools a request may name are those this miner offers (GET /info lists them); the
+model sees only the ones the request allows.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from serve_app.config import AgentsConfig
+from serve_app.protocols.base import limit_exceeded, parse_json
+from serve_app.workloads.agents import available_tools
+
+
+class AgentRunRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    task: str
+    tools: list[str] = Field(default_factory=list, description="Tool names the agent may call.")
+    max_steps: Optional[int] = Field(default=None, ge=1)
+    documents: list[str] = Field(default_factory=list, description="Texts the retrieve tool searches.")
+
+
+class AgentRuns:
+    workload = "agents"
+    request_model = AgentRunRequest
+    idempotent = True  # greedy decoding, session-local tools: a re-run gives the same answer
+
+    def __init__(self, cfg: AgentsConfig, embeddings: bool):
+        self.cfg = cfg
+        self.tools = available_tools(cfg, embeddings)
+
+    def parse(self, body: bytes) -> AgentRunRequest:
+        req = parse_json(body, AgentRunRequest)
+        cfg = self.cfg
+        if not req.task.strip():
+            raise limit_exceeded("task", "an empty task")
+        if len(req.task) > cfg.max_task_chars:
+            raise limit_exceeded("task", f"{len(req.task)} characters, at most {cfg.max_task_chars}")
+        unknown = [name for name in req.tools if name not in self.tools]
+        if unknown:
+            raise limit_exceeded("tools", f"{unknown} not offered here; available: {self.tools}")
+        steps = req.max_steps if req.max_steps is not None else cfg.default_max_steps
+        if steps > cfg.max_steps:
+            raise limit_exceeded("max_steps", f"{steps}, at most {cfg.max_steps}")
+        if len(req.documents) > cfg.max_documents:
+            raise limit_exceeded("documents", f"{len(req.documents)} documents, at most {cfg.max_documents}")
+        for i, doc in enumerate(req.documents):
+            if len(doc) > cfg.max_document_chars:
+                raise limit_exceeded(f"documents[{i}]", f"{len(doc)} characters, at most {cfg.max_document_chars}")
+        return req.model_copy(update={"max_steps": steps, "tools": list(dict.fromkeys(req.tools))})
+
+    async def run(self, req: AgentRunRequest, handle, deadline: float, degradable: bool) -> dict:
+        return await handle.run.remote(req.task, req.tools, req.documents, req.max_steps, deadline)

@@ -1,0 +1,138 @@
+"""The `Agents` Serve deployment: agent runs whose model steps share batched passes.
+
+Each request is one run (serve_app/agents/loop.py) on this replica's event loop. A run's
+model step queues its conversation in a CoalescingRunner: the steps of every session
+that is waiting for the model go into the next batched `generate` call, while sessions
+waiting for tools (async, off the model's thread) do not hold the model up. Serve's
+max_ongoing_requests caps the concurrent runs; a run cancelled by its caller (disconnect,
+deadline) frees its slot and drops its queued step.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import logging
+import time
+from typing import Optional
+
+from ray import serve
+
+from serve_app.agents.loop import run_agent
+from serve_app.agents.tools import (CalculatorArgs, FetchArgs, RetrieveArgs, ScratchpadArgs, Session, Tool, calculator,
+                                    make_fetch, make_retrieve, scratchpad)
+from serve_app.config import AgentsConfig
+from serve_app.engines.coalesce import CoalescingRunner, DeadlinePassed
+from serve_app.observability import logs
+from serve_app.observability.metrics import GAUGE_PERIOD_S, WorkloadMetrics
+from serve_app.workloads.common import start_engine
+
+log = logging.getLogger("ray.serve.torchrank.agents")
+PROBE_TIMEOUT_S = 20.0
+
+
+def available_tools(cfg: AgentsConfig, embeddings: bool) -> list[str]:
+    """The tool names this miner offers with this config (retrieve needs the embeddings workload)."""
+    tools = cfg.tools
+    names = [name for name in ("calculator", "scratchpad") if getattr(tools, name).enabled]
+    if tools.retrieve.enabled and embeddings:
+        names.append("retrieve")
+    if tools.http_fetch.enabled and tools.http_fetch.allowed_hosts:
+        names.append("http_fetch")
+    return names
+
+
+@serve.deployment(name="Agents")
+class Agents:
+    def __init__(self, cfg: AgentsConfig, embeddings=None):
+        from serve_app.engines.llm import LLMEngine
+        from serve_app.engines.process import EngineProcess, InProcessEngine
+
+        self.cfg = cfg
+        host = EngineProcess if cfg.engine_process else InProcessEngine
+        self.torch, self.engine = start_engine("agents", cfg, functools.partial(host, LLMEngine))
+        self.engine_info = self.engine.call("info")
+        self.metrics = WorkloadMetrics("agents")
+        self.runner = CoalescingRunner(self.torch, self._generate_pass, max_items=cfg.max_batch_sessions)
+        self.embeddings = embeddings
+        self.tools = self._tools(cfg)
+        self.runs = 0
+        self.steps = 0
+        self.in_flight = 0
+        self.call_started: Optional[float] = None
+        self._background = [asyncio.create_task(self._publish_gauges()), asyncio.create_task(logs.flush_every())]
+
+    def _tools(self, cfg: AgentsConfig) -> dict[str, Tool]:
+        t = cfg.tools
+        tools = {"calculator": Tool("calculator", CalculatorArgs, calculator, t.calculator.timeout_s, t.calculator.retries),
+                 "scratchpad": Tool("scratchpad", ScratchpadArgs, scratchpad, t.scratchpad.timeout_s, t.scratchpad.retries)}
+        if self.embeddings is not None:
+            async def embed(texts: list[str]):
+                vectors, _ = await self.embeddings.embed.remote(texts)
+                return vectors
+
+            tools["retrieve"] = Tool("retrieve", RetrieveArgs, make_retrieve(embed), t.retrieve.timeout_s,
+                                     t.retrieve.retries)
+        fetch = t.http_fetch
+        tools["http_fetch"] = Tool("http_fetch", FetchArgs, make_fetch(fetch.allowed_hosts, fetch.max_bytes),
+                                   fetch.timeout_s, fetch.retries)
+        return {name: tools[name] for name in available_tools(cfg, self.embeddings is not None)}
+
+    def _generate_pass(self, conversations: list[list[dict]]):
+        """One batched model call for the sessions waiting, on the engine thread, measured."""
+        self.call_started = started = time.perf_counter()
+        try:
+            generations = self.engine.call("generate", conversations)
+        finally:
+            self.call_started = None
+        self.metrics.record_pass(time.perf_counter() - started, len(conversations), sessions=len(conversations),
+                                 tokens=sum(g.completion_tokens for g in generations))
+        return (generations,)
+
+    async def _step(self, conversation: list[dict], deadline: float):
+        (generations,) = await self.runner.run([conversation], deadline)
+        self.steps += 1
+        return generations[0]
+
+    async def run(self, task: str, tool_names: list[str], documents: list[str], max_steps: int,
+                  deadline: Optional[float] = None) -> dict:
+        """One agent run -> {"answer", "finish", "steps", "usage"}; DeadlinePassed past `deadline`."""
+        deadline = deadline if deadline is not None else time.time() + 60
+        if time.time() >= deadline:
+            raise DeadlinePassed()
+        tools = [self.tools[name] for name in tool_names if name in self.tools]
+        self.in_flight += 1
+        try:
+            result = await run_agent(task, tools, Session(documents=list(documents)),
+                                     functools.partial(self._step, deadline=deadline), max_steps, deadline)
+        finally:
+            self.in_flight -= 1
+        self.runs += 1
+        return result.as_dict()
+
+    async def _publish_gauges(self) -> None:
+        while True:
+            try:
+                self.metrics.in_flight.set(self.in_flight, self.metrics.tags)
+                self.metrics.queued.set(self.runner.queued_items, self.metrics.tags)
+                if self.engine_info["device"] == "cuda":
+                    self.metrics.record_gpu(await self.torch.run(self.engine.call, "gpu_usage"))
+            except Exception:
+                log.exception("publishing agents gauges failed")
+            await asyncio.sleep(GAUGE_PERIOD_S)
+
+    def stats(self) -> dict:
+        return {"runs": self.runs, "model_steps": self.steps, "model_calls": self.runner.passes,
+                "largest_batch": self.runner.largest_pass, "expired": self.runner.expired, "tools": sorted(self.tools)}
+
+    def info(self) -> dict:
+        return {**self.engine_info, "tools": sorted(self.tools)}
+
+    async def check_health(self) -> None:
+        started = self.call_started
+        if started is not None:
+            return  # a call in progress: the model answers
+        if self.runner.idle:
+            await asyncio.wait_for(
+                self.torch.run(self.engine.call, "generate", [[{"role": "user", "content": "health"}]], 1),
+                timeout=PROBE_TIMEOUT_S)
