@@ -2,6 +2,7 @@
 
   torchrank-miner validator embed "some text"     sign as //Alice, call the miner, print the result
   torchrank-miner validator image "a prompt"      the same for text-to-image; PNGs written to files
+  torchrank-miner validator agent "a task"        the same for an agent run; prints its steps
   torchrank-miner config check deployments/x.yaml validate a serve config's miner args
   torchrank-miner status                          per-subnet req/s, latency, error budget, queues
 """
@@ -73,6 +74,21 @@ def cmd_image(args) -> int:
         path.write_bytes(base64.b64decode(item["b64_json"]))
         print(f"[{i}] seed={item['seed']} -> {path}")
     print(f"preset={data['preset']} steps={data['steps']} size={data['size']} "
+          f"request_id={resp.headers.get('x-request-id')}")
+    return 0
+
+
+def cmd_agent(args) -> int:
+    payload = {"task": args.task, "tools": args.tool or [], "documents": args.document or []}
+    if args.max_steps is not None:
+        payload["max_steps"] = args.max_steps
+    code, resp, data = _call_signed(args, payload)
+    if code or args.full:
+        return code
+    for i, step in enumerate(data["steps"]):
+        outcome = f"error: {step['error']}" if "error" in step else f"-> {json.dumps(step['result'])}"
+        print(f"[{i}] {step['tool']} {json.dumps(step['args'])} {outcome} ({step['ms']} ms)")
+    print(f"answer={json.dumps(data['answer'])} finish={data['finish']} usage={json.dumps(data['usage'])} "
           f"request_id={resp.headers.get('x-request-id')}")
     return 0
 
@@ -150,6 +166,13 @@ def parser() -> argparse.ArgumentParser:
     image.add_argument("--out", default="image", help="file name stem: files are <stem>-<seed>.png")
     _validator_options(image, "/v1/images/generations")
     image.set_defaults(func=cmd_image)
+    agent = vsub.add_parser("agent", help="request an agent run, signed with btauth/1")
+    agent.add_argument("task")
+    agent.add_argument("--tool", action="append", help="a tool the agent may call (repeatable)")
+    agent.add_argument("--document", action="append", help="a text for the retrieve tool (repeatable)")
+    agent.add_argument("--max-steps", type=int)
+    _validator_options(agent, "/v1/agents/runs")
+    agent.set_defaults(func=cmd_agent)
 
     config = sub.add_parser("config", help="miner config tools")
     csub = config.add_subparsers(dest="action", required=True)

@@ -122,7 +122,7 @@ class Agents:
             await asyncio.sleep(GAUGE_PERIOD_S)
 
     def stats(self) -> dict:
-        return {"runs": self.runs, "model_steps": self.steps, "model_calls": self.runner.passes,
+        return {"runs": self.runs, "in_flight": self.in_flight, "model_steps": self.steps, "model_calls": self.runner.passes,
                 "largest_batch": self.runner.largest_pass, "expired": self.runner.expired, "tools": sorted(self.tools)}
 
     def info(self) -> dict:

@@ -3,6 +3,7 @@ sharing batched model calls, limits, deadlines. (The loop's logic with a scripte
 tests/unit/test_agent_loop.py; the tiny model's text is noise, so its actions are mostly
 invalid and come back to it as errors.)"""
 
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
@@ -57,6 +58,29 @@ def test_a_deadline_too_short_is_504(miner):
     assert resp.status_code == 504 and resp.json()["error"] == "deadline_exceeded"
 
 
+def test_a_run_past_its_deadline_is_cancelled_and_frees_its_slot(miner):
+    before = stats()
+    # Eight model steps take longer than 0.3 s here: the run is cut mid-way.
+    resp = miner.post({"task": "a long task", "tools": ["calculator"], "max_steps": 8}, path=PATH,
+                      headers={"X-Bittensor-Timeout": "0.3"})
+    assert resp.status_code == 504, resp.text
+    deadline = time.monotonic() + 10
+    while stats()["in_flight"] and time.monotonic() < deadline:
+        time.sleep(0.1)
+    after = stats()
+    assert after["in_flight"] == 0 and after["runs"] == before["runs"]  # cancelled, not finished
+    assert after["model_steps"] - before["model_steps"] < 8
+
+
 def test_info_lists_the_agents_model_and_tools(miner):
     info = miner.http.get("/info").json()["workloads"]["agents"]
     assert info["model"] == "torchrank/tiny-lm" and info["tools"] == ["calculator", "retrieve", "scratchpad"]
+
+
+def test_validator_agent_command(miner, capsys):
+    from serve_app.cli import main
+
+    assert main(["validator", "agent", "add 2 and 2", "--tool", "calculator", "--max-steps", "1", "--url", miner.url]) == 0
+    assert "finish=" in capsys.readouterr().out
+    assert main(["validator", "agent", "x", "--tool", "shell", "--url", miner.url]) == 1
+    assert "limit_exceeded" in capsys.readouterr().err
