@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from serve_app.config import DiffusionConfig, DiffusionPreset
-from serve_app.engines.gpu import gpu_usage
+from serve_app.engines.gpu import gpu_usage, pick_device
 from serve_app.engines.tiny_diffusion import TINY_DIFFUSION_ID, build_tiny_pipeline
 from serve_app.engines.weights import weights_digest
 
@@ -64,7 +64,7 @@ class DiffusionEngine:
         torch.set_num_threads(num_threads)
         self.torch = torch
         self.cfg = cfg
-        self.device = ("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device
+        self.device = pick_device(cfg.device)
         dtype = torch.float16 if self.device == "cuda" and cfg.fp16 else torch.float32
         self.memory_fraction = cfg.gpu_memory_fraction or (cfg.num_gpus if 0 < cfg.num_gpus < 1 else None)
         if self.device == "cuda" and self.memory_fraction:

@@ -18,6 +18,7 @@ from typing import Optional, Sequence
 import numpy as np
 
 from serve_app.config import EmbeddingsConfig
+from serve_app.engines.gpu import pick_device
 from serve_app.engines.weights import weights_digest
 
 log = logging.getLogger("torchrank.embeddings")
@@ -46,14 +47,6 @@ def sentence_transformers_version() -> str:
     import sentence_transformers
 
     return sentence_transformers.__version__
-
-
-def pick_device(requested: str) -> str:
-    import torch
-
-    if requested == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    return requested
 
 
 class SentenceEmbeddingEngine:

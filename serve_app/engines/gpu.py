@@ -1,4 +1,4 @@
-"""GPU usage of this process, for the workload gauges (read where the model runs)."""
+"""Device choice, and GPU usage of this process for the workload gauges (read where the model runs)."""
 
 from __future__ import annotations
 
@@ -17,3 +17,12 @@ def gpu_usage(torch) -> dict[int, tuple[int, Optional[float]]]:
             utilization = None
         usage[index] = (torch.cuda.memory_allocated(index), utilization)
     return usage
+
+
+def pick_device(requested: str) -> str:
+    """"auto": CUDA when this process sees a GPU, else CPU."""
+    import torch
+
+    if requested == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return requested

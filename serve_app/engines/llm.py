@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from serve_app.config import AgentsConfig
-from serve_app.engines.gpu import gpu_usage
+from serve_app.engines.gpu import gpu_usage, pick_device
 from serve_app.engines.tiny_lm import TINY_LM_ID, build_tiny_lm
 from serve_app.engines.weights import weights_digest
 
@@ -43,7 +43,7 @@ class LLMEngine:
 
         torch.set_num_threads(num_threads)
         self.torch = torch
-        self.device = ("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device
+        self.device = pick_device(cfg.device)
         dtype = torch.float16 if self.device == "cuda" and cfg.fp16 else torch.float32
         path = resolve_model_path(cfg.model, cfg.cache_dir)
         self.model_id = cfg.model

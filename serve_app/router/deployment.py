@@ -303,6 +303,10 @@ class Router:
         except ApiError as err:
             outcome, status = err.code, err.status
             response = error_response(err, headers)
+        except asyncio.CancelledError:
+            # The caller went away (or Serve cancelled the request): not the miner's failure.
+            outcome, status = "client_closed", 499
+            raise
         except Exception:
             log.exception("request %s failed inside the miner", rid)
             response = error_response(ApiError(500, "internal_error", f"the miner failed this request (id {rid})"), headers)

@@ -110,6 +110,18 @@ class Agents:
         self.runs += 1
         return result.as_dict()
 
+    async def try_tool(self, name: str, args: dict, documents: list[str] = ()) -> dict:
+        """Run one tool as a run would, outside any run: for operators checking that each tool
+        works in the deployed miner (the embeddings reachable, fetch hosts answering)."""
+        from serve_app.agents.tools import ToolError, run_tool
+
+        if name not in self.tools:
+            return {"error": f"tool {name!r} is not offered; offered: {sorted(self.tools)}"}
+        try:
+            return {"result": await run_tool(self.tools[name], args, Session(documents=list(documents)))}
+        except ToolError as exc:
+            return {"error": str(exc)}
+
     async def _publish_gauges(self) -> None:
         while True:
             try:

@@ -3,17 +3,43 @@ sharing batched model calls, limits, deadlines. (The loop's logic with a scripte
 tests/unit/test_agent_loop.py; the tiny model's text is noise, so its actions are mostly
 invalid and come back to it as errors.)"""
 
+import json
 import time
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 from ray import serve
 
+from serve_app.app import build_app
+from tests.conftest import ss58
+
 PATH = "/v1/agents/runs"
+CUT_APP, CUT = "agents-deadlines", "/ad"
 
 
-def stats() -> dict:
-    return serve.get_deployment_handle("Agents", "miner").stats.remote().result()
+@pytest.fixture(scope="module")
+def cut(miner, tmp_path_factory):
+    """A second app for runs cut short (deadline, hang-up): their 504s stay off the session
+    app's availability budget, which other tests read."""
+    snapshot = tmp_path_factory.mktemp("ad") / "metagraph.json"
+    neurons = [{"uid": 0, "hotkey": ss58("//Alice"), "validator_permit": True, "total_stake": 1000.0}]
+    snapshot.write_text(json.dumps({"netuid": 4, "block": 1, "neurons": neurons}))
+    args = miner.cfg.model_dump()
+    args["name"] = "torchrank-agents-deadlines"
+    args["workloads"].update(embeddings=None, diffusion=None)
+    args["workloads"]["agents"].update(num_cpus=0.25)
+    args["router"].update(num_replicas=1, num_cpus=0.25)
+    subnet = args["subnets"][0]
+    subnet.update(netuid=4, prefix=CUT, routes=[{"path": PATH, "protocol": "agent-runs"}])
+    subnet["metagraph"]["path"] = str(snapshot)
+    subnet["auth"].update(min_stake=0.0, allow_hotkeys=(), deny_hotkeys=())
+    serve.run(build_app(type(miner.cfg).model_validate(args)), name=CUT_APP, route_prefix=CUT)
+    yield miner
+    serve.delete(CUT_APP)
+
+
+def stats(app="miner") -> dict:
+    return serve.get_deployment_handle("Agents", app).stats.remote().result()
 
 
 def test_a_run_answers_with_steps_and_usage(miner):
@@ -53,21 +79,21 @@ def test_limits_are_422_and_reach_no_model(miner, payload, field):
     assert stats() == before
 
 
-def test_a_deadline_too_short_is_504(miner):
-    resp = miner.post({"task": "x", "max_steps": 8}, path=PATH, headers={"X-Bittensor-Timeout": "0.02"})
+def test_a_deadline_too_short_is_504(cut):
+    resp = cut.post({"task": "x", "max_steps": 8}, path=CUT + PATH, headers={"X-Bittensor-Timeout": "0.02"})
     assert resp.status_code == 504 and resp.json()["error"] == "deadline_exceeded"
 
 
-def test_a_run_past_its_deadline_is_cancelled_and_frees_its_slot(miner):
-    before = stats()
+def test_a_run_past_its_deadline_is_cancelled_and_frees_its_slot(cut):
+    before = stats(CUT_APP)
     # Eight model steps take longer than 0.3 s here: the run is cut mid-way.
-    resp = miner.post({"task": "a long task", "tools": ["calculator"], "max_steps": 8}, path=PATH,
-                      headers={"X-Bittensor-Timeout": "0.3"})
+    resp = cut.post({"task": "a long task", "tools": ["calculator"], "max_steps": 8}, path=CUT + PATH,
+                    headers={"X-Bittensor-Timeout": "0.3"})
     assert resp.status_code == 504, resp.text
     deadline = time.monotonic() + 10
-    while stats()["in_flight"] and time.monotonic() < deadline:
+    while stats(CUT_APP)["in_flight"] and time.monotonic() < deadline:
         time.sleep(0.1)
-    after = stats()
+    after = stats(CUT_APP)
     assert after["in_flight"] == 0 and after["runs"] == before["runs"]  # cancelled, not finished
     assert after["model_steps"] - before["model_steps"] < 8
 
@@ -84,3 +110,35 @@ def test_validator_agent_command(miner, capsys):
     assert "finish=" in capsys.readouterr().out
     assert main(["validator", "agent", "x", "--tool", "shell", "--url", miner.url]) == 1
     assert "limit_exceeded" in capsys.readouterr().err
+
+
+def test_tools_run_inside_the_deployed_miner(miner):
+    agents = serve.get_deployment_handle("Agents", "miner")
+    docs = ["the capital of France is Paris", "bananas are yellow", "Ray Serve batches requests"]
+    found = agents.try_tool.remote("retrieve", {"query": "which city is France's capital?", "top_k": 1}, docs).result()
+    assert found["result"][0]["index"] == 0  # through the real Embeddings deployment
+    assert agents.try_tool.remote("calculator", {"expression": "6*7"}).result() == {"result": 42}
+    assert "not offered" in agents.try_tool.remote("http_fetch", {"url": "http://127.0.0.1/"}).result()["error"]
+
+
+def test_a_caller_that_hangs_up_has_its_run_cancelled(cut):
+    import socket
+
+    from bittensor.sp_core import Keypair
+
+    from serve_app.client import signed_request
+    from tests.conftest import MINER
+
+    before = stats(CUT_APP)
+    body, headers = signed_request(Keypair.create_from_uri("//Alice"), CUT + PATH,
+                                   {"task": "a long task", "tools": ["calculator"], "max_steps": 8}, MINER)
+    head = "".join(f"{k}: {v}\r\n" for k, v in headers.items())
+    host, port = cut.url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port))) as sock:
+        sock.sendall(f"POST {CUT + PATH} HTTP/1.1\r\nHost: miner\r\nContent-Length: {len(body)}\r\n{head}\r\n".encode() + body)
+        time.sleep(0.3)  # the run is under way; then the caller goes away
+    deadline = time.monotonic() + 15
+    while stats(CUT_APP)["in_flight"] and time.monotonic() < deadline:
+        time.sleep(0.1)
+    after = stats(CUT_APP)
+    assert after["in_flight"] == 0 and after["runs"] == before["runs"], after

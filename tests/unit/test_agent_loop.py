@@ -137,3 +137,28 @@ def test_retrieve_ranks_documents_by_similarity():
 def test_fetch_obeys_the_allow_list(url, why):
     with pytest.raises(ToolError, match=why):
         asyncio.run(make_fetch(("docs.example.org",))(FetchArgs(url=url), Session()))
+
+
+def test_fetch_reads_an_allowed_host():
+    import http.server
+    import threading
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            body = b"x" * 5000
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        url = f"http://127.0.0.1:{server.server_address[1]}/page"
+        got = asyncio.run(make_fetch(("127.0.0.1",), max_bytes=1000)(FetchArgs(url=url), Session()))
+        assert got == {"status": 200, "body": "x" * 1000}
+    finally:
+        server.shutdown()
