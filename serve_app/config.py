@@ -370,6 +370,7 @@ class AgentsConfig(Strict):
     torch_threads: Optional[int] = Field(default=None, ge=1)
     cpu_nice: int = Field(default=10, ge=0, le=19)
     engine_process: bool = Field(default=True, description="Run the model in a child process (its own GIL), as for diffusion.")
+    stuck_call_s: float = Field(default=300.0, gt=0, description="A model call running longer than this fails the health check.")
     max_new_tokens: int = Field(default=96, ge=1, le=4096, description="Per model step.")
     max_batch_sessions: int = Field(default=64, ge=1, le=1024, description="Sessions advanced by one batched model call.")
     default_max_steps: int = Field(default=8, ge=1)

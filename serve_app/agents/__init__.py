@@ -1,1 +1,1 @@
-"""The agent workload: an LLM loop that calls tools (work in progress: not routed yet)."""
+"""The agent workload's logic: the action format, the loop, the tools (no Serve here)."""

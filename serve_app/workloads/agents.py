@@ -141,10 +141,12 @@ class Agents:
         return {**self.engine_info, "tools": sorted(self.tools)}
 
     async def check_health(self) -> None:
+        # Busy: a call in progress shows the model works, unless it has run too long (wedged).
+        # Idle: a real one-token call.
         started = self.call_started
-        if started is not None:
-            return  # a call in progress: the model answers
-        if self.runner.idle:
+        if started is not None and time.perf_counter() - started > self.cfg.stuck_call_s:
+            raise RuntimeError(f"a model call has run for over {self.cfg.stuck_call_s:.0f}s")
+        if started is None and self.runner.idle:
             await asyncio.wait_for(
                 self.torch.run(self.engine.call, "generate", [[{"role": "user", "content": "health"}]], 1),
                 timeout=PROBE_TIMEOUT_S)

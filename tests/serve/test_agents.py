@@ -27,7 +27,8 @@ def cut(miner, tmp_path_factory):
     args = miner.cfg.model_dump()
     args["name"] = "torchrank-agents-deadlines"
     args["workloads"].update(embeddings=None, diffusion=None)
-    args["workloads"]["agents"].update(num_cpus=0.25)
+    # Two sessions at once per replica, two more waiting in Serve's queue: the rest refused.
+    args["workloads"]["agents"].update(num_cpus=0.25, max_ongoing_requests=2, max_queued_requests=2)
     args["router"].update(num_replicas=1, num_cpus=0.25)
     subnet = args["subnets"][0]
     subnet.update(netuid=4, prefix=CUT, routes=[{"path": PATH, "protocol": "agent-runs"}])
@@ -142,3 +143,15 @@ def test_a_caller_that_hangs_up_has_its_run_cancelled(cut):
         time.sleep(0.1)
     after = stats(CUT_APP)
     assert after["in_flight"] == 0 and after["runs"] == before["runs"], after
+
+
+def test_sessions_beyond_the_replica_cap_are_refused_fast(cut):
+    payload = {"task": "a long task", "tools": ["calculator"], "max_steps": 8}
+    with ThreadPoolExecutor(10) as pool:
+        answers = list(pool.map(lambda _: cut.post(payload, path=CUT + PATH, headers={"X-Bittensor-Timeout": "60"}),
+                                range(10)))
+    statuses = sorted(a.status_code for a in answers)
+    assert set(statuses) <= {200, 503} and statuses.count(200) >= 2, statuses
+    refused = [a for a in answers if a.status_code == 503]
+    assert refused and all(a.json()["error"] == "shed" and a.elapsed.total_seconds() < 1 for a in refused)
+    assert stats(CUT_APP)["in_flight"] == 0
