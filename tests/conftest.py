@@ -93,6 +93,35 @@ def miner(tmp_path_factory):
     ray.shutdown()
 
 
+def deploy_app(miner, tmp_path_factory, app: str, netuid: int, prefix: str, protocol: str, workloads: dict,
+               router: dict | None = None, subnet: dict | None = None, neurons: list | None = None):
+    """A second app in the session's cluster: the session app's config with one subnet at
+    `prefix` serving one protocol's route, `workloads` updated (None turns one off), its
+    own metagraph snapshot (by default //Alice, a permitted validator). Returns its config."""
+    from ray import serve
+
+    from serve_app.app import build_app
+    from serve_app.config import PROTOCOL_WORKLOAD
+
+    snapshot = tmp_path_factory.mktemp(app) / "metagraph.json"
+    neurons = neurons or [{"uid": 0, "hotkey": ss58("//Alice"), "validator_permit": True, "total_stake": 1000.0}]
+    snapshot.write_text(json.dumps({"netuid": netuid, "block": 1, "neurons": neurons}))
+    args = miner.cfg.model_dump()
+    args["name"] = f"torchrank-{app}"
+    for name, update in workloads.items():
+        args["workloads"][name] = None if update is None else {**args["workloads"][name], **update}
+    args["router"].update(router or {})
+    first = args["subnets"][0]
+    path = next(r["path"] for r in first["routes"] if r["protocol"] == protocol)
+    first.update(netuid=netuid, prefix=prefix, routes=[{"path": path, "protocol": protocol}], **(subnet or {}))
+    first["metagraph"]["path"] = str(snapshot)
+    first["auth"].update(min_stake=0.0, allow_hotkeys=(), deny_hotkeys=())
+    assert args["workloads"][PROTOCOL_WORKLOAD[protocol]] is not None
+    cfg = type(miner.cfg).model_validate(args)
+    serve.run(build_app(cfg), name=app, route_prefix=prefix)
+    return cfg
+
+
 class Miner:
     def __init__(self, url, cfg, metrics_url):
         self.url = url

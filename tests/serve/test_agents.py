@@ -3,15 +3,13 @@ sharing batched model calls, limits, deadlines. (The loop's logic with a scripte
 tests/unit/test_agent_loop.py; the tiny model's text is noise, so its actions are mostly
 invalid and come back to it as errors.)"""
 
-import json
 import time
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 from ray import serve
 
-from serve_app.app import build_app
-from tests.conftest import ss58
+from tests.conftest import deploy_app
 
 PATH = "/v1/agents/runs"
 CUT_APP, CUT = "agents-deadlines", "/ad"
@@ -19,22 +17,13 @@ CUT_APP, CUT = "agents-deadlines", "/ad"
 
 @pytest.fixture(scope="module")
 def cut(miner, tmp_path_factory):
-    """A second app for runs cut short (deadline, hang-up): their 504s stay off the session
-    app's availability budget, which other tests read."""
-    snapshot = tmp_path_factory.mktemp("ad") / "metagraph.json"
-    neurons = [{"uid": 0, "hotkey": ss58("//Alice"), "validator_permit": True, "total_stake": 1000.0}]
-    snapshot.write_text(json.dumps({"netuid": 4, "block": 1, "neurons": neurons}))
-    args = miner.cfg.model_dump()
-    args["name"] = "torchrank-agents-deadlines"
-    args["workloads"].update(embeddings=None, diffusion=None)
+    """A second app for runs cut short (deadline, hang-up, the session cap): their 504s and
+    503s stay off the session app's availability budget, which other tests read."""
     # Two sessions at once per replica, two more waiting in Serve's queue: the rest refused.
-    args["workloads"]["agents"].update(num_cpus=0.25, max_ongoing_requests=2, max_queued_requests=2)
-    args["router"].update(num_replicas=1, num_cpus=0.25)
-    subnet = args["subnets"][0]
-    subnet.update(netuid=4, prefix=CUT, routes=[{"path": PATH, "protocol": "agent-runs"}])
-    subnet["metagraph"]["path"] = str(snapshot)
-    subnet["auth"].update(min_stake=0.0, allow_hotkeys=(), deny_hotkeys=())
-    serve.run(build_app(type(miner.cfg).model_validate(args)), name=CUT_APP, route_prefix=CUT)
+    deploy_app(miner, tmp_path_factory, CUT_APP, netuid=4, prefix=CUT, protocol="agent-runs",
+               workloads={"embeddings": None, "diffusion": None,
+                          "agents": {"num_cpus": 0.25, "max_ongoing_requests": 2, "max_queued_requests": 2}},
+               router={"num_replicas": 1, "num_cpus": 0.25})
     yield miner
     serve.delete(CUT_APP)
 

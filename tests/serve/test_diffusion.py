@@ -7,15 +7,13 @@ off, so every image there is rendered; the session's app (cache on) covers the c
 
 import base64
 import io
-import json
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 from PIL import Image
 from ray import serve
 
-from serve_app.app import build_app
-from tests.conftest import ss58
+from tests.conftest import deploy_app
 
 PATH = "/v1/images/generations"
 NOCACHE_APP, NOCACHE = "images-nocache", "/nc"
@@ -23,19 +21,9 @@ NOCACHE_APP, NOCACHE = "images-nocache", "/nc"
 
 @pytest.fixture(scope="module")
 def nocache(miner, tmp_path_factory):
-    snapshot = tmp_path_factory.mktemp("nc") / "metagraph.json"
-    neurons = [{"uid": 0, "hotkey": ss58("//Alice"), "validator_permit": True, "total_stake": 1000.0}]
-    snapshot.write_text(json.dumps({"netuid": 3, "block": 1, "neurons": neurons}))
-    args = miner.cfg.model_dump()
-    args["name"] = "torchrank-images-nocache"
-    args["workloads"].update(embeddings=None, agents=None)
-    args["workloads"]["diffusion"].update(cache_bytes=0, num_cpus=0.25)
-    args["router"].update(num_replicas=1, num_cpus=0.25)
-    subnet = args["subnets"][0]
-    subnet.update(netuid=3, prefix=NOCACHE, routes=[{"path": PATH, "protocol": "openai-images"}])
-    subnet["metagraph"]["path"] = str(snapshot)
-    subnet["auth"].update(min_stake=0.0, allow_hotkeys=(), deny_hotkeys=())
-    serve.run(build_app(type(miner.cfg).model_validate(args)), name=NOCACHE_APP, route_prefix=NOCACHE)
+    deploy_app(miner, tmp_path_factory, NOCACHE_APP, netuid=3, prefix=NOCACHE, protocol="openai-images",
+               workloads={"embeddings": None, "agents": None, "diffusion": {"cache_bytes": 0, "num_cpus": 0.25}},
+               router={"num_replicas": 1, "num_cpus": 0.25})
     yield miner
     serve.delete(NOCACHE_APP)
 

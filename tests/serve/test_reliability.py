@@ -6,7 +6,6 @@ like a validator's and runs over loopback; each scenario is bounded in time.
 """
 
 import asyncio
-import json
 import time
 
 import psutil
@@ -15,9 +14,8 @@ import ray
 from bittensor.sp_core import Keypair
 from ray import serve
 
-from serve_app.app import build_app
 from serve_app.loadgen import Load, percentile, summary
-from tests.conftest import MINER, ss58
+from tests.conftest import MINER, deploy_app, ss58
 
 APP = "reliability"
 PREFIX = "/rel"
@@ -28,29 +26,21 @@ SMALL = Keypair.create_from_uri("//Small")  # a validator with 1 % of the stake
 
 @pytest.fixture(scope="module")
 def rel(miner, tmp_path_factory):
-    snapshot = tmp_path_factory.mktemp("rel") / "metagraph.json"
     neurons = [
         {"uid": 0, "hotkey": ss58("//Alice"), "validator_permit": True, "total_stake": 9900.0},
         {"uid": 1, "hotkey": ss58("//Bob"), "validator_permit": False, "total_stake": 0.0},
         {"uid": 2, "hotkey": ss58("//Small"), "validator_permit": True, "total_stake": 100.0},
     ]
-    snapshot.write_text(json.dumps({"netuid": 2, "block": 1, "neurons": neurons}))
-    args = miner.cfg.model_dump()
-    args["name"] = "torchrank-reliability"
-    args["workloads"].update(diffusion=None, agents=None)  # embeddings only: the faults below are injected there
-    args["workloads"]["embeddings"].update(
-        num_replicas=2, num_cpus=0.5, torch_threads=1, max_queued_requests=64,
-        admission={"max_in_flight": 4, "max_queued": 16, "max_wait_s": 0.2},
-        degraded={"max_seq_length": 16, "busy_fraction": 0.5, "on_after_s": 1.0, "off_after_s": 2.0})
-    subnet = args["subnets"][0]
-    subnet.update(netuid=2, prefix=PREFIX, breaker={"consecutive_failures": 3, "open_s": 3.0}, allow_degraded=True,
-                  # Small: 1 % of 1000/s = 10/s across both routers, a burst of 1 s.
-                  rate_limit={"total_rps": 1000.0, "floor_rps": 1.0, "burst_s": 1.0})
-    subnet["metagraph"]["path"] = str(snapshot)
-    subnet["routes"] = [route for route in subnet["routes"] if route["protocol"] == "openai-embeddings"]
-    subnet["auth"].update(min_stake=0.0, allow_hotkeys=(), deny_hotkeys=())
-    cfg = type(miner.cfg).model_validate(args)
-    serve.run(build_app(cfg), name=APP, route_prefix=PREFIX)
+    cfg = deploy_app(
+        miner, tmp_path_factory, APP, netuid=2, prefix=PREFIX, protocol="openai-embeddings", neurons=neurons,
+        # Embeddings only: the faults below are injected there.
+        workloads={"diffusion": None, "agents": None, "embeddings": dict(
+            num_replicas=2, num_cpus=0.5, torch_threads=1, max_queued_requests=64,
+            admission={"max_in_flight": 4, "max_queued": 16, "max_wait_s": 0.2},
+            degraded={"max_seq_length": 16, "busy_fraction": 0.5, "on_after_s": 1.0, "off_after_s": 2.0})},
+        subnet=dict(breaker={"consecutive_failures": 3, "open_s": 3.0}, allow_degraded=True,
+                    # Small: 1 % of 1000/s = 10/s across both routers, a burst of 1 s.
+                    rate_limit={"total_rps": 1000.0, "floor_rps": 1.0, "burst_s": 1.0}))
     yield cfg
     serve.delete(APP)
 
