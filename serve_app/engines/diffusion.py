@@ -11,12 +11,11 @@ from __future__ import annotations
 
 import io
 import logging
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
 from serve_app.config import DiffusionConfig, DiffusionPreset
-from serve_app.engines.gpu import gpu_usage, pick_device
+from serve_app.engines.gpu import gpu_usage, torch_runtime
 from serve_app.engines.tiny_diffusion import TINY_DIFFUSION_ID, build_tiny_pipeline
 from serve_app.engines.weights import weights_digest
 
@@ -56,20 +55,14 @@ def resolve_pipeline_path(cfg: DiffusionConfig) -> str:
 
 class DiffusionEngine:
     def __init__(self, cfg: DiffusionConfig, num_threads: int = 1):
-        if cfg.offline:
-            os.environ["HF_HUB_OFFLINE"] = "1"
-        import torch
+        self.torch, self.device, dtype = torch_runtime(cfg, num_threads)
         from diffusers import AutoPipelineForText2Image
 
-        torch.set_num_threads(num_threads)
-        self.torch = torch
         self.cfg = cfg
-        self.device = pick_device(cfg.device)
-        dtype = torch.float16 if self.device == "cuda" and cfg.fp16 else torch.float32
         self.memory_fraction = cfg.gpu_memory_fraction or (cfg.num_gpus if 0 < cfg.num_gpus < 1 else None)
         if self.device == "cuda" and self.memory_fraction:
             # A fractional-GPU replica must not take its neighbours' memory: past the cap it gets OOM itself.
-            torch.cuda.set_per_process_memory_fraction(self.memory_fraction)
+            self.torch.cuda.set_per_process_memory_fraction(self.memory_fraction)
         path = resolve_pipeline_path(cfg)
         self.weights_sha256 = weights_digest(path)
         pipe = AutoPipelineForText2Image.from_pretrained(path, torch_dtype=dtype)

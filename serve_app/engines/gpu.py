@@ -26,3 +26,17 @@ def pick_device(requested: str) -> str:
     if requested == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
     return requested
+
+
+def torch_runtime(cfg, num_threads: int):
+    """(torch, device, dtype) for an engine's config (`offline`, `device`, `fp16`): the hub
+    switched off if asked, torch on `num_threads`, fp16 only on CUDA."""
+    import os
+
+    if cfg.offline:
+        os.environ["HF_HUB_OFFLINE"] = "1"  # before transformers/diffusers read it
+    import torch
+
+    torch.set_num_threads(num_threads)
+    device = pick_device(cfg.device)
+    return torch, device, torch.float16 if device == "cuda" and cfg.fp16 else torch.float32

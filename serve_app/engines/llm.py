@@ -9,12 +9,11 @@ so one forward pass advances every session in the batch by a token.
 from __future__ import annotations
 
 import logging
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
 from serve_app.config import AgentsConfig
-from serve_app.engines.gpu import gpu_usage, pick_device
+from serve_app.engines.gpu import gpu_usage, torch_runtime
 from serve_app.engines.tiny_lm import TINY_LM_ID, build_tiny_lm
 from serve_app.engines.weights import weights_digest
 
@@ -36,15 +35,9 @@ def resolve_model_path(model: str, cache_dir: str) -> str:
 
 class LLMEngine:
     def __init__(self, cfg: AgentsConfig, num_threads: int = 1):
-        if cfg.offline:
-            os.environ["HF_HUB_OFFLINE"] = "1"
-        import torch
+        self.torch, self.device, dtype = torch_runtime(cfg, num_threads)
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
-        torch.set_num_threads(num_threads)
-        self.torch = torch
-        self.device = pick_device(cfg.device)
-        dtype = torch.float16 if self.device == "cuda" and cfg.fp16 else torch.float32
         path = resolve_model_path(cfg.model, cfg.cache_dir)
         self.model_id = cfg.model
         self.weights_sha256 = weights_digest(path)
