@@ -17,6 +17,7 @@ from serve_app.chain.metagraph import SnapshotSource
 from serve_app.config import MinerConfig, SnapshotMetagraph
 from serve_app.observability.info import BuildInfo
 from serve_app.observability.logs import JSON_LOGS, WORKLOAD_LOGS
+from serve_app.ops.autoscaling import serve_autoscaling_config
 from serve_app.router.deployment import Router
 from serve_app.workloads.agents import Agents
 from serve_app.workloads.diffusion import Diffusion
@@ -44,11 +45,20 @@ def check_startable(cfg: MinerConfig) -> None:
                 raise ValueError(f"subnets[netuid={subnet.netuid}].metagraph.path: {exc}") from None
 
 
-def placed(deployment, wl):
-    """A workload deployment with its config's placement and load bounds."""
+def on_demand_only(cfg: MinerConfig) -> dict:
+    """Ray resources that keep a replica off spot nodes: a sliver of what only on-demand nodes have."""
+    name = cfg.cluster.on_demand_resource
+    return {name: 0.001} if name else {}
+
+
+def placed(deployment, wl, name: str, cfg: MinerConfig):
+    """A workload deployment with its config's placement, sizing and load bounds."""
+    sizing = ({"autoscaling_config": serve_autoscaling_config(wl.autoscaling, cfg.latency_slo_s(name), wl.batch_items)}
+              if wl.autoscaling else {"num_replicas": wl.num_replicas})
     return deployment.options(
-        num_replicas=wl.num_replicas,
-        ray_actor_options={"num_cpus": wl.num_cpus, "num_gpus": wl.num_gpus},
+        **sizing,
+        ray_actor_options={"num_cpus": wl.num_cpus, "num_gpus": wl.num_gpus,
+                           "resources": {} if wl.preemption_safe else on_demand_only(cfg)},
         max_ongoing_requests=wl.max_ongoing_requests,
         max_queued_requests=wl.max_queued_requests,
         logging_config=WORKLOAD_LOGS,
@@ -62,14 +72,14 @@ def build_app(args: MinerConfig) -> Application:
     for name, deployment in (("embeddings", Embeddings), ("diffusion", Diffusion)):
         wl = getattr(cfg.workloads, name)
         if wl is not None:
-            workloads[name] = placed(deployment, wl).bind(wl)
+            workloads[name] = placed(deployment, wl, name, cfg).bind(wl)
     agents = cfg.workloads.agents
     if agents is not None:
         # The retrieve tool calls the embeddings deployment directly, beside the router's calls.
-        workloads["agents"] = placed(Agents, agents).bind(agents, workloads.get("embeddings"))
+        workloads["agents"] = placed(Agents, agents, "agents", cfg).bind(agents, workloads.get("embeddings"))
     return Router.options(
         num_replicas=cfg.router.num_replicas,
-        ray_actor_options={"num_cpus": cfg.router.num_cpus},
+        ray_actor_options={"num_cpus": cfg.router.num_cpus, "resources": on_demand_only(cfg)},
         max_ongoing_requests=cfg.router.max_ongoing_requests,
         logging_config=JSON_LOGS,
     ).bind(cfg, workloads, BuildInfo())

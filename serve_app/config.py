@@ -209,7 +209,63 @@ class EmbeddingsDegradation(Strict):
     off_after_s: float = Field(default=15.0, ge=0, description="Not overloaded for this long switches it off.")
 
 
-class EmbeddingsConfig(Strict):
+class ReplicaAutoscaling(Strict):
+    """Serve autoscales the workload's replicas with serve_app/ops/autoscaling.py's policy:
+    up on p95 latency or waiting work, down one at a time after a quiet period."""
+
+    min_replicas: int = Field(default=1, ge=1)
+    max_replicas: int = Field(default=4, ge=1)
+    initial_replicas: Optional[int] = Field(default=None, ge=1, description="Replicas at start; default: min_replicas.")
+    latency_slo_s: Optional[float] = Field(
+        default=None, gt=0, description="Default: the strictest latency SLO of the subnets this workload serves.")
+    target_queued: Optional[int] = Field(
+        default=None, ge=1, description="Items (texts, images, sessions) waiting per replica; default: one full batch.")
+    up_at: float = Field(default=0.8, gt=0, le=2, description="Scale up when p95 passes this share of the SLO: "
+                                                              "the replica's p95 misses the router and network time.")
+    down_at: float = Field(default=0.5, gt=0, lt=1, description="Quiet: both signals under this share of their thresholds.")
+    quiet_period_s: float = Field(default=30.0, ge=0, description="Quiet this long before each step down.")
+    max_step_up: float = Field(default=2.0, ge=1, description="At most this many times the replicas per step up.")
+
+    @model_validator(mode="after")
+    def _bounds(self) -> "ReplicaAutoscaling":
+        if self.max_replicas < self.min_replicas:
+            raise ValueError(f"max_replicas ({self.max_replicas}) is below min_replicas ({self.min_replicas})")
+        if self.initial_replicas is not None and not self.min_replicas <= self.initial_replicas <= self.max_replicas:
+            raise ValueError(f"initial_replicas ({self.initial_replicas}) is outside min_replicas..max_replicas")
+        return self
+
+
+class Placement(Strict):
+    """Where a workload's replicas run and how many there are (shared by the workloads)."""
+
+    num_replicas: int = Field(default=1, ge=1, description="Fixed replica count; leave it at 1 with autoscaling.")
+    autoscaling: Optional[ReplicaAutoscaling] = None
+    num_cpus: float = Field(default=1.0, ge=0)
+    num_gpus: float = Field(default=0.0, ge=0, description="A fraction packs replicas onto one GPU (logical only: "
+                                                           "see gpu_memory_fraction).")
+    gpu_memory_fraction: Optional[float] = Field(
+        default=None, gt=0, le=1,
+        description="torch.cuda.set_per_process_memory_fraction in the replica; default: num_gpus when below 1.")
+    preemption_safe: bool = Field(
+        default=False, description="May run on spot/preemptible nodes (see cluster.on_demand_resource).")
+
+    @model_validator(mode="after")
+    def _one_way_to_size(self):
+        if self.autoscaling is not None and self.num_replicas != 1:
+            raise ValueError("set num_replicas or autoscaling, not both")
+        return self
+
+    @property
+    def memory_cap(self) -> Optional[float]:
+        return self.gpu_memory_fraction or (self.num_gpus if 0 < self.num_gpus < 1 else None)
+
+    @property
+    def batch_items(self) -> int:
+        """Items one model call takes: the autoscaler's default queue target per replica."""
+        raise NotImplementedError
+
+
+class EmbeddingsConfig(Placement):
     model: str = Field(
         default="sentence-transformers/all-MiniLM-L6-v2",
         description="A hub id or a local directory of a sentence-transformers model.",
@@ -217,6 +273,7 @@ class EmbeddingsConfig(Strict):
     served_model_name: Optional[str] = Field(default=None, description="The name in responses; default: the model's last path part.")
     offline: bool = Field(default=False, description="Set HF_HUB_OFFLINE=1 in the replica: never contact a model hub.")
     device: Literal["auto", "cpu", "cuda"] = "auto"
+    fp16: bool = Field(default=True, description="Half precision on GPU (ignored on CPU).")
     torch_threads: Optional[int] = Field(default=None, ge=1, description="Default: the replica's num_cpus, at least 1.")
     cpu_nice: int = Field(
         default=10, ge=0, le=19,
@@ -235,10 +292,7 @@ class EmbeddingsConfig(Strict):
     # Per-request limits -> 422.
     max_texts_per_request: int = Field(default=64, ge=1)
     max_chars_per_text: int = Field(default=8192, ge=1)
-    # Placement.
-    num_replicas: int = Field(default=1, ge=1)
-    num_cpus: float = Field(default=1.0, ge=0)
-    num_gpus: float = Field(default=0.0, ge=0)
+    # Placement (num_replicas, num_cpus, num_gpus, autoscaling...: Placement) and load.
     max_ongoing_requests: int = Field(default=128, ge=1, le=4096)
     max_queued_requests: int = Field(
         default=256, ge=1, description="Serve's bound on requests waiting for a replica, per caller (e.g. while one restarts).")
@@ -258,6 +312,10 @@ class EmbeddingsConfig(Strict):
     def model_name(self) -> str:
         return self.served_model_name or self.model.rstrip("/").split("/")[-1]
 
+    @property
+    def batch_items(self) -> int:
+        return self.max_batch_texts
+
 
 class DiffusionPreset(Strict):
     """One quality/cost point: what a request naming this preset runs."""
@@ -276,7 +334,7 @@ TINY_DIFFUSION_PRESETS = {
 }
 
 
-class DiffusionConfig(Strict):
+class DiffusionConfig(Placement):
     """Text-to-image through diffusers: presets, padded batches, a result cache."""
 
     model: str = Field(default="torchrank/tiny-sd",
@@ -300,9 +358,6 @@ class DiffusionConfig(Strict):
     fp16: bool = Field(default=True, description="Half precision on GPU (ignored on CPU).")
     attention_slicing: bool = Field(default=False, description="Less GPU memory per call for some speed.")
     vae_tiling: bool = Field(default=False, description="Decode large images tile by tile: less GPU memory.")
-    gpu_memory_fraction: Optional[float] = Field(
-        default=None, gt=0, le=1,
-        description="torch.cuda.set_per_process_memory_fraction for this replica; default: num_gpus when below 1.")
     offline: bool = Field(default=False, description="Set HF_HUB_OFFLINE=1 in the replica: never contact a model hub.")
     cache_dir: str = Field(default="~/.cache/torchrank-miner", description="Where locally built pipelines are saved.")
     torch_threads: Optional[int] = Field(default=None, ge=1, description="Default: the replica's num_cpus, at least 1.")
@@ -312,13 +367,14 @@ class DiffusionConfig(Strict):
     engine_process: bool = Field(
         default=True, description="Run the pipeline in a child process of the replica, with a GIL of its own: "
                                   "Serve's request handling no longer slows it (benchmarks/README.md).")
-    # Placement.
-    num_replicas: int = Field(default=1, ge=1)
-    num_cpus: float = Field(default=1.0, ge=0)
-    num_gpus: float = Field(default=0.0, ge=0)
+    # Placement (num_replicas, num_cpus, num_gpus, autoscaling...: Placement) and load.
     max_ongoing_requests: int = Field(default=64, ge=1, le=4096)
     max_queued_requests: int = Field(default=128, ge=1)
     admission: AdmissionConfig = AdmissionConfig(max_in_flight=8, max_queued=16, max_wait_s=2.0)
+
+    @property
+    def batch_items(self) -> int:
+        return self.max_batch_images
 
     @model_validator(mode="after")
     def _presets_within_limits(self) -> "DiffusionConfig":
@@ -358,7 +414,7 @@ class AgentToolsConfig(Strict):
     http_fetch: FetchToolConfig = FetchToolConfig()
 
 
-class AgentsConfig(Strict):
+class AgentsConfig(Placement):
     """Multi-step tool use with a causal LM: many sessions' steps batched into shared passes."""
 
     model: str = Field(default="torchrank/tiny-lm",
@@ -381,12 +437,13 @@ class AgentsConfig(Strict):
     tools: AgentToolsConfig = AgentToolsConfig()
     # Placement and load: a replica runs at most max_ongoing_requests sessions at once;
     # Serve queues the next max_queued_requests per caller, then refuses (503 shed).
-    num_replicas: int = Field(default=1, ge=1)
-    num_cpus: float = Field(default=1.0, ge=0)
-    num_gpus: float = Field(default=0.0, ge=0)
     max_ongoing_requests: int = Field(default=64, ge=1, le=4096, description="Concurrent sessions per replica.")
     max_queued_requests: int = Field(default=64, ge=1)
     admission: AdmissionConfig = AdmissionConfig(max_in_flight=64, max_queued=64, max_wait_s=2.0)
+
+    @property
+    def batch_items(self) -> int:
+        return self.max_batch_sessions
 
     @model_validator(mode="after")
     def _steps(self) -> "AgentsConfig":
@@ -412,12 +469,27 @@ class RouterConfig(Strict):
     body_timeout_s: float = Field(default=10.0, gt=0, description="A body slower than this to arrive gets 408.")
 
 
+class ClusterConfig(Strict):
+    """Placement on a multi-node cluster (cluster.yaml); nothing to set on one machine."""
+
+    on_demand_resource: Optional[str] = Field(
+        default=None, pattern=r"^[A-Za-z_][A-Za-z0-9_]*$",
+        description="A custom resource only on-demand nodes advertise (cluster.yaml: on_demand). Set, the router and "
+                    "every workload not marked preemption_safe require a sliver of it: they never land on spot nodes.")
+
+
 class MinerConfig(Strict):
     name: str = Field(default="torchrank-miner", description="Used for the shared replay store's actor name.")
     wallet: WalletConfig
     subnets: tuple[SubnetConfig, ...] = Field(min_length=1)
     workloads: WorkloadsConfig = WorkloadsConfig()
     router: RouterConfig = RouterConfig()
+    cluster: ClusterConfig = ClusterConfig()
+
+    def latency_slo_s(self, workload: str) -> float:
+        """The strictest latency SLO among the subnets with a route to `workload`."""
+        return min((s.slo.latency_s for s in self.subnets
+                    if any(PROTOCOL_WORKLOAD[r.protocol] == workload for r in s.routes)), default=SLOConfig().latency_s)
 
     @model_validator(mode="after")
     def _consistent(self) -> "MinerConfig":

@@ -59,10 +59,6 @@ class DiffusionEngine:
         from diffusers import AutoPipelineForText2Image
 
         self.cfg = cfg
-        self.memory_fraction = cfg.gpu_memory_fraction or (cfg.num_gpus if 0 < cfg.num_gpus < 1 else None)
-        if self.device == "cuda" and self.memory_fraction:
-            # A fractional-GPU replica must not take its neighbours' memory: past the cap it gets OOM itself.
-            self.torch.cuda.set_per_process_memory_fraction(self.memory_fraction)
         path = resolve_pipeline_path(cfg)
         self.weights_sha256 = weights_digest(path)
         pipe = AutoPipelineForText2Image.from_pretrained(path, torch_dtype=dtype)
@@ -82,7 +78,7 @@ class DiffusionEngine:
     @property
     def info(self) -> dict:
         return {"model": self.cfg.model, "weights_sha256": self.weights_sha256, "device": self.device, "dtype": self.dtype,
-                "gpu_memory_fraction": self.memory_fraction if self.device == "cuda" else None,
+                "gpu_memory_fraction": self.cfg.memory_cap if self.device == "cuda" else None,
                 "images_per_call": self.cfg.max_batch_images, "default_preset": self.cfg.default_preset,
                 "presets": {name: p.model_dump() for name, p in self.cfg.presets.items()}}
 

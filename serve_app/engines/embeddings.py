@@ -11,14 +11,13 @@ from __future__ import annotations
 
 import importlib
 import logging
-import os
 from pathlib import Path
 from typing import Optional, Sequence
 
 import numpy as np
 
 from serve_app.config import EmbeddingsConfig
-from serve_app.engines.gpu import pick_device
+from serve_app.engines.gpu import torch_runtime
 from serve_app.engines.weights import weights_digest
 
 log = logging.getLogger("torchrank.embeddings")
@@ -51,21 +50,14 @@ def sentence_transformers_version() -> str:
 
 class SentenceEmbeddingEngine:
     def __init__(self, cfg: EmbeddingsConfig, num_threads: int):
-        if cfg.offline:
-            # Must be set before huggingface_hub is imported, which reads it once.
-            os.environ["HF_HUB_OFFLINE"] = "1"
-            os.environ["TRANSFORMERS_OFFLINE"] = "1"
-        import torch
+        self.torch, self.device, dtype = torch_runtime(cfg, num_threads)
         from sentence_transformers import SentenceTransformer
 
-        torch.set_num_threads(num_threads)
-        self.torch = torch
-        self.device = pick_device(cfg.device)
         path = resolve_model_path(cfg.model)
         self.model = SentenceTransformer(path, device=self.device)
         if cfg.max_seq_length is not None:
             self.model.max_seq_length = cfg.max_seq_length
-        if self.device == "cuda":
+        if dtype == self.torch.float16:
             self.model.half()
         self.model.eval()
         # sentence-transformers 6 renamed these; keep older releases working too.
@@ -79,7 +71,8 @@ class SentenceEmbeddingEngine:
             "weights_sha256": weights_digest(path),
             "dimension": self.dimension,
             "device": self.device,
-            "libraries": {"torch": torch.__version__, "sentence-transformers": sentence_transformers_version()},
+            "gpu_memory_fraction": cfg.memory_cap if self.device == "cuda" else None,
+            "libraries": {"torch": self.torch.__version__, "sentence-transformers": sentence_transformers_version()},
         }
         log.info("loaded %s from %s on %s (dim %d, %d threads)", cfg.model, path, self.device, self.dimension, num_threads)
         self.encode(["warm up the kernels"])

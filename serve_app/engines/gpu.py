@@ -29,14 +29,21 @@ def pick_device(requested: str) -> str:
 
 
 def torch_runtime(cfg, num_threads: int):
-    """(torch, device, dtype) for an engine's config (`offline`, `device`, `fp16`): the hub
-    switched off if asked, torch on `num_threads`, fp16 only on CUDA."""
+    """(torch, device, dtype) for an engine's config (`offline`, `device`, `fp16`, `memory_cap`):
+    the hub switched off if asked, torch on `num_threads`, fp16 only on CUDA, and on CUDA
+    this process capped at its share of GPU memory."""
     import os
 
     if cfg.offline:
-        os.environ["HF_HUB_OFFLINE"] = "1"  # before transformers/diffusers read it
+        # Before huggingface_hub / transformers are imported: they read these once.
+        os.environ["HF_HUB_OFFLINE"] = "1"
+        os.environ["TRANSFORMERS_OFFLINE"] = "1"
     import torch
 
     torch.set_num_threads(num_threads)
     device = pick_device(cfg.device)
+    if device == "cuda" and cfg.memory_cap:
+        # Fractional num_gpus is only bookkeeping: without the cap a replica could take its
+        # neighbours' memory. Past it, this replica gets the OOM, not the others.
+        torch.cuda.set_per_process_memory_fraction(cfg.memory_cap)
     return torch, device, torch.float16 if device == "cuda" and cfg.fp16 else torch.float32

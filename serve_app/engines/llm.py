@@ -40,6 +40,7 @@ class LLMEngine:
 
         path = resolve_model_path(cfg.model, cfg.cache_dir)
         self.model_id = cfg.model
+        self.memory_cap = cfg.memory_cap if self.device == "cuda" else None
         self.weights_sha256 = weights_digest(path)
         self.tokenizer = AutoTokenizer.from_pretrained(path)
         self.tokenizer.padding_side = "left"  # generation continues every row from its last real token
@@ -83,4 +84,5 @@ class LLMEngine:
     @property
     def info(self) -> dict:
         return {"model": self.model_id, "weights_sha256": self.weights_sha256, "device": self.device,
+                "gpu_memory_fraction": self.memory_cap,
                 "dtype": str(self.model.dtype).removeprefix("torch."), "max_new_tokens": self.max_new_tokens}

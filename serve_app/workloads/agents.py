@@ -25,6 +25,7 @@ from serve_app.config import AgentsConfig
 from serve_app.engines.coalesce import CoalescingRunner, DeadlinePassed
 from serve_app.observability import logs
 from serve_app.observability.metrics import GAUGE_PERIOD_S, WorkloadMetrics
+from serve_app.ops.autoscaling import LoadWindow
 from serve_app.workloads.common import start_engine
 
 log = logging.getLogger("ray.serve.torchrank.agents")
@@ -58,7 +59,7 @@ class Agents:
         self.tools = self._tools(cfg)
         self.runs = 0
         self.steps = 0
-        self.in_flight = 0
+        self.load = LoadWindow()  # latencies and in-flight requests, for the autoscaler
         self.call_started: Optional[float] = None
         self._background = [asyncio.create_task(self._publish_gauges()), asyncio.create_task(logs.flush_every())]
 
@@ -101,12 +102,9 @@ class Agents:
         if time.time() >= deadline:
             raise DeadlinePassed()
         tools = [self.tools[name] for name in tool_names if name in self.tools]
-        self.in_flight += 1
-        try:
+        with self.load.track():
             result = await run_agent(task, tools, Session(documents=list(documents)),
                                      functools.partial(self._step, deadline=deadline), max_steps, deadline)
-        finally:
-            self.in_flight -= 1
         self.runs += 1
         return result.as_dict()
 
@@ -125,7 +123,7 @@ class Agents:
     async def _publish_gauges(self) -> None:
         while True:
             try:
-                self.metrics.in_flight.set(self.in_flight, self.metrics.tags)
+                self.metrics.in_flight.set(self.load.in_flight, self.metrics.tags)
                 self.metrics.queued.set(self.runner.queued_items, self.metrics.tags)
                 if self.engine_info["device"] == "cuda":
                     self.metrics.record_gpu(await self.torch.run(self.engine.call, "gpu_usage"))
@@ -133,8 +131,12 @@ class Agents:
                 log.exception("publishing agents gauges failed")
             await asyncio.sleep(GAUGE_PERIOD_S)
 
+    def record_autoscaling_stats(self) -> dict[str, float]:
+        """Serve calls this for the autoscaling policy (serve_app/ops/autoscaling.py)."""
+        return self.load.stats(queued=self.runner.queued_items)
+
     def stats(self) -> dict:
-        return {"runs": self.runs, "in_flight": self.in_flight, "model_steps": self.steps, "model_calls": self.runner.passes,
+        return {"runs": self.runs, "in_flight": self.load.in_flight, "model_steps": self.steps, "model_calls": self.runner.passes,
                 "largest_batch": self.runner.largest_pass, "expired": self.runner.expired, "tools": sorted(self.tools)}
 
     def info(self) -> dict:

@@ -22,6 +22,7 @@ from serve_app.engines.diffusion import ImageJob, RenderSpec
 from serve_app.engines.result_cache import ByteLRU
 from serve_app.observability import logs
 from serve_app.observability.metrics import GAUGE_PERIOD_S, WorkloadMetrics
+from serve_app.ops.autoscaling import LoadWindow
 from serve_app.workloads.common import SERVE_BATCHES_IN_FLIGHT, start_engine
 
 log = logging.getLogger("ray.serve.torchrank.diffusion")
@@ -59,7 +60,7 @@ class Diffusion:
         self.max_work = max_batch_work(cfg)
         self._render_batch.set_max_batch_size(self.max_work)
         self._render_batch.set_batch_wait_timeout_s(cfg.batch_wait_timeout_s)
-        self.in_flight = 0
+        self.load = LoadWindow()  # latencies and in-flight requests, for the autoscaler
         self.calls = 0
         self.busy_s = 0.0  # seconds in pipeline calls: utilisation over any interval
         self.images_done = 0
@@ -107,14 +108,11 @@ class Diffusion:
             return images
         if deadline is not None and time.time() >= deadline:
             raise DeadlinePassed()
-        self.in_flight += 1
-        try:
+        with self.load.track():
             jobs = [ImageJob(prompt, seeds[i], negative_prompt) for i in missing]
             # Serve refuses an item over max_batch_size: clamp (only a caller bypassing the adapter's limits gets there).
             work = min(len(jobs) * spec.work, self.max_work)
             result = await self._render_batch((spec, jobs, deadline, work))
-        finally:
-            self.in_flight -= 1
         if isinstance(result, BaseException):
             raise result
         for i, image in zip(missing, result):
@@ -144,7 +142,7 @@ class Diffusion:
     async def _publish_gauges(self) -> None:
         while True:
             try:
-                self.metrics.in_flight.set(self.in_flight, self.metrics.tags)
+                self.metrics.in_flight.set(self.load.in_flight, self.metrics.tags)
                 self.metrics.queued.set(sum(r.queued_items for r in self.runners.values()), self.metrics.tags)
                 self.metrics.cache_bytes.set(self.cache.bytes, self.metrics.tags)
                 if self.engine_info["device"] == "cuda":  # read where the model runs, between calls
@@ -152,6 +150,10 @@ class Diffusion:
             except Exception:  # the GPU-idle alert depends on this loop: never let it die
                 log.exception("publishing diffusion gauges failed")
             await asyncio.sleep(GAUGE_PERIOD_S)
+
+    def record_autoscaling_stats(self) -> dict[str, float]:
+        """Serve calls this for the autoscaling policy (serve_app/ops/autoscaling.py)."""
+        return self.load.stats(queued=sum(r.queued_items for r in self.runners.values()))
 
     def stats(self) -> dict:
         return {

@@ -18,6 +18,7 @@ from serve_app.engines.coalesce import CoalescingRunner, DeadlinePassed
 from serve_app.engines.gpu import gpu_usage
 from serve_app.observability import logs
 from serve_app.observability.metrics import GAUGE_PERIOD_S, WorkloadMetrics
+from serve_app.ops.autoscaling import LoadWindow
 from serve_app.ops.watchdog import Hysteresis
 from serve_app.workloads.common import SERVE_BATCHES_IN_FLIGHT, start_engine
 
@@ -42,7 +43,7 @@ class Embeddings:
         self.runner = CoalescingRunner(self.torch, self._encode_pass, max_items=cfg.max_batch_texts)
         self._embed_batch.set_max_batch_size(cfg.max_batch_texts)
         self._embed_batch.set_batch_wait_timeout_s(cfg.batch_wait_timeout_s)
-        self.in_flight = 0
+        self.load = LoadWindow()  # latencies and in-flight requests, for the autoscaler
         # The cheaper preset (shorter texts) for subnets that allow it, under sustained overload.
         self.degrade = Hysteresis(cfg.degraded.on_after_s, cfg.degraded.off_after_s) if cfg.degraded else None
         # (when, runner.busy_s, runner.items_waited) at the last gauge period: load over the period
@@ -61,7 +62,7 @@ class Embeddings:
         # Gauges are sampled here, off the request path; Ray exports them every few seconds anyway.
         while True:
             try:
-                self.metrics.in_flight.set(self.in_flight, self.metrics.tags)
+                self.metrics.in_flight.set(self.load.in_flight, self.metrics.tags)
                 queued = self.runner.queued_items
                 self.metrics.queued.set(queued, self.metrics.tags)
                 now, busy_s, waited = time.perf_counter(), self.runner.busy_s, self.runner.items_waited
@@ -93,11 +94,8 @@ class Embeddings:
         if deadline is not None and time.time() >= deadline:
             raise DeadlinePassed()
         cap = self.cfg.degraded.max_seq_length if degradable and self.degraded else None
-        self.in_flight += 1
-        try:
+        with self.load.track():
             result = await self._embed_batch((texts, deadline, cap))
-        finally:
-            self.in_flight -= 1
         if isinstance(result, BaseException):
             raise result
         vectors, tokens = result
@@ -111,6 +109,10 @@ class Embeddings:
         return await asyncio.gather(
             *(self.runner.run([(text, cap) for text in texts], deadline) for texts, deadline, cap in requests),
             return_exceptions=True)
+
+    def record_autoscaling_stats(self) -> dict[str, float]:
+        """Serve calls this for the autoscaling policy (serve_app/ops/autoscaling.py)."""
+        return self.load.stats(queued=self.runner.queued_items)
 
     def stats(self) -> dict:
         return {
