@@ -1,0 +1,93 @@
+"""Replica autoscaling end to end: a step of signed load scales the Embeddings workload up
+through the latency/queue policy, and it comes back down after the load stops.
+
+A second app (prefix /as) in the session's cluster: embeddings only, 1..2 replicas, a
+short quiet period so the test stays bounded.
+"""
+
+import asyncio
+import glob
+import json
+import os
+import threading
+import time
+
+import pytest
+import ray
+from bittensor.sp_core import Keypair
+from ray import serve
+
+from serve_app.loadgen import Load
+from tests.conftest import MINER, deploy_app
+
+APP = "autoscale"
+PREFIX = "/as"
+PATH = PREFIX + "/v1/embeddings"
+
+
+@pytest.fixture(scope="module")
+def scaled(miner, tmp_path_factory):
+    cfg = deploy_app(
+        miner, tmp_path_factory, APP, netuid=5, prefix=PREFIX, protocol="openai-embeddings",
+        workloads={"diffusion": None, "agents": None, "embeddings": dict(
+            num_cpus=0.25, torch_threads=1, degraded=None,
+            autoscaling={"min_replicas": 1, "max_replicas": 2, "latency_slo_s": 1.0, "target_queued": 16,
+                         "quiet_period_s": 3.0})},
+        router={"num_replicas": 1})
+    yield cfg
+    serve.delete(APP)
+
+
+def replicas() -> tuple[int, int]:
+    """(running replicas, replicas running or starting) of the app's Embeddings."""
+    states = serve.status().applications[APP].deployments["Embeddings"].replica_states
+    return states.get("RUNNING", 0), states.get("RUNNING", 0) + states.get("STARTING", 0)
+
+
+def wait_for(check, timeout_s: float, what: str):
+    end = time.monotonic() + timeout_s
+    while time.monotonic() < end:
+        if check():
+            return
+        time.sleep(0.25)
+    raise AssertionError(f"not within {timeout_s}s: {what} (replicas, target: {replicas()})")
+
+
+def controller_decisions() -> list[dict]:
+    """The policy's decision lines for this app, from the Serve controller's log."""
+    logs = os.path.join(ray._private.worker._global_node.get_session_dir_path(), "logs", "serve")
+    lines = []
+    for path in glob.glob(os.path.join(logs, "controller_*.log")):
+        with open(path) as f:
+            for line in f:
+                start = line.find('{"event": "autoscaling_decision"')
+                if start >= 0:
+                    decision = json.loads(line[start:].strip())
+                    if decision["application"] == APP:
+                        lines.append(decision)
+    return lines
+
+
+def test_a_load_step_scales_up_and_quiet_scales_down(miner, scaled):
+    wait_for(lambda: replicas() == (1, 1), 60, "one replica at start")
+    text = "validators score accuracy, reliability and latency of every answer a miner gives " * 3
+    load = Load(miner.url, Keypair.create_from_uri("//Alice"), MINER,
+                lambda i: (PATH, {"input": [f"{text} {i} {j}" for j in range(16)]}), timeout_s=30.0)
+    outcomes = []
+    # 16 callers, 16 texts each, for 20 s: ~240 texts waiting on one replica, 15x the queue target.
+    caller = threading.Thread(target=lambda: outcomes.extend(asyncio.run(load.closed_loop(16, 20.0))))
+    caller.start()
+    try:
+        wait_for(lambda: replicas()[1] == 2, 15, "a second replica starts under load")
+        wait_for(lambda: replicas()[0] == 2, 30, "the second replica runs")
+    finally:
+        caller.join()
+    assert outcomes and all(o.status == 200 for o in outcomes), {o.status for o in outcomes}
+    # Quiet for 3 s (and the replicas' 10 s latency window emptied): back to one.
+    wait_for(lambda: replicas() == (1, 1), 60, "back to one replica after the load")
+    decisions = controller_decisions()
+    ups = [d for d in decisions if d["decision"] == "up"]
+    downs = [d for d in decisions if d["decision"] == "down"]
+    assert ups and ups[0]["reason"] in ("queue_over_target", "latency_over_slo") and ups[0]["replicas"] == 2
+    assert downs and downs[-1]["reason"] == "quiet_period_over" and downs[-1]["replicas"] == 1
+    assert ups[0]["inputs"]["queued_per_replica"] > 16 or ups[0]["inputs"]["p95_s"] > 0.8
