@@ -25,8 +25,10 @@ $(STAMP): pyproject.toml Makefile
 
 # serve run under deployments/ray.env (HAProxy ingress, Serve's throughput profile); a
 # variable set in your environment wins, e.g. `RAY_SERVE_ENABLE_HA_PROXY=0 make run`.
+# CONFIG picks another serve config, e.g. a GPU one: make run CONFIG=deployments/gpu-one-node.yaml
+CONFIG ?= deployments/local.yaml
 run: setup
-	$(BIN)/python -m serve_app.rayenv $(BIN)/serve run deployments/local.yaml
+	$(BIN)/python -m serve_app.rayenv $(BIN)/serve run $(CONFIG)
 
 test: setup
 	$(BIN)/python -m pytest tests
