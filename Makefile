@@ -8,7 +8,7 @@ TORCH_SPEC ?= torch==2.13.0
 TORCH_INDEX ?=
 STAMP := $(VENV)/.installed
 
-.PHONY: setup run test test-unit bench prometheus clean
+.PHONY: setup run test test-unit test-cluster bench prometheus clean
 
 setup: $(STAMP)
 
@@ -35,6 +35,10 @@ test: setup
 
 test-unit: setup
 	$(BIN)/python -m pytest tests/unit
+
+# The fake multi-node cluster alone (~2 min; `make test` runs it too).
+test-cluster: setup
+	$(BIN)/python -m pytest -s tests/cluster
 
 # Prometheus on 127.0.0.1:9090 for the miner that `make run` started (Ray's discovery file
 # names its metrics endpoints), with the SLO rules and alerts.
