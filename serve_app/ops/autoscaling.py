@@ -48,7 +48,8 @@ AT_MIN = "at_min_replicas"
 NO_REPORTS = "no_reports"
 BELOW_MIN = "below_min_replicas"
 
-HEARTBEAT_S = 60.0  # an unchanged decision is logged again this often
+HEARTBEAT_S = 60.0
+REPORT_INTERVAL_S = 1.0  # an unchanged decision is logged again this often
 
 
 class LoadWindow:
@@ -224,6 +225,10 @@ def serve_autoscaling_config(scaling, latency_slo_s: float, target_queued: int) 
         "min_replicas": scaling.min_replicas,
         "max_replicas": scaling.max_replicas,
         "initial_replicas": scaling.initial_replicas,
+        # Replicas and handles report every second, not every 10 s: the policy sees a load step at
+        # once. ray 2.60 reads this deprecated field for both; the RAY_SERVE_*_METRIC_PUSH_INTERVAL_S
+        # variables its deprecation note names are not read yet.
+        "metrics_interval_s": REPORT_INTERVAL_S,
         # The policy keeps its own quiet period and waits for starting replicas.
         "upscale_delay_s": 0.0,
         "downscale_delay_s": 0.0,

@@ -57,6 +57,10 @@ def fake_cluster(tmp_path_factory):
             os.killpg(head.pid, signal.SIGKILL)  # anything that ignored SIGTERM
         except ProcessLookupError:
             pass
+        # `ray start` left its address as the machine's default cluster: a later plain ray.init() would try it.
+        current = Path("/tmp/ray/ray_current_cluster")
+        if current.exists() and current.read_text().strip() == address:
+            current.unlink()
 
 
 def test_fractional_gpu_replicas_scale_nodes_up_spot_only_for_safe_work_and_idle_nodes_go(fake_cluster):
