@@ -91,3 +91,15 @@ def test_a_load_step_scales_up_and_quiet_scales_down(miner, scaled):
     assert ups and ups[0]["reason"] in ("queue_over_target", "latency_over_slo") and ups[0]["replicas"] == 2
     assert downs and downs[-1]["reason"] == "quiet_period_over" and downs[-1]["replicas"] == 1
     assert ups[0]["inputs"]["queued_per_replica"] > 16 or ups[0]["inputs"]["p95_s"] > 0.8
+    # The same decisions reach Prometheus from the Serve controller.
+    wait_for(lambda: exported_decisions(miner) >= {"up", "down"}, 15, "decisions in the metrics")
+
+
+def exported_decisions(miner) -> set[str]:
+    import httpx
+    from prometheus_client.parser import text_string_to_metric_families
+
+    text = httpx.get(miner.metrics_url, timeout=5).text
+    return {sample.labels["decision"] for family in text_string_to_metric_families(text)
+            if family.name == "ray_torchrank_autoscaling_decisions"
+            for sample in family.samples if sample.labels.get("application") == APP and sample.value > 0}
