@@ -36,7 +36,7 @@ test: setup
 test-unit: setup
 	$(BIN)/python -m pytest tests/unit
 
-# The fake multi-node cluster alone (~2 min; `make test` runs it too).
+# The fake multi-node cluster alone (under a minute; `make test` runs it too).
 test-cluster: setup
 	$(BIN)/python -m pytest -s tests/cluster
 

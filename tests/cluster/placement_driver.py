@@ -21,10 +21,10 @@ class Probe:
     """Stands in for a workload: placement is under test here, not a model."""
 
     def __init__(self, cfg):
-        self.node = ray.get_runtime_context().get_node_id()
+        self.where = (serve.get_replica_context().replica_id.unique_id, ray.get_runtime_context().get_node_id())
 
-    def node_id(self) -> str:
-        return self.node
+    def placed_on(self) -> tuple[str, str]:
+        return self.where
 
 
 def worker_nodes() -> dict[str, dict]:
@@ -33,22 +33,29 @@ def worker_nodes() -> dict[str, dict]:
 
 
 def nodes_of(app: str, replicas: int) -> list[dict]:
+    """The resources of the nodes the app's replicas run on, one entry per replica."""
     handle = serve.get_deployment_handle("Probe", app)
-    seen = set()
+    seen = {}
     deadline = time.monotonic() + 30
     while len(seen) < replicas and time.monotonic() < deadline:
-        seen.add(handle.node_id.remote().result())
+        replica, node = handle.placed_on.remote().result()
+        seen[replica] = node
+    assert len(seen) == replicas, f"{app}: reached {len(seen)} of {replicas} replicas"
     workers = worker_nodes()
-    return [workers[node] for node in seen]
+    return [workers[node] for node in seen.values()]
+
+
+BEGAN = time.monotonic()
 
 
 def report(**fields) -> None:
-    print(json.dumps(fields), flush=True)
+    print(json.dumps({**fields, "since_start": round(time.monotonic() - BEGAN, 1)}), flush=True)
 
 
 def main(address: str) -> None:
     ray.init(address=address, log_to_driver=False)
     serve.start(proxy_location="Disabled")
+    report(phase="serve")
     miner = MinerConfig.model_validate({
         "wallet": {"uri": "//Bob"}, "cluster": {"on_demand_resource": "on_demand"},
         "subnets": [{"netuid": 1, "metagraph": {"source": "snapshot", "path": "deployments/local-metagraph.json"}}]})
