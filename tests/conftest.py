@@ -7,6 +7,7 @@ running `make run` is not disturbed.
 
 import json
 import socket
+import time
 
 import httpx
 import pytest
@@ -120,6 +121,17 @@ def deploy_app(miner, tmp_path_factory, app: str, netuid: int, prefix: str, prot
     cfg = type(miner.cfg).model_validate(args)
     serve.run(build_app(cfg), name=app, route_prefix=prefix)
     return cfg
+
+
+def wait_until(check, timeout_s: float, what, interval_s: float = 0.5):
+    """Poll `check` until true; past `timeout_s` fail, naming `what` (a string, or a
+    function giving one, e.g. with the state at the time)."""
+    end = time.monotonic() + timeout_s
+    while time.monotonic() < end:
+        if check():
+            return
+        time.sleep(interval_s)
+    raise AssertionError(f"not within {timeout_s}s: {what() if callable(what) else what}")
 
 
 class Miner:

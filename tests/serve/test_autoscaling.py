@@ -10,7 +10,6 @@ import glob
 import json
 import os
 import threading
-import time
 
 import pytest
 import ray
@@ -18,7 +17,7 @@ from bittensor.sp_core import Keypair
 from ray import serve
 
 from serve_app.loadgen import Load
-from tests.conftest import MINER, deploy_app
+from tests.conftest import MINER, deploy_app, wait_until
 
 APP = "autoscale"
 PREFIX = "/as"
@@ -45,12 +44,7 @@ def replicas() -> tuple[int, int]:
 
 
 def wait_for(check, timeout_s: float, what: str):
-    end = time.monotonic() + timeout_s
-    while time.monotonic() < end:
-        if check():
-            return
-        time.sleep(0.25)
-    raise AssertionError(f"not within {timeout_s}s: {what} (replicas, target: {replicas()})")
+    wait_until(check, timeout_s, lambda: f"{what} (replicas running, running or starting: {replicas()})", 0.25)
 
 
 def controller_decisions() -> list[dict]:

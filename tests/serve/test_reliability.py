@@ -15,7 +15,7 @@ from bittensor.sp_core import Keypair
 from ray import serve
 
 from serve_app.loadgen import Load, percentile, summary
-from tests.conftest import MINER, deploy_app, ss58
+from tests.conftest import MINER, deploy_app, ss58, wait_until
 
 APP = "reliability"
 PREFIX = "/rel"
@@ -64,15 +64,6 @@ def replicas(deployment: str) -> list[dict]:
 def running(deployment: str) -> int:
     status = serve.status().applications[APP].deployments[deployment]
     return status.replica_states.get("RUNNING", 0)
-
-
-def wait_until(check, timeout_s: float, what: str):
-    end = time.monotonic() + timeout_s
-    while time.monotonic() < end:
-        if check():
-            return
-        time.sleep(0.5)
-    raise AssertionError(f"not within {timeout_s}s: {what}")
 
 
 def ready(miner) -> bool:
