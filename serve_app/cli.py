@@ -126,9 +126,9 @@ def cmd_status(args) -> int:
         return 2
     rows = status.table(before, after)
     if args.json:
-        print(status.as_json(rows, after.queued))
+        print(status.as_json(rows, after))
     else:
-        print(status.render(rows, after.queued))
+        print(status.render(rows, after))
     return 0
 
 

@@ -264,6 +264,14 @@ class Placement(Strict):
         """Items one model call takes: the autoscaler's default queue target per replica."""
         raise NotImplementedError
 
+    def placement_info(self) -> dict:
+        """For /info: how many replicas, where, and with what share of a GPU."""
+        sizing = ({"autoscaling": {"min_replicas": self.autoscaling.min_replicas,
+                                   "max_replicas": self.autoscaling.max_replicas}}
+                  if self.autoscaling else {"num_replicas": self.num_replicas})
+        return {**sizing, "num_cpus": self.num_cpus, "num_gpus": self.num_gpus,
+                "gpu_memory_cap": self.memory_cap, "preemption_safe": self.preemption_safe}
+
 
 class EmbeddingsConfig(Placement):
     model: str = Field(

@@ -38,6 +38,7 @@ class Sample:
     objective: dict = field(default_factory=dict)  # (netuid, slo) -> objective
     in_flight: dict = field(default_factory=lambda: defaultdict(float))  # netuid -> requests
     queued: dict = field(default_factory=lambda: defaultdict(float))  # workload -> items
+    replicas: dict = field(default_factory=dict)  # "app/deployment" -> replicas the autoscaler asks for
     at: float = 0.0
 
 
@@ -63,6 +64,8 @@ def parse(texts: Iterable[str], at: float) -> Sample:
                     s.in_flight[netuid] += value
                 elif name == "ray_torchrank_queue_depth":
                     s.queued[labels.get("workload", "-")] += value
+                elif name == "ray_torchrank_autoscaling_desired_replicas":
+                    s.replicas[f"{labels.get('application', '-')}/{labels.get('deployment', '-')}"] = value
     return s
 
 
@@ -114,7 +117,7 @@ def table(before: Sample, after: Sample) -> list[dict]:
     return rows
 
 
-def render(rows: list[dict], queued: dict[str, float]) -> str:
+def render(rows: list[dict], sample: Sample) -> str:
     def cell(value, fmt, scale=1.0, suffix=""):
         return "-" if value is None or math.isnan(value) else format(value * scale, fmt) + suffix
 
@@ -128,14 +131,16 @@ def render(rows: list[dict], queued: dict[str, float]) -> str:
             f"{cell(r['latency_budget_left'], '.1f', 100, '%'):>15} {cell(r['in_flight'], '.0f'):>9}")
     if not rows:
         lines.append("(no requests seen yet)")
-    lines.append("queue depth: " + (", ".join(f"{w} {v:.0f}" for w, v in sorted(queued.items())) or "-"))
+    lines.append("queue depth: " + (", ".join(f"{w} {v:.0f}" for w, v in sorted(sample.queued.items())) or "-"))
+    if sample.replicas:
+        lines.append("autoscaled replicas: " + ", ".join(f"{d} {v:.0f}" for d, v in sorted(sample.replicas.items())))
     return "\n".join(lines)
 
 
-def as_json(rows: list[dict], queued: dict[str, float]) -> str:
+def as_json(rows: list[dict], sample: Sample) -> str:
     """NaN (no data) becomes null: strict JSON."""
     clean = [{k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in r.items()} for r in rows]
-    return json.dumps({"subnets": clean, "queue_depth": dict(queued)})
+    return json.dumps({"subnets": clean, "queue_depth": dict(sample.queued), "autoscaled_replicas": sample.replicas})
 
 
 def collect(urls: list[str], interval_s: float, warn=print) -> tuple[Sample, Sample]:

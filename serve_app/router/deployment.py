@@ -239,7 +239,9 @@ class Router:
             "uptime_s": build["uptime_s"],
             "hotkey": self.auth.self_hotkey_ss58,
             "subnets": subnets,
-            "workloads": {name: await self._workload_info(name) for name in self.workloads},
+            "workloads": {name: {**await self._workload_info(name),
+                                 "placement": getattr(self.cfg.workloads, name).placement_info()}
+                          for name in self.workloads},
             "admission": {name: {"in_flight": a.in_flight, "queued": len(a.waiting), "shed": a.shed_total,
                                  "displaced": a.displaced_total} for name, a in self.admission.items()},
             "changes": build["changes"],

