@@ -194,7 +194,8 @@ class SubnetConfig(Strict):
 class AdmissionConfig(Strict):
     """How much of a workload one router replica may use at once (serve_app/ops/admission.py)."""
 
-    max_in_flight: int = Field(default=16, ge=1, description="Requests at the workload at once, per router replica.")
+    max_in_flight: int = Field(default=16, ge=1, description="Requests at the workload at once, per router replica; "
+                                                             "autoscaled: at min_replicas, growing with the replicas.")
     max_queued: int = Field(default=32, ge=0, description="Requests waiting for a slot, by stake; beyond it the lowest stake is shed.")
     max_wait_s: float = Field(default=0.25, gt=0, description="Longest wait for a slot before a fast 503.")
 

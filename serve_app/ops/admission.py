@@ -7,6 +7,10 @@ the newcomer is shed. A freed slot goes to the highest-stake waiter, first come 
 served among equals. Nobody waits past `max_wait_s` or its own deadline: a refusal in
 milliseconds beats an answer after the validator has given up.
 
+With an autoscaled workload the router calls `resize(running replicas / min_replicas)`:
+the bounds are set for the smallest size and grow with it, so replicas the autoscaler
+adds get work (a fixed cap would hold the load at the router, out of the autoscaler's sight).
+
 The queue is also bounded by what can drain in `max_wait_s` at the rate slots are being
 freed: a request that would wait longer than that anyway is refused at once, and
 `would_shed` lets the router refuse it before spending CPU on its signature.
@@ -52,6 +56,20 @@ class Admission:
         self.shed_total = 0
         self.displaced_total = 0
         self._releases: deque[float] = deque(maxlen=256)  # when slots were freed: the drain rate
+        self.scale = 1.0
+
+    @property
+    def max_in_flight(self) -> int:
+        return math.ceil(self.cfg.max_in_flight * self.scale)
+
+    @property
+    def max_queued(self) -> int:
+        return math.ceil(self.cfg.max_queued * self.scale)
+
+    def resize(self, scale: float) -> None:
+        """Bounds at `scale` x the configured ones (at least 1 x); more slots go to waiters at once."""
+        self.scale = max(1.0, scale)
+        self._grant()
 
     def drain_rate(self) -> float | None:
         """Slots freed per second lately (None until there is enough to tell)."""
@@ -65,12 +83,12 @@ class Admission:
     def queue_bound(self) -> int:
         rate = self.drain_rate()
         if rate is None:
-            return self.cfg.max_queued
-        return min(self.cfg.max_queued, max(1, math.floor(rate * self.cfg.max_wait_s)))
+            return self.max_queued
+        return min(self.max_queued, max(1, math.floor(rate * self.cfg.max_wait_s)))
 
     def would_shed(self, priority: float) -> bool:
         """Would a request of this priority be refused right now? (A cheap pre-check.)"""
-        if self.in_flight < self.cfg.max_in_flight and not self.waiting:
+        if self.in_flight < self.max_in_flight and not self.waiting:
             return False
         if len(self.waiting) < self.queue_bound():
             return False
@@ -89,7 +107,7 @@ class Admission:
             self._release()
 
     async def _acquire(self, priority: float, deadline: float) -> None:
-        if self.in_flight < self.cfg.max_in_flight and not self.waiting:
+        if self.in_flight < self.max_in_flight and not self.waiting:
             self.in_flight += 1
             return
         if self.would_shed(priority):
@@ -130,7 +148,11 @@ class Admission:
     def _release(self) -> None:
         self.in_flight -= 1
         self._releases.append(time.monotonic())
-        while self.waiting and self.in_flight < self.cfg.max_in_flight:
+        self._grant()
+
+    def _grant(self) -> None:
+        """Free slots to the highest-stake waiters."""
+        while self.waiting and self.in_flight < self.max_in_flight:
             best = min(self.waiting)
             self.waiting.remove(best)
             if not best.future.done():

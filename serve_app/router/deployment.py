@@ -157,9 +157,29 @@ class Router:
                 log.exception("publishing router gauges failed")
             await asyncio.sleep(GAUGE_PERIOD_S)
 
+    def _running_replicas(self, names) -> dict[str, int]:
+        """Running replicas of these workloads, from the Serve controller (blocking)."""
+        deployments = serve.status().applications[serve.get_replica_context().app_name].deployments
+        return {name: deployments[self.workloads[name].deployment_name].replica_states.get("RUNNING", 0)
+                for name in names}
+
+    async def _resize_admission(self) -> None:
+        """Autoscaled workloads: admission bounds follow the running replicas (see Admission.resize)."""
+        smallest = {name: wl.autoscaling.min_replicas for name in self.workloads
+                    if (wl := getattr(self.cfg.workloads, name)).autoscaling is not None}
+        if smallest:
+            running = await asyncio.to_thread(self._running_replicas, smallest)
+            for name, count in running.items():
+                if count:  # none running (restarting): keep the last bounds
+                    self.admission[name].resize(count / smallest[name])
+
     async def _watch(self) -> None:
-        """The per-subnet watchdog and the readiness probe of each workload."""
+        """The per-subnet watchdog, the readiness probe of each workload, admission sizes."""
         while True:
+            try:
+                await self._resize_admission()
+            except Exception:
+                log.exception("reading the workloads' replica counts failed")
             try:
                 for name in self.workloads:
                     self.workload_ready[name] = await self._answers(name)
@@ -242,7 +262,8 @@ class Router:
             "workloads": {name: {**await self._workload_info(name),
                                  "placement": getattr(self.cfg.workloads, name).placement_info()}
                           for name in self.workloads},
-            "admission": {name: {"in_flight": a.in_flight, "queued": len(a.waiting), "shed": a.shed_total,
+            "admission": {name: {"in_flight": a.in_flight, "max_in_flight": a.max_in_flight,
+                                 "queued": len(a.waiting), "shed": a.shed_total,
                                  "displaced": a.displaced_total} for name, a in self.admission.items()},
             "changes": build["changes"],
         })

@@ -47,6 +47,10 @@ def wait_for(check, timeout_s: float, what: str):
     wait_until(check, timeout_s, lambda: f"{what} (replicas running, running or starting: {replicas()})", 0.25)
 
 
+def admission_slots(miner) -> int:
+    return miner.http.get(PREFIX + "/info").json()["admission"]["embeddings"]["max_in_flight"]
+
+
 def controller_decisions() -> list[dict]:
     """The policy's decision lines for this app, from the Serve controller's log."""
     logs = os.path.join(ray._private.worker._global_node.get_session_dir_path(), "logs", "serve")
@@ -74,11 +78,16 @@ def test_a_load_step_scales_up_and_quiet_scales_down(miner, scaled):
     try:
         wait_for(lambda: replicas()[1] == 2, 15, "a second replica starts under load")
         wait_for(lambda: replicas()[0] == 2, 30, "the second replica runs")
+        # The router's admission bounds follow: twice the configured in-flight slots.
+        wait_for(lambda: admission_slots(miner) == 2 * scaled.workloads.embeddings.admission.max_in_flight, 10,
+                 "admission bounds grow with the replicas")
     finally:
         caller.join()
     assert outcomes and all(o.status == 200 for o in outcomes), {o.status for o in outcomes}
     # Quiet for 3 s (and the replicas' 10 s latency window emptied): back to one.
     wait_for(lambda: replicas() == (1, 1), 60, "back to one replica after the load")
+    wait_for(lambda: admission_slots(miner) == scaled.workloads.embeddings.admission.max_in_flight, 10,
+             "admission bounds shrink back")
     decisions = controller_decisions()
     ups = [d for d in decisions if d["decision"] == "up"]
     downs = [d for d in decisions if d["decision"] == "down"]

@@ -83,7 +83,7 @@ def test_ready_reports_models_metagraph_and_breakers(miner, rel):
     assert body["subnets"][0]["breakers"] == {"embeddings": "closed"}
     info = miner.http.get(PREFIX + "/info").json()
     assert info["subnets"][0]["breakers"]["embeddings"]["state"] == "closed"
-    assert set(info["admission"]["embeddings"]) == {"in_flight", "queued", "shed", "displaced"}
+    assert set(info["admission"]["embeddings"]) == {"in_flight", "max_in_flight", "queued", "shed", "displaced"}
 
 
 def test_rate_limit_is_per_hotkey_by_stake_with_retry_after(miner, rel):

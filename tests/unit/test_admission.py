@@ -96,3 +96,26 @@ def test_a_cancelled_waiter_leaves_no_slot_behind():
 
     adm = run(scenario())
     assert adm.in_flight == 0 and not adm.waiting
+
+
+def test_resize_grows_the_bounds_with_the_replicas_and_admits_waiters_at_once():
+    async def scenario():
+        adm = Admission(AdmissionConfig(max_in_flight=2, max_queued=3, max_wait_s=5))
+        release, log = asyncio.Event(), []
+        tasks = []
+        for i in range(4):
+            tasks.append(asyncio.create_task(hold(adm, 1, release, log, f"r{i}")))
+            await asyncio.sleep(0.01)
+        admitted_before = sum(1 for kind, _ in log if kind == "in")
+        adm.resize(2.0)  # a second workload replica runs: twice the slots, the waiters go in now
+        await asyncio.sleep(0.01)
+        admitted_after = sum(1 for kind, _ in log if kind == "in")
+        bounds = (adm.max_in_flight, adm.max_queued)
+        adm.resize(0.5)  # never below the configured bounds
+        release.set()
+        await asyncio.gather(*tasks)
+        return admitted_before, admitted_after, bounds, (adm.max_in_flight, adm.max_queued)
+
+    before, after, grown, floor = run(scenario())
+    assert (before, after) == (2, 4)
+    assert grown == (4, 6) and floor == (2, 3)
