@@ -78,6 +78,11 @@ class LoadWindow:
             del self._running[key]
             now = self._clock()
             self._done.append((now, now - started))
+            self._forget_before(now)  # bounded even where nobody asks for p95 (no autoscaling)
+
+    def _forget_before(self, now: float) -> None:
+        while self._done and self._done[0][0] < now - self.window_s:
+            self._done.popleft()
 
     @property
     def in_flight(self) -> int:
@@ -85,8 +90,7 @@ class LoadWindow:
 
     def p95(self) -> float:
         now = self._clock()
-        while self._done and self._done[0][0] < now - self.window_s:
-            self._done.popleft()
+        self._forget_before(now)
         latencies = sorted(seconds for _, seconds in self._done)
         finished = latencies[min(len(latencies) - 1, math.ceil(0.95 * len(latencies)) - 1)] if latencies else 0.0
         oldest = now - min(self._running.values()) if self._running else 0.0

@@ -135,3 +135,13 @@ def test_load_window_p95_and_stalled_requests():
     now[0] += 4.0
     assert window.p95() == pytest.approx(4.0)
     tracked.__exit__(None, None, None)
+
+
+def test_load_window_stays_bounded_without_p95_reads():
+    # A replica without autoscaling is never asked for its p95: finished requests must still be forgotten.
+    now = [0.0]
+    window = LoadWindow(window_s=10.0, clock=lambda: now[0])
+    for _ in range(1000):
+        with window.track():
+            now[0] += 0.1
+    assert len(window._done) <= 101
