@@ -104,6 +104,9 @@ class Router:
         self.routes: dict[str, Route] = {}
         # Each workload's capacity is shared by every subnet using it: one admission per workload.
         self.admission = {name: Admission(getattr(cfg.workloads, name).admission) for name in workloads}
+        # Autoscaled workloads -> their min_replicas: the size their admission bounds are set for.
+        self.autoscaled = {name: wl.autoscaling.min_replicas for name in workloads
+                           if (wl := getattr(cfg.workloads, name)).autoscaling is not None}
         self.breakers: dict[tuple[int, str], CircuitBreaker] = {}
         self.watchdogs = {subnet.netuid: SubnetWatchdog(subnet) for subnet in cfg.subnets}
         self.workload_ready = {name: False for name in workloads}
@@ -165,13 +168,11 @@ class Router:
 
     async def _resize_admission(self) -> None:
         """Autoscaled workloads: admission bounds follow the running replicas (see Admission.resize)."""
-        smallest = {name: wl.autoscaling.min_replicas for name in self.workloads
-                    if (wl := getattr(self.cfg.workloads, name)).autoscaling is not None}
-        if smallest:
-            running = await asyncio.to_thread(self._running_replicas, smallest)
+        if self.autoscaled:
+            running = await asyncio.to_thread(self._running_replicas, self.autoscaled)
             for name, count in running.items():
                 if count:  # none running (restarting): keep the last bounds
-                    self.admission[name].resize(count / smallest[name])
+                    self.admission[name].resize(count / self.autoscaled[name])
 
     async def _watch(self) -> None:
         """The per-subnet watchdog, the readiness probe of each workload, admission sizes."""
