@@ -1,24 +1,34 @@
-"""Bounded admission to a workload, by stake priority.
+"""Admission to a workload by deadline, in stake order.
 
-At most `max_in_flight` requests of this router replica are at the workload at once; up
-to `max_queued` more wait here. When the queue is full, a newcomer with more stake than
-the lowest-stake waiter takes that waiter's place (the waiter is shed at once); otherwise
-the newcomer is shed. A freed slot goes to the highest-stake waiter, first come first
-served among equals. Nobody waits past `max_wait_s` or its own deadline: a refusal in
-milliseconds beats an answer after the validator has given up.
+A request is refused only when it cannot be answered inside its deadline. Each request
+has a cost in the workload's items (texts, images at the default preset, sessions). The
+router sends work ahead to the workload up to `in_flight_items` (about two full passes:
+one running, one forming), and the rest waits here, ordered by stake (allow-listed
+hotkeys first, first come first served among equals). A newcomer is admitted when
+
+    now + (work in flight + work queued ahead of it + its own cost) / drain rate
+        <= now + deadline_share x (time left before its deadline)
+
+where the drain rate is the workload's measured throughput: items completed per second
+during which this router had work at the workload (idle time does not dilute it), per
+workload replica, times the replicas running now. Otherwise it is refused at once (503
+`shed`): a refusal in milliseconds beats an answer after the validator has given up.
+
+A higher-stake newcomer goes ahead of lower-stake waiters; a waiter it pushes past its
+own deadline is shed at once (displaced). Until the first completions give a rate, the
+queue holds at most `in_flight_items` of work. `max_in_flight` and `max_queued` are
+safety caps for memory, and `max_wait_s` an optional operator bound on the estimated wait.
 
 With an autoscaled workload the router calls `resize(running replicas / min_replicas)`:
-the bounds are set for the smallest size and grow with it, so replicas the autoscaler
-adds get work (a fixed cap would hold the load at the router, out of the autoscaler's sight).
-
-The queue is also bounded by what can drain in `max_wait_s` at the rate slots are being
-freed: a request that would wait longer than that anyway is refused at once, and
-`would_shed` lets the router refuse it before spending CPU on its signature.
+the in-flight work and the caps grow with the replicas, and so does the drain rate.
+`would_shed` lets the router refuse a request on its claimed stake before spending CPU
+on its signature.
 """
 
 from __future__ import annotations
 
 import asyncio
+import bisect
 import itertools
 import math
 import time
@@ -28,9 +38,13 @@ from dataclasses import dataclass, field
 
 from serve_app.config import AdmissionConfig
 
+# Completions the drain rate is measured over: enough to smooth passes of different sizes.
+RATE_WINDOW = 128
+RATE_MIN_SAMPLES = 4
+
 
 class Shed(Exception):
-    """Refused for load; `reason` says why (queue full, displaced, waited too long)."""
+    """Refused for load; `reason` says why (cannot make the deadline, displaced, caps)."""
 
     def __init__(self, reason: str):
         super().__init__(reason)
@@ -44,18 +58,57 @@ class QueueDeadline(Exception):
 @dataclass(order=True)
 class _Waiter:
     sort_key: tuple  # (-priority, arrival): the smallest goes first
+    cost: float = field(compare=False)
+    deadline: float = field(compare=False)  # on the admission's clock (time.monotonic)
     future: asyncio.Future = field(compare=False)
 
 
+class DrainRate:
+    """Items per busy second of the workload, per replica, over the last completions.
+
+    "Busy": some of this router's work was at the workload. Time with nothing in flight is
+    left out, so a quiet period does not make the workload look slow."""
+
+    def __init__(self) -> None:
+        self.busy_s = 0.0  # cumulative
+        self._busy_since: float | None = None
+        self._samples: deque[tuple[float, float, float]] = deque(maxlen=RATE_WINDOW)  # (busy_s, items, replicas)
+        self._items = 0.0
+
+    def busy(self, now: float, busy: bool) -> None:
+        """Call on every change of the in-flight count."""
+        if self._busy_since is not None:
+            self.busy_s += now - self._busy_since
+        self._busy_since = now if busy else None
+
+    def completed(self, now: float, items: float, replicas: float) -> None:
+        self.busy(now, True)
+        self._items += items
+        self._samples.append((self.busy_s, self._items, replicas))
+
+    def per_replica(self) -> float | None:
+        if len(self._samples) < RATE_MIN_SAMPLES:
+            return None
+        (busy0, items0, _), (busy1, items1, _) = self._samples[0], self._samples[-1]
+        if busy1 - busy0 <= 1e-3:
+            return None
+        replicas = sum(s[2] for s in self._samples) / len(self._samples)
+        return (items1 - items0) / (busy1 - busy0) / replicas
+
+
 class Admission:
-    def __init__(self, cfg: AdmissionConfig):
+    def __init__(self, cfg: AdmissionConfig, in_flight_items: float, clock=time.monotonic):
         self.cfg = cfg
-        self.in_flight = 0
-        self.waiting: list[_Waiter] = []
+        self.clock = clock
+        self.base_in_flight_items = in_flight_items
+        self.in_flight = 0  # requests at the workload
+        self.work_in_flight = 0.0  # their items
+        self.waiting: list[_Waiter] = []  # sorted: the next to go first
+        self.queued_work = 0.0
         self._arrivals = itertools.count()
         self.shed_total = 0
         self.displaced_total = 0
-        self._releases: deque[float] = deque(maxlen=256)  # when slots were freed: the drain rate
+        self.rate = DrainRate()
         self.scale = 1.0
 
     @property
@@ -66,95 +119,175 @@ class Admission:
     def max_queued(self) -> int:
         return math.ceil(self.cfg.max_queued * self.scale)
 
+    @property
+    def in_flight_items(self) -> float:
+        return self.base_in_flight_items * self.scale
+
     def resize(self, scale: float) -> None:
         """Bounds at `scale` x the configured ones (at least 1 x); more slots go to waiters at once."""
         self.scale = max(1.0, scale)
         self._grant()
 
     def drain_rate(self) -> float | None:
-        """Slots freed per second lately (None until there is enough to tell)."""
-        if len(self._releases) < 8:
-            return None
-        span = self._releases[-1] - self._releases[0]
-        if time.monotonic() - self._releases[-1] > 1.0 or span <= 0:
-            return None  # idle, or a stale burst: no evidence about the current drain
-        return (len(self._releases) - 1) / span
+        """Items per second the workload completes now (None until measured)."""
+        per_replica = self.rate.per_replica()
+        return None if per_replica is None else per_replica * self.scale
 
-    def queue_bound(self) -> int:
+    def estimated_wait_s(self, priority: float = 0.0) -> float | None:
+        """How long new work of this priority would wait for its turn (None: not measured yet)."""
         rate = self.drain_rate()
-        if rate is None:
-            return self.max_queued
-        return min(self.max_queued, max(1, math.floor(rate * self.cfg.max_wait_s)))
+        return None if rate is None else (self.work_in_flight + self._work_ahead(priority)) / rate
 
-    def would_shed(self, priority: float) -> bool:
-        """Would a request of this priority be refused right now? (A cheap pre-check.)"""
-        if self.in_flight < self.max_in_flight and not self.waiting:
-            return False
-        if len(self.waiting) < self.queue_bound():
-            return False
-        return not self.waiting or -max(self.waiting).sort_key[0] >= priority
+    def _work_ahead(self, priority: float) -> float:
+        """Queued work that a newcomer of this priority would wait behind (everyone at or above it)."""
+        behind = 0.0
+        for waiter in reversed(self.waiting):  # lowest first; usually none is below the newcomer
+            if -waiter.sort_key[0] >= priority:
+                break
+            behind += waiter.cost
+        return self.queued_work - behind
+
+    def _refusal(self, priority: float, cost: float, deadline: float, now: float) -> str | None:
+        """Why a newcomer must be refused now, or None to admit it."""
+        if self.in_flight == 0:
+            return None  # nothing ahead of it
+        if len(self.waiting) >= self.max_queued and not (
+                self.waiting and -self.waiting[-1].sort_key[0] < priority):
+            return f"{len(self.waiting)} requests are queued (max_queued)"
+        rate = self.drain_rate()
+        ahead = self.work_in_flight + self._work_ahead(priority)
+        if rate is None and not self.waiting and self._fits(cost):
+            return None  # not measured yet, and it goes straight to the workload
+        if rate is None:
+            # Not measured yet: hold about one more pass of work here, no more.
+            if ahead - self.work_in_flight + cost > self.in_flight_items:
+                return "the workload's speed is not measured yet and its queue is full"
+            return None
+        wait_s = ahead / rate
+        if self.cfg.max_wait_s is not None and wait_s > self.cfg.max_wait_s:
+            return f"the estimated wait {wait_s:.2f}s exceeds max_wait_s {self.cfg.max_wait_s:g}s"
+        finish_s = (ahead + cost) / rate
+        allowed_s = self.cfg.deadline_share * (deadline - now)
+        if finish_s > allowed_s:
+            return f"it would finish in ~{finish_s:.2f}s, past its deadline ({deadline - now:.2f}s left)"
+        return None
+
+    def snapshot(self) -> dict:
+        """For /info."""
+        rate, wait = self.drain_rate(), self.estimated_wait_s()
+        return {"in_flight": self.in_flight, "max_in_flight": self.max_in_flight,
+                "work_in_flight": round(self.work_in_flight, 2), "in_flight_items": round(self.in_flight_items, 2),
+                "queued": len(self.waiting), "queued_work": round(self.queued_work, 2),
+                "drain_rate_items_per_s": None if rate is None else round(rate, 1),
+                "estimated_wait_s": None if wait is None else round(wait, 3),
+                "shed": self.shed_total, "displaced": self.displaced_total}
+
+    def would_shed(self, priority: float, deadline: float) -> bool:
+        """Would the smallest request of this priority be refused right now? (A cheap pre-check.)"""
+        return self._refusal(priority, 0.0, deadline, self.clock()) is not None
 
     @asynccontextmanager
-    async def slot(self, priority: float, deadline: float):
-        """Hold one of the workload's slots for the body of the `async with`.
+    async def slot(self, priority: float, deadline: float, cost: float = 1.0):
+        """Hold a place at the workload for the body of the `async with`.
 
-        `deadline` is on time.monotonic(). Raises Shed or QueueDeadline without holding one.
+        `deadline` is on time.monotonic() (the admission's clock); `cost` in the workload's items. Raises Shed or
+        QueueDeadline without holding one.
         """
-        await self._acquire(priority, deadline)
+        await self._acquire(priority, deadline, cost)
         try:
             yield
         finally:
-            self._release()
+            self._release(cost)
 
-    async def _acquire(self, priority: float, deadline: float) -> None:
-        if self.in_flight < self.max_in_flight and not self.waiting:
-            self.in_flight += 1
+    async def _acquire(self, priority: float, deadline: float, cost: float) -> None:
+        now = self.clock()
+        reason = self._refusal(priority, cost, deadline, now)
+        if reason is not None:
+            self.shed_total += 1
+            raise Shed(reason)
+        if not self.waiting and self._fits(cost):
+            self._start(cost, now)
             return
-        if self.would_shed(priority):
-            self.shed_total += 1
-            raise Shed("the workload's queue is full")
-        if len(self.waiting) >= self.queue_bound():  # full, and the newcomer outranks the lowest waiter
-            lowest = max(self.waiting)
-            self.waiting.remove(lowest)
-            self.displaced_total += 1
-            self.shed_total += 1
-            if not lowest.future.done():
-                lowest.future.set_exception(Shed("displaced from the queue by a higher-stake validator"))
-        waiter = _Waiter((-priority, next(self._arrivals)), asyncio.get_running_loop().create_future())
-        self.waiting.append(waiter)
-        wait_s = min(self.cfg.max_wait_s, deadline - time.monotonic())
+        waiter = _Waiter((-priority, next(self._arrivals)), cost, deadline, asyncio.get_running_loop().create_future())
+        position = bisect.bisect(self.waiting, waiter)
+        self.waiting.insert(position, waiter)
+        self.queued_work += cost
+        if len(self.waiting) > self.max_queued:
+            self._displace(self.waiting[-1], "displaced from a full queue by a higher-stake validator")
+        if position < len(self.waiting) - 1:
+            self._displace_late(position, now)
         try:
-            await asyncio.wait_for(asyncio.shield(waiter.future), max(0.0, wait_s))
+            await asyncio.wait_for(asyncio.shield(waiter.future), max(0.0, deadline - self.clock()))
         except asyncio.TimeoutError:
             if waiter.future.done() and not waiter.future.exception():
                 return  # granted in the same instant: keep the slot
             self._forget(waiter)
-            if deadline - time.monotonic() <= 0.001:
-                raise QueueDeadline() from None
-            self.shed_total += 1
-            raise Shed(f"no slot within {self.cfg.max_wait_s:g}s") from None
+            raise QueueDeadline() from None
         except asyncio.CancelledError:
             if waiter.future.done() and not waiter.future.cancelled() and not waiter.future.exception():
-                self._release()  # granted, then the caller went away: pass the slot on
+                self._release(cost)  # granted, then the caller went away: pass the slot on
             self._forget(waiter)
             raise
 
+    def _displace_late(self, position: int, now: float) -> None:
+        """Waiters behind a newcomer at `position` that it pushed past their deadlines: shed now."""
+        rate = self.drain_rate()
+        if rate is None:
+            return
+        ahead = self.work_in_flight + sum(w.cost for w in self.waiting[: position + 1])
+        for waiter in list(self.waiting[position + 1:]):
+            finish_s = (ahead + waiter.cost) / rate
+            if finish_s > self.cfg.deadline_share * (waiter.deadline - now):
+                self._displace(waiter, "displaced by a higher-stake validator: it could no longer make its deadline")
+            else:
+                ahead += waiter.cost
+
+    def _displace(self, waiter: _Waiter, reason: str) -> None:
+        self._remove(waiter)
+        self.displaced_total += 1
+        self.shed_total += 1
+        if not waiter.future.done():
+            waiter.future.set_exception(Shed(reason))
+
+    def _remove(self, waiter: _Waiter) -> None:
+        index = bisect.bisect_left(self.waiting, waiter)
+        if index < len(self.waiting) and self.waiting[index] is waiter:
+            del self.waiting[index]
+            self.queued_work -= waiter.cost
+
     def _forget(self, waiter: _Waiter) -> None:
-        if waiter in self.waiting:
-            self.waiting.remove(waiter)
+        self._remove(waiter)
         if not waiter.future.done():
             waiter.future.cancel()
 
-    def _release(self) -> None:
+    def _fits(self, cost: float) -> bool:
+        """Room at the workload for this much more work (always for the first request)."""
+        return self.in_flight < self.max_in_flight and (
+            self.work_in_flight == 0 or self.work_in_flight + cost <= self.in_flight_items)
+
+    def _start(self, cost: float, now: float) -> None:
+        self.in_flight += 1
+        self.work_in_flight += cost
+        self.rate.busy(now, True)
+
+    def _release(self, cost: float) -> None:
+        now = self.clock()
         self.in_flight -= 1
-        self._releases.append(time.monotonic())
+        self.work_in_flight -= cost
+        self.rate.completed(now, cost, self.scale)
+        if self.in_flight == 0:
+            self.work_in_flight = 0.0  # no float drift
+            self.rate.busy(now, False)
         self._grant()
 
     def _grant(self) -> None:
-        """Free slots to the highest-stake waiters."""
-        while self.waiting and self.in_flight < self.max_in_flight:
-            best = min(self.waiting)
-            self.waiting.remove(best)
+        """Free room to the waiters in order."""
+        now = self.clock()
+        while self.waiting and self._fits(self.waiting[0].cost):
+            best = self.waiting.pop(0)
+            self.queued_work -= best.cost
             if not best.future.done():
-                self.in_flight += 1
+                self._start(best.cost, now)
                 best.future.set_result(None)
+        if not self.waiting:
+            self.queued_work = 0.0

@@ -56,5 +56,8 @@ class AgentRuns:
                 raise limit_exceeded(f"documents[{i}]", f"{len(doc)} characters, at most {cfg.max_document_chars}")
         return req.model_copy(update={"max_steps": steps, "tools": list(dict.fromkeys(req.tools))})
 
+    def cost(self, req: AgentRunRequest) -> float:
+        return 1.0  # one session
+
     async def run(self, req: AgentRunRequest, handle, deadline: float, degradable: bool) -> dict:
         return await handle.run.remote(req.task, req.tools, req.documents, req.max_steps, deadline)

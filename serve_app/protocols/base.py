@@ -50,6 +50,9 @@ class Adapter(Protocol):
 
     def parse(self, body: bytes) -> BaseModel: ...
 
+    def cost(self, request: BaseModel) -> float:
+        """The parsed request's work in the workload's items (admission's unit)."""
+
     async def run(self, request: BaseModel, handle, deadline: float, degradable: bool) -> dict:
         """`deadline` is time.time() after which the answer is useless; `degradable`: the
         subnet accepts the workload's cheaper preset under overload."""

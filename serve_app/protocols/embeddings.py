@@ -10,6 +10,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from serve_app.config import EmbeddingsConfig
 from serve_app.protocols.base import limit_exceeded, parse_json
+from serve_app.router.batching import CallBatcher
 
 
 class EmbeddingsRequest(BaseModel):
@@ -32,6 +33,7 @@ class OpenAIEmbeddings:
     def __init__(self, cfg: EmbeddingsConfig):
         self.cfg = cfg
         self.accepted_models = {cfg.model_name, cfg.model}
+        self._batchers: dict[str, CallBatcher] = {}
 
     def parse(self, body: bytes) -> EmbeddingsRequest:
         req = parse_json(body, EmbeddingsRequest)
@@ -48,8 +50,23 @@ class OpenAIEmbeddings:
             raise limit_exceeded("model", f"{req.model!r} is not served here; this miner serves {self.cfg.model_name!r}")
         return req
 
+    def cost(self, req: EmbeddingsRequest) -> float:
+        return len(req.texts)
+
+    def _batcher(self, handle) -> CallBatcher:
+        """Concurrent requests to one deployment share calls: two out per replica keep its next pass fed."""
+        batcher = self._batchers.get(handle.deployment_name)
+        if batcher is None:
+            cfg = self.cfg
+            replicas = cfg.autoscaling.max_replicas if cfg.autoscaling else cfg.num_replicas
+            batcher = self._batchers[handle.deployment_name] = CallBatcher(
+                lambda requests: handle.embed_many.remote(requests), max_concurrent=2 * replicas,
+                max_items=cfg.max_batch_texts)
+        return batcher
+
     async def run(self, req: EmbeddingsRequest, handle, deadline: float, degradable: bool) -> dict:
-        vectors, tokens = await handle.embed.remote(req.texts, deadline, degradable)
+        texts = req.texts
+        vectors, tokens = await self._batcher(handle).submit((texts, deadline, degradable), size=len(texts))
         if req.encoding_format == "base64":
             encoded = [base64.b64encode(np.asarray(v, dtype="<f4").tobytes()).decode() for v in vectors]
         else:

@@ -20,6 +20,7 @@ from bittensor.http_auth import AuthError, BadSignature, MalformedAuth, Replayed
 
 from serve_app.config import AuthPolicy
 from serve_app.errors import ApiError, unavailable
+from serve_app.router.batching import CallBatcher
 
 AUTH_ERROR_CODES = {
     MalformedAuth: "malformed_auth",
@@ -54,6 +55,10 @@ class NonceWindow:
         heapq.heappush(self._expiry, (now + ttl_s, key))
         return True
 
+    def check_and_store_many(self, entries: list[tuple[str, int, float]]) -> list[bool]:
+        """check_and_store for each (hotkey, nonce, ttl_s), in order: one actor call for a router's concurrent requests."""
+        return [self.check_and_store(hotkey, nonce, ttl_s) for hotkey, nonce, ttl_s in entries]
+
     def size(self) -> int:
         return len(self._seen)
 
@@ -87,6 +92,9 @@ class Authenticator:
         self.self_hotkey_ss58 = self_hotkey_ss58
         self.nonces = nonce_store
         self.store_timeout_s = store_timeout_s
+        # Concurrent requests' replay checks share one actor call (serve_app/router/batching.py).
+        self._replay_checks = CallBatcher(lambda entries: self.nonces.check_and_store_many.remote(entries),
+                                          max_concurrent=2, max_items=256)
 
     async def authenticate(
         self, headers: Mapping[str, str], body: bytes, *, method: str, path: str, policy: AuthPolicy
@@ -110,7 +118,7 @@ class Authenticator:
             raise auth_error(exc) from None
         try:
             fresh = await asyncio.wait_for(
-                self.nonces.check_and_store.remote(caller.hotkey_ss58, caller.nonce_ns, window), self.store_timeout_s
+                self._replay_checks.submit((caller.hotkey_ss58, caller.nonce_ns, window)), self.store_timeout_s
             )
         except Exception:
             # Fail closed: without the shared store a replay could pass.

@@ -103,7 +103,8 @@ class Router:
         self.metagraphs: dict[int, MetagraphCache] = {}
         self.routes: dict[str, Route] = {}
         # Each workload's capacity is shared by every subnet using it: one admission per workload.
-        self.admission = {name: Admission(getattr(cfg.workloads, name).admission) for name in workloads}
+        self.admission = {name: Admission((wl := getattr(cfg.workloads, name)).admission, wl.in_flight_items)
+                          for name in workloads}
         # Autoscaled workloads -> their min_replicas: the size their admission bounds are set for.
         self.autoscaled = {name: wl.autoscaling.min_replicas for name in workloads
                            if (wl := getattr(cfg.workloads, name)).autoscaling is not None}
@@ -263,9 +264,7 @@ class Router:
             "workloads": {name: {**await self._workload_info(name),
                                  "placement": getattr(self.cfg.workloads, name).placement_info()}
                           for name in self.workloads},
-            "admission": {name: {"in_flight": a.in_flight, "max_in_flight": a.max_in_flight,
-                                 "queued": len(a.waiting), "shed": a.shed_total,
-                                 "displaced": a.displaced_total} for name, a in self.admission.items()},
+            "admission": {name: a.snapshot() for name, a in self.admission.items()},
             "changes": build["changes"],
         })
 
@@ -305,7 +304,7 @@ class Router:
             timeout = request_timeout(request.headers, route.subnet)
             deadline = time.monotonic() + timeout
             claimed = request.headers.get("X-Bittensor-Hotkey", "")  # not verified yet: only used to refuse
-            if route.admission.would_shed(priority(claimed, route.metagraph.view, route.subnet.auth)):
+            if route.admission.would_shed(priority(claimed, route.metagraph.view, route.subnet.auth), deadline):
                 raise shed(f"the {route.adapter.workload} workload is at capacity", retry_after_s=1)
             body = await read_capped(request, self.cfg.router.max_body_bytes, self.cfg.router.body_timeout_s)
             caller = await self.auth.authenticate(
@@ -359,7 +358,7 @@ class Router:
             raise ApiError(503, "breaker_open", f"the {workload} workload is failing; refusing fast while it recovers",
                            retry_after(breaker.retry_after_s()))
         try:
-            async with route.admission.slot(prio, deadline):
+            async with route.admission.slot(prio, deadline, route.adapter.cost(parsed)):
                 if not breaker.allow():  # half-open and its probe is already out
                     raise ApiError(503, "breaker_open", f"the {workload} workload is being probed after failures",
                                    retry_after(1))

@@ -101,6 +101,13 @@ class Embeddings:
         vectors, tokens = result
         return vectors, int(tokens.sum())
 
+    async def embed_many(self, requests: list[tuple[list[str], float | None, bool]]) -> list:
+        """Many requests' (texts, deadline, degradable) in one call, as the router's
+        CallBatcher sends them: one result per request, (vectors, tokens) or its exception.
+        Each request keeps its own deadline; the runner merges them into shared passes."""
+        return await asyncio.gather(*(self.embed(texts, deadline, degradable) for texts, deadline, degradable in requests),
+                                    return_exceptions=True)
+
     @serve.batch(max_batch_size=64, batch_wait_timeout_s=0.0, max_concurrent_batches=SERVE_BATCHES_IN_FLIGHT,
                  batch_size_fn=texts_in)
     async def _embed_batch(self, requests: list[tuple[list[str], float | None, int | None]]):

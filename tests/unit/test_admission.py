@@ -1,5 +1,6 @@
+"""Admission by deadline and stake (serve_app/ops/admission.py), on a fake clock where time matters."""
+
 import asyncio
-import time
 
 import pytest
 
@@ -11,18 +12,45 @@ def run(coro):
     return asyncio.run(coro)
 
 
-async def hold(adm, prio, release, log, name, deadline_s=10.0):
+class Clock:
+    def __init__(self):
+        self.now = 1000.0
+
+    def __call__(self):
+        return self.now
+
+
+async def hold(adm, prio, release, log, name, deadline_s=10.0, cost=1.0):
     try:
-        async with adm.slot(prio, time.monotonic() + deadline_s):
+        async with adm.slot(prio, adm.clock() + deadline_s, cost):
             log.append(("in", name))
             await release.wait()
     except (Shed, QueueDeadline) as exc:
         log.append((type(exc).__name__, name))
 
 
+async def measure(adm, clock, items_per_s, requests=8, cost=1.0):
+    """Complete `requests` one after another at `items_per_s`: the admission learns the drain rate."""
+    for _ in range(requests):
+        async with adm.slot(0, clock() + 100, cost):
+            clock.now += cost / items_per_s
+
+
+async def queue_behind(adm, log, release, specs):
+    """Start one holder of all in-flight room, then the waiters (prio, name, deadline_s, cost) in order."""
+    tasks = [asyncio.create_task(hold(adm, 0, release, log, "running", 100, cost=adm.in_flight_items))]
+    await asyncio.sleep(0)
+    for prio, name, deadline_s, cost in specs:
+        tasks.append(asyncio.create_task(hold(adm, prio, release, log, name, deadline_s, cost)))
+        await asyncio.sleep(0)
+    return tasks
+
+
 def test_slots_go_to_the_highest_stake_waiter_first():
     async def scenario():
-        adm = Admission(AdmissionConfig(max_in_flight=1, max_queued=5, max_wait_s=5))
+        clock = Clock()
+        adm = Admission(AdmissionConfig(), in_flight_items=1, clock=clock)
+        await measure(adm, clock, items_per_s=100)
         release, log = asyncio.Event(), []
         tasks = [asyncio.create_task(hold(adm, 1, release, log, "first"))]
         await asyncio.sleep(0.01)
@@ -35,53 +63,174 @@ def test_slots_go_to_the_highest_stake_waiter_first():
 
     order, adm = run(scenario())
     assert order == ["first", "high", "low", "low2"]
-    assert adm.in_flight == 0 and not adm.waiting
+    assert adm.in_flight == 0 and not adm.waiting and adm.queued_work == 0
 
 
-def test_full_queue_sheds_the_newcomer_or_displaces_lower_stake():
+def test_work_goes_ahead_to_the_workload_up_to_in_flight_items():
     async def scenario():
-        adm = Admission(AdmissionConfig(max_in_flight=1, max_queued=1, max_wait_s=5))
+        adm = Admission(AdmissionConfig(), in_flight_items=8)
         release, log = asyncio.Event(), []
-        tasks = [asyncio.create_task(hold(adm, 1, release, log, "running"))]
+        tasks = [asyncio.create_task(hold(adm, 1, release, log, f"r{i}", cost=3)) for i in range(4)]
         await asyncio.sleep(0.01)
-        tasks.append(asyncio.create_task(hold(adm, 10, release, log, "queued")))
+        sent = (adm.in_flight, adm.work_in_flight, len(adm.waiting))
+        release.set()
+        await asyncio.gather(*tasks)
+        return sent
+
+    # 3 + 3 fit in 8 texts; the third request waits at the router (in stake order) until room frees.
+    assert run(scenario()) == (2, 6.0, 2)
+
+
+def test_refused_only_when_the_estimated_finish_misses_the_deadline():
+    async def scenario():
+        clock = Clock()
+        adm = Admission(AdmissionConfig(deadline_share=1.0), in_flight_items=10, clock=clock)
+        await measure(adm, clock, items_per_s=100)
+        assert adm.drain_rate() == pytest.approx(100)
+        release, log = asyncio.Event(), []
+        # 10 items in flight and 20 queued: a newcomer of 1 item finishes in (10 + 20 + 1) / 100 = 0.31 s.
+        tasks = await queue_behind(adm, log, release, [(1, "q1", 100, 10), (1, "q2", 100, 10)])
+        assert adm.estimated_wait_s(1) == pytest.approx(0.30)
+        await hold(adm, 1, release, log, "too_late", deadline_s=0.30)
+        tasks.append(asyncio.create_task(hold(adm, 1, release, log, "in_time", deadline_s=0.32)))
+        await asyncio.sleep(0)
+        assert adm.would_shed(1, clock() + 0.29) and not adm.would_shed(1, clock() + 0.31)
+        release.set()
+        await asyncio.gather(*tasks)
+        return log, adm
+
+    log, adm = run(scenario())
+    assert ("Shed", "too_late") in log and ("in", "in_time") in log
+    assert adm.shed_total == 1 and adm.in_flight == 0
+
+
+def test_deadline_share_keeps_a_margin():
+    async def scenario():
+        clock = Clock()
+        adm = Admission(AdmissionConfig(deadline_share=0.5), in_flight_items=10, clock=clock)
+        await measure(adm, clock, items_per_s=100)
+        release, log = asyncio.Event(), []
+        tasks = await queue_behind(adm, log, release, [])
+        # The smallest request waits behind 10 items: 0.1 s. Refused with 0.18 s left (half is 0.09), admitted with 0.3 s.
+        return adm.would_shed(1, clock() + 0.18), adm.would_shed(1, clock() + 0.3), release, tasks
+
+    async def main():
+        late, early, release, tasks = await scenario()
+        release.set()
+        await asyncio.gather(*tasks)
+        return late, early
+
+    assert run(main()) == (True, False)
+
+
+def test_higher_stake_sees_less_work_ahead_and_displaces_waiters_it_makes_late():
+    async def scenario():
+        clock = Clock()
+        adm = Admission(AdmissionConfig(deadline_share=1.0), in_flight_items=10, clock=clock)
+        await measure(adm, clock, items_per_s=100)
+        release, log = asyncio.Event(), []
+        # Low stake queued with 0.25 s left, 10 items: it finishes at (10 + 10) / 100 = 0.2 s.
+        tasks = await queue_behind(adm, log, release, [(5, "low", 0.25, 10), (5, "low_roomy", 5.0, 1)])
+        # A low-stake newcomer would wait behind 21 items: it cannot finish in 0.2 s. A high-stake one, behind 10, can.
+        assert adm.would_shed(5, clock() + 0.2) and not adm.would_shed(50, clock() + 0.2)
+        # The high-stake 10 items go first: "low" would now finish at 0.3 s, past its deadline -> shed at once.
+        tasks.append(asyncio.create_task(hold(adm, 50, release, log, "high", 0.25, 10)))
         await asyncio.sleep(0.01)
-        started = time.monotonic()
-        await hold(adm, 5, release, log, "lower")  # queue full of a higher stake: shed at once
-        shed_ms = (time.monotonic() - started) * 1000
-        tasks.append(asyncio.create_task(hold(adm, 100, release, log, "higher")))
+        displaced = [name for kind, name in log if kind == "Shed"]
+        release.set()
+        await asyncio.gather(*tasks)
+        return displaced, log, adm
+
+    displaced, log, adm = run(scenario())
+    assert displaced == ["low"]
+    assert ("in", "high") in log and ("in", "low_roomy") in log
+    assert adm.displaced_total == 1
+
+
+def test_idle_time_does_not_slow_the_measured_rate():
+    async def scenario():
+        clock = Clock()
+        adm = Admission(AdmissionConfig(), in_flight_items=10, clock=clock)
+        for _ in range(8):
+            await measure(adm, clock, items_per_s=200, requests=1)
+            clock.now += 5.0  # nothing in flight for 5 s between requests
+        return adm.drain_rate()
+
+    assert run(scenario()) == pytest.approx(200)
+
+
+def test_the_rate_follows_the_running_replicas():
+    async def scenario():
+        clock = Clock()
+        adm = Admission(AdmissionConfig(), in_flight_items=10, clock=clock)
+        await measure(adm, clock, items_per_s=100)
+        one = adm.drain_rate()
+        adm.resize(2.0)  # a second replica: twice the drain, twice the work sent ahead
+        return one, adm.drain_rate(), adm.in_flight_items
+
+    assert run(scenario()) == (pytest.approx(100), pytest.approx(200), 20)
+
+
+def test_before_any_measurement_the_queue_holds_one_more_pass():
+    async def scenario():
+        adm = Admission(AdmissionConfig(), in_flight_items=4)
+        release, log = asyncio.Event(), []
+        tasks = [asyncio.create_task(hold(adm, 1, release, log, f"r{i}")) for i in range(10)]
         await asyncio.sleep(0.01)
         release.set()
         await asyncio.gather(*tasks)
-        return log, shed_ms, adm
+        return log
 
-    log, shed_ms, adm = run(scenario())
-    assert ("Shed", "lower") in log and ("Shed", "queued") in log  # displaced by "higher"
-    assert ("in", "higher") in log
-    assert shed_ms < 50
-    assert adm.displaced_total == 1 and adm.shed_total == 2
+    log = run(scenario())
+    assert sum(kind == "in" for kind, _ in log) == 8  # 4 sent ahead + 4 queued
+    assert sum(kind == "Shed" for kind, _ in log) == 2
 
 
-def test_waiting_is_bounded_by_max_wait_and_by_the_deadline():
+def test_safety_caps_and_max_wait():
     async def scenario():
-        adm = Admission(AdmissionConfig(max_in_flight=1, max_queued=5, max_wait_s=0.05))
+        clock = Clock()
+        adm = Admission(AdmissionConfig(max_queued=1, max_wait_s=0.5), in_flight_items=10, clock=clock)
+        await measure(adm, clock, items_per_s=100)
+        release, log = asyncio.Event(), []
+        tasks = await queue_behind(adm, log, release, [(5, "queued", 100, 1)])
+        await hold(adm, 5, release, log, "over_cap")  # the queue is full and it does not outrank anyone
+        tasks.append(asyncio.create_task(hold(adm, 9, release, log, "outranks", 100, 1)))
+        await asyncio.sleep(0)
+        release.set()
+        await asyncio.gather(*tasks)
+        waits = Admission(AdmissionConfig(max_wait_s=0.05), in_flight_items=10, clock=clock)
+        await measure(waits, clock, items_per_s=100)
+        release = asyncio.Event()
+        tasks = await queue_behind(waits, log, release, [(1, "w", 100, 1)])  # 0.11 s of work ahead
+        over_wait = waits.would_shed(1, clock() + 100)
+        release.set()
+        await asyncio.gather(*tasks)
+        return log, over_wait
+
+    log, over_wait = run(scenario())
+    assert ("Shed", "over_cap") in log and ("Shed", "queued") in log and ("in", "outranks") in log
+    assert over_wait
+
+
+def test_a_waiter_whose_deadline_passes_gets_queue_deadline():
+    async def scenario():
+        adm = Admission(AdmissionConfig(), in_flight_items=1)
         release, log = asyncio.Event(), []
         holder = asyncio.create_task(hold(adm, 1, release, log, "running"))
         await asyncio.sleep(0.01)
-        await hold(adm, 1, release, log, "waited")
-        await hold(adm, 1, release, log, "late", deadline_s=0.01)
+        await hold(adm, 1, release, log, "late", deadline_s=0.02)
         release.set()
         await holder
         return log, adm
 
     log, adm = run(scenario())
-    assert ("Shed", "waited") in log and ("QueueDeadline", "late") in log
+    assert ("QueueDeadline", "late") in log
     assert adm.in_flight == 0 and not adm.waiting
 
 
 def test_a_cancelled_waiter_leaves_no_slot_behind():
     async def scenario():
-        adm = Admission(AdmissionConfig(max_in_flight=1, max_queued=5, max_wait_s=5))
+        adm = Admission(AdmissionConfig(), in_flight_items=1)
         release, log = asyncio.Event(), []
         holder = asyncio.create_task(hold(adm, 1, release, log, "running"))
         await asyncio.sleep(0.01)
@@ -95,12 +244,12 @@ def test_a_cancelled_waiter_leaves_no_slot_behind():
         return adm
 
     adm = run(scenario())
-    assert adm.in_flight == 0 and not adm.waiting
+    assert adm.in_flight == 0 and not adm.waiting and adm.queued_work == 0
 
 
 def test_resize_grows_the_bounds_with_the_replicas_and_admits_waiters_at_once():
     async def scenario():
-        adm = Admission(AdmissionConfig(max_in_flight=2, max_queued=3, max_wait_s=5))
+        adm = Admission(AdmissionConfig(max_in_flight=2, max_queued=3), in_flight_items=10)
         release, log = asyncio.Event(), []
         tasks = []
         for i in range(4):

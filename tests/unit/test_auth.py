@@ -36,7 +36,7 @@ class _Method:
 class InProcessStore:
     def __init__(self, fail=False):
         window = NonceWindow()
-        self.check_and_store = _Method(self._boom if fail else window.check_and_store)
+        self.check_and_store_many = _Method(self._boom if fail else window.check_and_store_many)
 
     @staticmethod
     def _boom(*args):

@@ -56,11 +56,16 @@ def test_accepts_string_list_and_known_model_names():
 class _Handle:
     """The workload handle is isolated here: the adapter's response shape is under test."""
 
-    class embed:
+    deployment_name = "Embeddings"
+
+    class embed_many:
         @staticmethod
-        async def remote(texts, deadline, degradable):
-            assert deadline > 0 and degradable is False
-            return np.arange(len(texts) * 3, dtype=np.float32).reshape(len(texts), 3), 7
+        async def remote(requests):
+            results = []
+            for texts, deadline, degradable in requests:
+                assert deadline > 0 and degradable is False
+                results.append((np.arange(len(texts) * 3, dtype=np.float32).reshape(len(texts), 3), 7))
+            return results
 
 
 def test_response_shape_and_base64():
