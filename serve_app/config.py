@@ -192,12 +192,28 @@ class SubnetConfig(Strict):
 
 
 class AdmissionConfig(Strict):
-    """How much of a workload one router replica may use at once (serve_app/ops/admission.py)."""
+    """Admission to a workload by deadline and stake, per router replica (serve_app/ops/admission.py).
 
-    max_in_flight: int = Field(default=16, ge=1, description="Requests at the workload at once, per router replica; "
-                                                             "autoscaled: at min_replicas, growing with the replicas.")
-    max_queued: int = Field(default=32, ge=0, description="Requests waiting for a slot, by stake; beyond it the lowest stake is shed.")
-    max_wait_s: float = Field(default=0.25, gt=0, description="Longest wait for a slot before a fast 503.")
+    A request is refused only when the work ahead of it (in stake order), over the
+    workload's measured drain rate, would not let it finish inside its deadline. The
+    counts below are safety caps for memory, not the working limit."""
+
+    in_flight_items: Optional[float] = Field(
+        default=None, gt=0,
+        description="Work sent ahead to the workload per replica, in its items (texts, images at the default preset, "
+                    "sessions): enough to keep its next pass full; the rest waits at the router in stake order. "
+                    "Default: two full batches (agents: the sessions a replica runs at once).")
+    deadline_share: float = Field(
+        default=0.8, gt=0, le=1,
+        description="Admit when the estimated finish lies within this share of the time left before the deadline: "
+                    "the estimate is noisy, and an answer after the deadline is wasted work.")
+    max_wait_s: Optional[float] = Field(
+        default=None, gt=0, description="Also refuse when the estimated wait for a slot exceeds this; default: only "
+                                        "the deadline decides.")
+    max_in_flight: int = Field(default=256, ge=1, description="Safety cap: requests at the workload at once, per router "
+                                                               "replica (autoscaled: at min_replicas, growing with them).")
+    max_queued: int = Field(default=2048, ge=0, description="Safety cap: requests waiting at the router; when full, the "
+                                                            "lowest stake is shed.")
 
 
 class EmbeddingsDegradation(Strict):
@@ -265,6 +281,11 @@ class Placement(Strict):
         """Items one model call takes: the autoscaler's default queue target per replica."""
         raise NotImplementedError
 
+    @property
+    def in_flight_items(self) -> float:
+        """Work the router sends ahead to each replica (admission.in_flight_items; default two full batches)."""
+        return self.admission.in_flight_items or 2 * self.batch_items
+
     def placement_info(self) -> dict:
         """For /info: how many replicas, where, and with what share of a GPU."""
         sizing = ({"autoscaling": {"min_replicas": self.autoscaling.min_replicas,
@@ -281,14 +302,29 @@ class EmbeddingsConfig(Placement):
     )
     served_model_name: Optional[str] = Field(default=None, description="The name in responses; default: the model's last path part.")
     offline: bool = Field(default=False, description="Set HF_HUB_OFFLINE=1 in the replica: never contact a model hub.")
-    device: Literal["auto", "cpu", "cuda"] = "auto"
-    fp16: bool = Field(default=True, description="Half precision on GPU (ignored on CPU).")
-    torch_threads: Optional[int] = Field(default=None, ge=1, description="Default: the replica's num_cpus, at least 1.")
+    device: Literal["auto", "cpu", "cuda"] = Field(default="auto", description="auto: CUDA when the replica sees a GPU, else CPU.")
+    runtime: Literal["auto", "torch", "onnxruntime", "openvino"] = Field(
+        default="auto",
+        description="What runs the model. auto: the fastest (runtime, precision) measured for this host's kind that "
+                    "passes min_cosine at start (CUDA: torch fp16; CPU: openvino bf16, torch bf16, openvino fp32, "
+                    "onnxruntime fp32, torch fp32, bf16 only on a CPU with avx512_bf16 or amx_bf16). onnxruntime "
+                    "and openvino run on CPU, from a model converted once and cached under cache_dir.")
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
+        default="auto",
+        description="auto: the runtime's fastest that passes min_cosine. fp16: CUDA and torch only; bf16: torch "
+                    "(autocast) or openvino, on a CPU with bf16 instructions or on CUDA; onnxruntime runs fp32.")
+    min_cosine: float = Field(
+        default=0.9999, gt=0, le=1,
+        description="At start the replica encodes a fixed probe set with its runtime and with fp32 torch and "
+                    "refuses to start when the lowest cosine between the two is below this.")
+    cache_dir: str = Field(default="~/.cache/torchrank-miner", description="Where converted (ONNX, OpenVINO) models are saved.")
+    torch_threads: Optional[int] = Field(
+        default=None, ge=1, description="Threads of the runtime (torch, onnxruntime, openvino). Default: the replica's num_cpus, at least 1.")
     cpu_nice: int = Field(
         default=10, ge=0, le=19,
         description="Run the replica this much below normal CPU priority: when CPU runs out (a CPU-only host under "
                     "overload) the router keeps answering, and refusing, fast.")
-    max_seq_length: Optional[int] = Field(default=None, ge=8, le=8192)
+    max_seq_length: Optional[int] = Field(default=None, ge=8, le=8192, description="Cut texts to this many tokens; default: the model's own.")
     # Batching: texts of concurrent requests share forward passes. With a zero wait a
     # lone request runs at once; requests arriving during a pass form the next batch.
     max_batch_texts: int = Field(default=64, ge=1, le=4096)
@@ -307,6 +343,18 @@ class EmbeddingsConfig(Placement):
         default=256, ge=1, description="Serve's bound on requests waiting for a replica, per caller (e.g. while one restarts).")
     admission: AdmissionConfig = AdmissionConfig()
     degraded: Optional[EmbeddingsDegradation] = EmbeddingsDegradation()
+
+    @model_validator(mode="after")
+    def _runtime_can_run(self) -> "EmbeddingsConfig":
+        if self.precision == "fp16" and self.device == "cpu":
+            raise ValueError("precision fp16 runs on CUDA only: with device cpu use auto, fp32 or bf16")
+        if self.precision == "fp16" and self.runtime in ("onnxruntime", "openvino"):
+            raise ValueError(f"precision fp16 runs on torch (CUDA) only, not on {self.runtime}")
+        if self.precision == "bf16" and self.runtime == "onnxruntime":
+            raise ValueError("runtime onnxruntime runs fp32 only: use precision auto or fp32, or runtime openvino or torch for bf16")
+        if self.runtime in ("onnxruntime", "openvino") and self.device == "cuda":
+            raise ValueError(f"runtime {self.runtime} runs on CPU only (the PyPI build): use device cpu or auto, or runtime torch")
+        return self
 
     @model_validator(mode="after")
     def _request_fits_a_batch(self) -> "EmbeddingsConfig":
@@ -379,7 +427,7 @@ class DiffusionConfig(Placement):
     # Placement (num_replicas, num_cpus, num_gpus, autoscaling...: Placement) and load.
     max_ongoing_requests: int = Field(default=64, ge=1, le=4096)
     max_queued_requests: int = Field(default=128, ge=1)
-    admission: AdmissionConfig = AdmissionConfig(max_in_flight=8, max_queued=16, max_wait_s=2.0)
+    admission: AdmissionConfig = AdmissionConfig(max_in_flight=64, max_queued=256)
 
     @property
     def batch_items(self) -> int:
@@ -448,11 +496,16 @@ class AgentsConfig(Placement):
     # Serve queues the next max_queued_requests per caller, then refuses (503 shed).
     max_ongoing_requests: int = Field(default=64, ge=1, le=4096, description="Concurrent sessions per replica.")
     max_queued_requests: int = Field(default=64, ge=1)
-    admission: AdmissionConfig = AdmissionConfig(max_in_flight=64, max_queued=64, max_wait_s=2.0)
+    admission: AdmissionConfig = AdmissionConfig(max_in_flight=64, max_queued=256)
 
     @property
     def batch_items(self) -> int:
         return self.max_batch_sessions
+
+    @property
+    def in_flight_items(self) -> float:
+        # A replica runs max_ongoing_requests sessions at once: more would only queue inside Serve.
+        return self.admission.in_flight_items or self.max_ongoing_requests
 
     @model_validator(mode="after")
     def _steps(self) -> "AgentsConfig":
@@ -470,12 +523,22 @@ class WorkloadsConfig(Strict):
 class RouterConfig(Strict):
     num_replicas: int = Field(default=1, ge=1)
     num_cpus: float = Field(default=0.5, ge=0)
-    max_ongoing_requests: int = Field(default=256, ge=1)
+    max_ongoing_requests: int = Field(
+        default=4096, ge=1, description="Serve's bound on requests inside one router replica; past it they queue in "
+                                        "Serve, unseen by the miner's own gate: keep it at least max_in_progress.")
     max_in_progress: int = Field(
-        default=96, ge=1, description="Requests inside one router replica at once; beyond it, 503 before reading them. "
-                                      "Keep it over the workloads' admission max_in_flight + max_queued.")
+        default=3072, ge=1, description="Requests inside one router replica at once; beyond it, 503 before reading them. "
+                                        "Keep it over the workloads' admission max_in_flight + max_queued.")
     max_body_bytes: int = Field(default=1 << 20, ge=1024, description="Larger bodies get 413 before being read.")
     body_timeout_s: float = Field(default=10.0, gt=0, description="A body slower than this to arrive gets 408.")
+
+    @model_validator(mode="after")
+    def _gate_sees_every_request(self) -> "RouterConfig":
+        if self.max_ongoing_requests < self.max_in_progress:
+            raise ValueError(f"max_ongoing_requests ({self.max_ongoing_requests}) is below max_in_progress "
+                             f"({self.max_in_progress}): requests past it would wait inside Serve, where neither "
+                             f"admission nor the entry gate can refuse them")
+        return self
 
 
 class ClusterConfig(Strict):

@@ -72,7 +72,9 @@ def miner(tmp_path_factory):
             "router": base.router.model_copy(update={"num_replicas": 2, "num_cpus": 0.25, "max_body_bytes": 65536,
                                                     "body_timeout_s": 2.0}),
             "workloads": base.workloads.model_copy(
-                update={"embeddings": base.workloads.embeddings.model_copy(update={**TEST_LIMITS, "torch_threads": 1}),
+                # The shipped runtime choice (auto: openvino bf16 on a bf16 CPU), converted into the session's cache.
+                update={"embeddings": base.workloads.embeddings.model_copy(
+                            update={**TEST_LIMITS, "torch_threads": 1, "cache_dir": models}),
                         "diffusion": base.workloads.diffusion.model_copy(update={"cache_dir": models, "torch_threads": 1}),
                         "agents": base.workloads.agents.model_copy(update={"cache_dir": models})}
             ),

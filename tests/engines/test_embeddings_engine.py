@@ -17,7 +17,8 @@ TEXTS = [
 
 @pytest.fixture(scope="module")
 def engine():
-    return SentenceEmbeddingEngine(EmbeddingsConfig(offline=True, device="cpu"), num_threads=1)
+    return SentenceEmbeddingEngine(EmbeddingsConfig(offline=True, device="cpu", runtime="torch", precision="fp32"),
+                                   num_threads=1)
 
 
 def test_chunks_stay_under_the_padded_token_budget(engine, monkeypatch):

