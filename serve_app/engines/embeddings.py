@@ -94,6 +94,11 @@ class SentenceEmbeddingEngine:
         log.info("loaded %s from %s on %s (dim %d, %d threads)", cfg.model, path, self.device, self.dimension, num_threads)
         self._select_runtime(cfg, num_threads, order, why, digest)
         self.encode(["warm up the kernels"])
+        # The speed admission assumes until it has measured its own (serve_app/ops/admission.py):
+        # the probe set holds texts up to past max_seq_length, so this is on the slow side.
+        started = time.perf_counter()
+        self.encode(runtimes.PROBE_TEXTS)
+        self.info["items_per_s_at_start"] = round(len(runtimes.PROBE_TEXTS) / (time.perf_counter() - started), 1)
 
     def _bind_tokenizer(self) -> None:
         # sentence-transformers 6 renamed these; keep older releases working too.

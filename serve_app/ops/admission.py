@@ -16,7 +16,8 @@ workload replica, times the replicas running now. Otherwise it is refused at onc
 
 A higher-stake newcomer goes ahead of lower-stake waiters; a waiter it pushes past its
 own deadline is shed at once (displaced). Until the first completions give a rate, the
-queue holds at most `in_flight_items` of work. `max_in_flight` and `max_queued` are
+queue holds at most `in_flight_items` of work, unless the workload reported its speed at
+start (`items_per_s_at_start` in its info: the embeddings engine times its probe set). `max_in_flight` and `max_queued` are
 safety caps for memory, and `max_wait_s` an optional operator bound on the estimated wait.
 
 With an autoscaled workload the router calls `resize(running replicas / min_replicas)`:
@@ -109,6 +110,7 @@ class Admission:
         self.shed_total = 0
         self.displaced_total = 0
         self.rate = DrainRate()
+        self.prior_rate: float | None = None  # per replica, from the workload's own start (items_per_s_at_start)
         self.scale = 1.0
 
     @property
@@ -129,8 +131,9 @@ class Admission:
         self._grant()
 
     def drain_rate(self) -> float | None:
-        """Items per second the workload completes now (None until measured)."""
-        per_replica = self.rate.per_replica()
+        """Items per second the workload completes now: measured, else the workload's speed at
+        start, else None (unknown)."""
+        per_replica = self.rate.per_replica() or self.prior_rate
         return None if per_replica is None else per_replica * self.scale
 
     def estimated_wait_s(self, priority: float = 0.0) -> float | None:
@@ -159,7 +162,7 @@ class Admission:
         if rate is None and not self.waiting and self._fits(cost):
             return None  # not measured yet, and it goes straight to the workload
         if rate is None:
-            # Not measured yet: hold about one more pass of work here, no more.
+            # Speed unknown: hold about one more pass of work here, no more.
             if ahead - self.work_in_flight + cost > self.in_flight_items:
                 return "the workload's speed is not measured yet and its queue is full"
             return None

@@ -199,7 +199,9 @@ class Router:
     async def _answers(self, name: str) -> bool:
         """The readiness probe: the workload's info(); its answer also fills the /info cache."""
         try:
-            self.workload_info[name] = await asyncio.wait_for(self.workloads[name].info.remote(), READY_PROBE_TIMEOUT_S)
+            self.workload_info[name] = info = await asyncio.wait_for(self.workloads[name].info.remote(),
+                                                                     READY_PROBE_TIMEOUT_S)
+            self.admission[name].prior_rate = info.get("items_per_s_at_start")
             return True
         except Exception:
             return False

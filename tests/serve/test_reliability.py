@@ -37,7 +37,8 @@ def rel(miner, tmp_path_factory):
         workloads={"diffusion": None, "agents": None, "embeddings": dict(
             num_replicas=2, num_cpus=0.5, torch_threads=1, max_queued_requests=64,
             degraded={"max_seq_length": 16, "busy_fraction": 0.5, "on_after_s": 1.0, "off_after_s": 2.0})},
-        subnet=dict(breaker={"consecutive_failures": 3, "open_s": 3.0}, allow_degraded=True,
+        # max_age_s 60: the overload test signs its requests ahead (its client shares the 2 cores).
+        subnet=dict(breaker={"consecutive_failures": 3, "open_s": 3.0}, allow_degraded=True, auth={"max_age_s": 60.0},
                     # Small: 1 % of 1000/s = 10/s across both routers, a burst of 1 s.
                     rate_limit={"total_rps": 1000.0, "floor_rps": 1.0, "burst_s": 1.0}))
     yield cfg
@@ -153,14 +154,14 @@ def test_degraded_preset_switches_on_under_sustained_load_and_off_after(miner, r
 
 def test_overload_sheds_fast_and_keeps_admitted_latency(miner, rel):
     wait_until(lambda: ready(miner), 30, "/ready")
-    # Capacity first: 16 callers, closed loop.
-    base = asyncio.run(load(miner).closed_loop(16, 4.0))
+    # Capacity first: 32 callers, closed loop (deep enough that passes run full, as under overload).
+    base = asyncio.run(load(miner).presign(2000).closed_loop(32, 4.0))
     capacity = sum(o.status == 200 for o in base) / 4.0
     assert capacity > 5, summary(base, 4.0)
     pids = [a["pid"] for d in ("Router", "Embeddings") for a in replicas(d)]
     rss_before = rss_mb(pids)
     seconds = 6.0
-    outcomes = asyncio.run(load(miner).open_loop(4 * capacity, seconds))
+    outcomes = asyncio.run(load(miner).presign(int(4 * capacity * seconds) + 1).open_loop(4 * capacity, seconds))
     stats = summary(outcomes, seconds)
     print("overload", capacity, stats)
     assert stats["failed"] == 0, stats["by_status"]

@@ -268,3 +268,17 @@ def test_resize_grows_the_bounds_with_the_replicas_and_admits_waiters_at_once():
     before, after, grown, floor = run(scenario())
     assert (before, after) == (2, 4)
     assert grown == (4, 6) and floor == (2, 3)
+
+
+def test_before_measuring_the_speed_the_workload_reported_at_start_decides():
+    async def scenario():
+        adm = Admission(AdmissionConfig(), in_flight_items=4)
+        adm.prior_rate = 1000.0  # the replica timed its probe set at start: 1000 items/s
+        release, log = asyncio.Event(), []
+        tasks = [asyncio.create_task(hold(adm, 1, release, log, f"r{i}")) for i in range(10)]
+        await asyncio.sleep(0.01)
+        release.set()
+        await asyncio.gather(*tasks)
+        return log
+
+    assert [kind for kind, _ in run(scenario())].count("in") == 10  # all make their 10 s deadline
