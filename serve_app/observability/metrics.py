@@ -75,7 +75,8 @@ class RouterMetrics:
         tags = {"netuid": netuid, "route": route}
         self.latency.observe(seconds, {**tags, "workload": workload, "outcome": outcome})
         self.requests.inc(1, {**tags, "workload": workload, "outcome": outcome, "caller": caller})
-        self.egress.inc(response_bytes, tags)
+        if response_bytes:  # none when the caller hung up; Ray's counters refuse an increment of 0
+            self.egress.inc(response_bytes, tags)
         if not admitted:
             return
         self.slo_requests.inc(1, {"netuid": netuid, "slo": "availability"})

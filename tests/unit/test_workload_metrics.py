@@ -55,3 +55,11 @@ def test_record_pass_skips_zero_counts():
     m.items, m.model_time, m.batch = FakeCounter(), SimpleNamespace(observe=lambda *a: None), SimpleNamespace(observe=lambda *a: None)
     m.record_pass(0.1, 4, images=4, padding=0)
     assert m.items.counts == {"images": 4}
+
+
+def test_a_request_whose_caller_hung_up_is_recorded_without_egress():
+    """No response body (client_closed): Ray's counters refuse an increment of 0, which turned the
+    hang-up into a logged internal error before."""
+    from serve_app.observability.metrics import RouterMetrics
+
+    RouterMetrics().record("1", "/v1/embeddings", "embeddings", "client_closed", "validator", 0.1, 0, True, 1.0)
