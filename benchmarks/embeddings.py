@@ -138,7 +138,9 @@ def overload(base_url, miner_hotkey, texts, rate, seconds):
                 lambda i: ("/v1/embeddings", {"input": texts[i % len(texts)]}), timeout_s=30.0)
     load.presign(int(rate * seconds) + 1)
     before = proc_cpu.snapshot()
-    outcomes = asyncio.run(load.open_loop(rate, seconds, connections=1024))
+    # Connections for every request the miner may hold (a client short of them queues requests itself,
+    # and its latencies include that wait).
+    outcomes = asyncio.run(load.open_loop(rate, seconds, connections=2048))
     stats = summary(outcomes, seconds)
     # Answers per second until the last answer came back: admitted work still queued when the
     # arrivals stop is answered after `seconds`, and must not count as if it fitted inside them.

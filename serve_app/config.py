@@ -341,7 +341,10 @@ class EmbeddingsConfig(Placement):
     max_ongoing_requests: int = Field(default=128, ge=1, le=4096)
     max_queued_requests: int = Field(
         default=256, ge=1, description="Serve's bound on requests waiting for a replica, per caller (e.g. while one restarts).")
-    admission: AdmissionConfig = AdmissionConfig()
+    # At most 2 s of queued texts: under sustained overload this bounds how many requests a router
+    # holds (a deadline's worth, ~10 s, kept ~1,800 connections open on 2 cores and the router missed
+    # HAProxy's health checks; benchmarks/README.md). Bursts and short validator deadlines: the deadline rules.
+    admission: AdmissionConfig = AdmissionConfig(max_wait_s=2.0)
     degraded: Optional[EmbeddingsDegradation] = EmbeddingsDegradation()
 
     @model_validator(mode="after")
