@@ -3,7 +3,7 @@
     .venv/bin/python benchmarks/reliability.py [--seconds 12]
 
 Starts its own Ray cluster and the embedded default sized for faults (2 Router and 2
-Embeddings replicas, admission 4 in flight + 16 queued per router), then runs, each
+Embeddings replicas, admission as shipped: by deadline, at most 2 s of queued texts), then runs, each
 from a healthy miner:
   baseline      16 closed-loop callers: the capacity the other scenarios are scaled to
   overload      open loop at 4 x capacity
@@ -43,8 +43,7 @@ def config():
     args["subnets"][0]["breaker"] = {"consecutive_failures": 3, "open_s": 3.0}
     args["router"].update(num_replicas=2, num_cpus=0.25)
     args["workloads"]["embeddings"].update(
-        num_replicas=2, num_cpus=0.5, torch_threads=1, max_queued_requests=64,
-        admission={"max_in_flight": 4, "max_queued": 16, "max_wait_s": 0.2})
+        num_replicas=2, num_cpus=0.5, torch_threads=1, max_queued_requests=64)
     return type(load_config(ROOT / "deployments/local.yaml")).model_validate(args)
 
 

@@ -212,8 +212,9 @@ class AdmissionConfig(Strict):
                                         "the deadline decides.")
     max_in_flight: int = Field(default=256, ge=1, description="Safety cap: requests at the workload at once, per router "
                                                                "replica (autoscaled: at min_replicas, growing with them).")
-    max_queued: int = Field(default=2048, ge=0, description="Safety cap: requests waiting at the router; when full, the "
-                                                            "lowest stake is shed.")
+    max_queued: int = Field(default=512, ge=0, description="Safety cap: requests waiting at the router; when full, the "
+                                                           "lowest stake is shed. It bounds the connections a router "
+                                                           "holds under sustained overload (benchmarks/README.md).")
 
 
 class EmbeddingsDegradation(Strict):
@@ -341,10 +342,7 @@ class EmbeddingsConfig(Placement):
     max_ongoing_requests: int = Field(default=128, ge=1, le=4096)
     max_queued_requests: int = Field(
         default=256, ge=1, description="Serve's bound on requests waiting for a replica, per caller (e.g. while one restarts).")
-    # At most 2 s of queued texts: under sustained overload this bounds how many requests a router
-    # holds (a deadline's worth, ~10 s, kept ~1,800 connections open on 2 cores and the router missed
-    # HAProxy's health checks; benchmarks/README.md). Bursts and short validator deadlines: the deadline rules.
-    admission: AdmissionConfig = AdmissionConfig(max_wait_s=2.0)
+    admission: AdmissionConfig = AdmissionConfig()
     degraded: Optional[EmbeddingsDegradation] = EmbeddingsDegradation()
 
     @model_validator(mode="after")
@@ -530,7 +528,7 @@ class RouterConfig(Strict):
         default=4096, ge=1, description="Serve's bound on requests inside one router replica; past it they queue in "
                                         "Serve, unseen by the miner's own gate: keep it at least max_in_progress.")
     max_in_progress: int = Field(
-        default=3072, ge=1, description="Requests inside one router replica at once; beyond it, 503 before reading them. "
+        default=1024, ge=1, description="Requests inside one router replica at once; beyond it, 503 before reading them. "
                                         "Keep it over the workloads' admission max_in_flight + max_queued.")
     max_body_bytes: int = Field(default=1 << 20, ge=1024, description="Larger bodies get 413 before being read.")
     body_timeout_s: float = Field(default=10.0, gt=0, description="A body slower than this to arrive gets 408.")

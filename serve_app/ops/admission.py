@@ -9,7 +9,9 @@ hotkeys first, first come first served among equals). A newcomer is admitted whe
     now + (work in flight + work queued ahead of it + its own cost) / drain rate
         <= now + deadline_share x (time left before its deadline)
 
-where the drain rate is the workload's measured throughput: items completed per second
+(plus the smoothed lag: how much later than estimated admitted work has been finishing, the
+router's own time that the rate does not see), where the drain rate is the workload's
+measured throughput: items completed per second
 during which this router had work at the workload (idle time does not dilute it), per
 workload replica, times the replicas running now. Otherwise it is refused at once (503
 `shed`): a refusal in milliseconds beats an answer after the validator has given up.
@@ -42,6 +44,8 @@ from serve_app.config import AdmissionConfig
 # Completions the drain rate is measured over: enough to smooth passes of different sizes.
 RATE_WINDOW = 128
 RATE_MIN_SAMPLES = 4
+# Weight of each finished request in the smoothed lag (about the last 5 count): it must catch up within a burst.
+LAG_SMOOTHING = 0.2
 
 
 class Shed(Exception):
@@ -111,6 +115,9 @@ class Admission:
         self.displaced_total = 0
         self.rate = DrainRate()
         self.prior_rate: float | None = None  # per replica, from the workload's own start (items_per_s_at_start)
+        # How much later than estimated admitted work finished, smoothed: the router's own time
+        # (its event loop, signatures, responses) that the drain rate does not see. Added to estimates.
+        self.lag_s = 0.0
         self.scale = 1.0
 
     @property
@@ -169,7 +176,7 @@ class Admission:
         wait_s = ahead / rate
         if self.cfg.max_wait_s is not None and wait_s > self.cfg.max_wait_s:
             return f"the estimated wait {wait_s:.2f}s exceeds max_wait_s {self.cfg.max_wait_s:g}s"
-        finish_s = (ahead + cost) / rate
+        finish_s = (ahead + cost) / rate + max(0.0, self.lag_s)
         allowed_s = self.cfg.deadline_share * (deadline - now)
         if finish_s > allowed_s:
             return f"it would finish in ~{finish_s:.2f}s, past its deadline ({deadline - now:.2f}s left)"
@@ -182,7 +189,7 @@ class Admission:
                 "work_in_flight": round(self.work_in_flight, 2), "in_flight_items": round(self.in_flight_items, 2),
                 "queued": len(self.waiting), "queued_work": round(self.queued_work, 2),
                 "drain_rate_items_per_s": None if rate is None else round(rate, 1),
-                "estimated_wait_s": None if wait is None else round(wait, 3),
+                "estimated_wait_s": None if wait is None else round(wait, 3), "lag_s": round(self.lag_s, 3),
                 "shed": self.shed_total, "displaced": self.displaced_total}
 
     def would_shed(self, priority: float, deadline: float) -> bool:
@@ -196,11 +203,17 @@ class Admission:
         `deadline` is on time.monotonic() (the admission's clock); `cost` in the workload's items. Raises Shed or
         QueueDeadline without holding one.
         """
+        admitted_at = self.clock()
+        rate = self.drain_rate()
+        estimate = None if rate is None else (self.work_in_flight + self._work_ahead(priority) + cost) / rate
         await self._acquire(priority, deadline, cost)
         try:
             yield
         finally:
             self._release(cost)
+            if estimate is not None:
+                late = (self.clock() - admitted_at) - estimate
+                self.lag_s += LAG_SMOOTHING * (late - self.lag_s)
 
     async def _acquire(self, priority: float, deadline: float, cost: float) -> None:
         now = self.clock()

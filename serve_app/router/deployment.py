@@ -194,7 +194,9 @@ class Router:
                         log.info("subnet %d healthy again", netuid)
             except Exception:
                 log.exception("watchdog pass failed")
-            await asyncio.sleep(WATCHDOG_PERIOD_S)
+            # Until every workload has answered once, ask again soon: its info carries the speed
+            # admission estimates with before it has measured its own.
+            await asyncio.sleep(WATCHDOG_PERIOD_S if all(self.workload_ready.values()) else 0.2)
 
     async def _answers(self, name: str) -> bool:
         """The readiness probe: the workload's info(); its answer also fills the /info cache."""
@@ -365,14 +367,17 @@ class Router:
                     raise ApiError(503, "breaker_open", f"the {workload} workload is being probed after failures",
                                    retry_after(1))
                 verdict = True  # failed, unless shown otherwise
+                left_for_call = deadline - time.monotonic()
                 try:
                     result = await self._call_workload(route, parsed, deadline, timeout)
                     verdict = False
                     return result
                 except ApiError as err:
-                    # No verdict: Serve's own queue bound (load, not a fault), or a deadline the
-                    # validator set below the SLO (its choice: it must not trip the breaker for all).
-                    if err.code == "shed" or (err.code == "deadline_exceeded" and timeout < route.subnet.slo.latency_s):
+                    # No verdict: Serve's own queue bound (load, not a fault), or a deadline that left
+                    # the workload less than the SLO latency: set that short by the validator (its
+                    # choice), or used up waiting here under load. Neither may trip the breaker for all.
+                    if err.code == "shed" or (err.code == "deadline_exceeded"
+                                              and left_for_call < route.subnet.slo.latency_s):
                         verdict = None
                     raise
                 except asyncio.CancelledError:  # the caller went away

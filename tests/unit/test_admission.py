@@ -282,3 +282,34 @@ def test_before_measuring_the_speed_the_workload_reported_at_start_decides():
         return log
 
     assert [kind for kind, _ in run(scenario())].count("in") == 10  # all make their 10 s deadline
+
+
+def test_work_that_finishes_later_than_estimated_makes_later_estimates_longer():
+    """The router's own time (event loop, signatures) is not in the drain rate: admitted work
+    that finishes later than estimated raises the lag, and the lag is added to estimates."""
+    async def scenario():
+        clock = Clock()
+        adm = Admission(AdmissionConfig(deadline_share=1.0), in_flight_items=100, clock=clock)
+        await measure(adm, clock, items_per_s=100)
+        release, log = asyncio.Event(), []
+        tasks = [asyncio.create_task(hold(adm, 1, release, log, f"r{i}", 100)) for i in range(10)]
+        await asyncio.sleep(0.01)  # ten admitted at once, each estimated to finish within 0.1 s
+        clock.now += 0.5  # ...and all finish 0.5 s later
+        release.set()
+        await asyncio.gather(*tasks)
+        learned = adm.lag_s
+        adm = Admission(AdmissionConfig(deadline_share=1.0), in_flight_items=10, clock=clock)
+        await measure(adm, clock, items_per_s=100)
+        release, log = asyncio.Event(), []
+        tasks = await queue_behind(adm, log, release, [])  # 10 items ahead: 0.1 s
+        adm.lag_s = 0.0
+        fits_without = not adm.would_shed(1, clock() + 0.3)
+        adm.lag_s = 0.5
+        fits_with = not adm.would_shed(1, clock() + 0.3)
+        release.set()
+        await asyncio.gather(*tasks)
+        return learned, fits_without, fits_with
+
+    learned, fits_without, fits_with = run(scenario())
+    assert learned > 0.1
+    assert fits_without and not fits_with

@@ -167,8 +167,8 @@ def test_admission_counts_are_safety_caps_above_the_embedded_default_load():
     """The deadline decides, not the counts: a 32-caller load (issue 14) is far inside every cap."""
     cfg = load_config("deployments/local.yaml")
     emb = cfg.workloads.embeddings
-    assert emb.admission.max_wait_s == 2.0  # far above a 32-caller load's wait (~0.2 s)
-    assert emb.admission.max_in_flight >= 128 and emb.admission.max_queued >= 1024
+    assert emb.admission.max_wait_s is None
+    assert emb.admission.max_in_flight >= 128 and emb.admission.max_queued >= 512
     assert emb.in_flight_items == 2 * emb.max_batch_texts
     assert cfg.router.max_in_progress >= emb.admission.max_in_flight + emb.admission.max_queued
     assert cfg.workloads.agents.in_flight_items == cfg.workloads.agents.max_ongoing_requests
