@@ -160,9 +160,9 @@ def test_overload_sheds_fast_and_keeps_admitted_latency(miner, rel):
     assert capacity > 5, summary(base, 4.0)
     pids = [a["pid"] for d in ("Router", "Embeddings") for a in replicas(d)]
     rss_before = rss_mb(pids)
-    # 3 x capacity with a 5 s deadline: admission may hold ~4 s of work, so much of the excess
-    # must be refused. (At 4 x and the 12 s default the routers' own CPU is the limit on 2 cores:
-    # benchmarks/README.md, embeddings overload.)
+    # 3 x the 32-caller capacity with a 5 s deadline: admission may hold ~4 s of work, and full
+    # passes drain faster than 32 callers show, so only part of the excess is refused. (At 4 x the
+    # routers' own CPU is the limit on 2 cores: benchmarks/README.md, embeddings overload.)
     seconds, deadline_s = 6.0, 5.0
     overload = load(miner, timeout_s=deadline_s).presign(int(3 * capacity * seconds) + 1)
     outcomes = asyncio.run(overload.open_loop(3 * capacity, seconds))
@@ -175,9 +175,10 @@ def test_overload_sheds_fast_and_keeps_admitted_latency(miner, rel):
     assert late <= 0.05 * (stats["ok"] + late), stats["by_status"]
     assert {o.status for o in outcomes} <= {200, 429, 503, 504}, stats["by_status"]
     # Admission refuses only what cannot make its deadline: what it admits is answered inside it
-    # (plus up to 1 s the client, on the same 2 cores, spends before and after the miner).
-    assert stats["ok_p99_ms"] <= (deadline_s + 1.0) * 1000, stats
-    assert stats["refused_p50_ms"] < 1000, stats  # refused without waiting for a slot
+    # (plus up to 1.5 s the client, on the same 2 cores, spends before and after the miner).
+    assert stats["ok_p99_ms"] <= (deadline_s + 1.5) * 1000, stats
+    # Refused without waiting for a slot: long before the deadline a wait would have run into.
+    assert stats["refused_p99_ms"] < deadline_s * 1000 / 2, stats
     assert rss_mb(pids) - rss_before < 150, "memory grew under overload"
 
 
