@@ -18,8 +18,8 @@ workload replica, times the replicas running now. Otherwise it is refused at onc
 
 A higher-stake newcomer goes ahead of lower-stake waiters; a waiter it pushes past its
 own deadline is shed at once (displaced). Until the first completions give a rate, the
-queue holds at most `in_flight_items` of work, unless the workload reported its speed at
-start (`items_per_s_at_start` in its info: the embeddings engine times its probe set). `max_in_flight` and `max_queued` are
+speed the workload reported at start is used (`items_per_s_at_start` in its info: the
+embeddings engine times its probe set); with neither, only the caps refuse. `max_in_flight` and `max_queued` are
 safety caps for memory, and `max_wait_s` an optional operator bound on the estimated wait.
 
 With an autoscaled workload the router calls `resize(running replicas / min_replicas)`:
@@ -166,13 +166,8 @@ class Admission:
             return f"{len(self.waiting)} requests are queued (max_queued)"
         rate = self.drain_rate()
         ahead = self.work_in_flight + self._work_ahead(priority)
-        if rate is None and not self.waiting and self._fits(cost):
-            return None  # not measured yet, and it goes straight to the workload
         if rate is None:
-            # Speed unknown: hold about one more pass of work here, no more.
-            if ahead - self.work_in_flight + cost > self.in_flight_items:
-                return "the workload's speed is not measured yet and its queue is full"
-            return None
+            return None  # speed unknown (the first requests of a cold router): only the caps refuse
         wait_s = ahead / rate
         if self.cfg.max_wait_s is not None and wait_s > self.cfg.max_wait_s:
             return f"the estimated wait {wait_s:.2f}s exceeds max_wait_s {self.cfg.max_wait_s:g}s"

@@ -171,7 +171,7 @@ def test_the_rate_follows_the_running_replicas():
     assert run(scenario()) == (pytest.approx(100), pytest.approx(200), 20)
 
 
-def test_before_any_measurement_the_queue_holds_one_more_pass():
+def test_before_any_speed_is_known_only_the_caps_refuse():
     async def scenario():
         adm = Admission(AdmissionConfig(), in_flight_items=4)
         release, log = asyncio.Event(), []
@@ -182,8 +182,8 @@ def test_before_any_measurement_the_queue_holds_one_more_pass():
         return log
 
     log = run(scenario())
-    assert sum(kind == "in" for kind, _ in log) == 8  # 4 sent ahead + 4 queued
-    assert sum(kind == "Shed" for kind, _ in log) == 2
+    # A cold router cannot tell who would miss a deadline: all are admitted, 4 sent ahead, 6 queued.
+    assert sum(kind == "in" for kind, _ in log) == 10
 
 
 def test_safety_caps_and_max_wait():
