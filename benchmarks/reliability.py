@@ -10,6 +10,10 @@ from a healthy miner:
   kill-workload 8 callers; one Embeddings replica is killed (ray.kill) a quarter in
   kill-router   4 callers; one Router replica is killed a quarter in
   breaker       8 callers with a 1.5 s deadline; both Embeddings replicas killed
+  slow-bodies   4 callers while 150 unauthenticated connections each declare a 4 KiB body
+                and send one byte of it every 0.5 s (reconnecting when cut)
+  replay-restart one signed request answered; the shared replay store killed (Ray restarts
+                it empty); the same bytes sent again 3 s later must be refused
 "Lost" is an admitted request that got no answer or a 5xx other than a fast refusal
 (503 shed / breaker_open, 429); "recover" is the time from the fault until Serve runs
 the full replica count again and every router answers /ready.
@@ -123,6 +127,84 @@ def fault_run(miner: Miner, replicas, concurrency, seconds, deployment, how_many
     return stats, outcomes, seconds / 4
 
 
+async def slow_body_flood(port: int, connections: int, stop: asyncio.Event) -> dict:
+    """`connections` clients that declare a 4 KiB body and trickle it, one byte per 0.5 s;
+    each reconnects when the miner cuts it. Returns how they were answered."""
+    answers: dict[str, int] = {}
+    head = (f"POST {PATH} HTTP/1.1\r\nHost: miner\r\nContent-Type: application/json\r\n"
+            f"Content-Length: 4096\r\n\r\n").encode()
+
+    async def one() -> None:
+        while not stop.is_set():
+            try:
+                reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            except OSError:
+                answers["connect failed"] = answers.get("connect failed", 0) + 1
+                await asyncio.sleep(0.5)
+                continue
+            writer.write(head)
+            status = "cut"
+            try:
+                while not stop.is_set():
+                    writer.write(b"x")
+                    await writer.drain()
+                    try:
+                        reply = await asyncio.wait_for(reader.read(64), 0.5)
+                    except asyncio.TimeoutError:
+                        continue
+                    status = reply.split(b" ", 2)[1].decode() if reply.startswith(b"HTTP/") else "closed"
+                    break
+            except OSError:
+                pass
+            finally:
+                writer.close()
+            answers[status] = answers.get(status, 0) + 1
+
+    await asyncio.gather(*(one() for _ in range(connections)))
+    return answers
+
+
+def flood_run(miner: Miner, port: int, concurrency: int, seconds: float, connections: int = 150) -> dict:
+    """The validator's closed loop while slow bodies flood the port (they start 1 s ahead)."""
+
+    async def run():
+        stop = asyncio.Event()
+        flood = asyncio.create_task(slow_body_flood(port, connections, stop))
+        await asyncio.sleep(1.0)
+        outcomes = await miner.load().closed_loop(concurrency, seconds)
+        stop.set()
+        return outcomes, await flood
+
+    outcomes, flood = asyncio.run(run())
+    stats = summary(outcomes, seconds)
+    stats.update(fault=f"{connections} slow-body connections", flood_answers=flood,
+                 answered_share=round(stats["ok"] / max(1, stats["sent"]), 4))
+    return stats
+
+
+def replay_restart_run(miner: Miner, store_name: str) -> dict:
+    """A request answered, the replay store killed and restarted by Ray, the same bytes again."""
+    import ray
+
+    from serve_app.client import signed_request
+
+    body, headers = signed_request(miner.signer, PATH, {"input": "sent once"}, miner.hotkey)
+    first = miner.http.post(PATH, content=body, headers=headers)
+    ray.kill(ray.get_actor(store_name, namespace="torchrank"), no_restart=False)
+    time.sleep(3.0)
+    again = miner.http.post(PATH, content=body, headers=headers)
+    deadline = time.monotonic() + 30
+    fresh = None
+    while time.monotonic() < deadline:  # honest requests signed after the restart: answered again
+        body2, headers2 = signed_request(miner.signer, PATH, {"input": "signed afresh"}, miner.hotkey)
+        fresh = miner.http.post(PATH, content=body2, headers=headers2)
+        if fresh.status_code == 200:
+            break
+        time.sleep(0.25)
+    return {"first": first.status_code, "replayed_after_restart": f"{again.status_code} {again.json().get('error', '')}",
+            "fresh_after_restart": fresh.status_code if fresh is not None else None}
+
+
 def breaker_stats(outcomes, fault_at_s: float) -> dict:
     """When the breakers opened after the fault, how fast they refused, when answers came back."""
     opened = sorted((o for o in outcomes if o.error == "breaker_open"), key=lambda o: o.sent_at)
@@ -169,6 +251,9 @@ def main() -> None:
         # then the breakers open and refuse at once until a probe succeeds.
         stats, outcomes, fault_at = fault_run(miner, replicas, 8, 3 * seconds, "Embeddings", how_many=2, timeout_s=1.5)
         results["breaker"] = {**stats, **breaker_stats(outcomes, fault_at)}
+        miner.wait_healthy(replicas)
+        results["slow-bodies"] = flood_run(miner, args.port, 4, seconds)
+        results["replay-restart"] = replay_restart_run(miner, f"{cfg.name}-nonces")
     finally:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps(results, indent=2))
@@ -176,12 +261,15 @@ def main() -> None:
         ray.shutdown()
     print(f"{'scenario':14} {'load':>22} {'sent':>6} {'ok':>6} {'refused':>8} {'lost':>5} {'ok p99 ms':>10} "
           f"{'refused p50 ms':>15} {'recover s':>10}")
-    for name in ("baseline", "overload", "kill-workload", "kill-router", "breaker"):
+    for name in ("baseline", "overload", "kill-workload", "kill-router", "breaker", "slow-bodies"):
         r = results[name]
         print(f"{name:14} {str(r['offered_rps']) + ' req/s offered':>22} {r['sent']:>6} {r['ok']:>6} {r['refused']:>8} "
               f"{r['failed']:>5} {str(r['ok_p99_ms']):>10} {str(r['refused_p50_ms']):>15} {str(r.get('recover_s', '-')):>10}")
     print("breaker", json.dumps({k: v for k, v in results["breaker"].items() if "open" in k or "200" in k}))
-    print("statuses", json.dumps({k: results[k]["by_status"] for k in ("overload", "kill-workload", "kill-router", "breaker")}))
+    print("statuses", json.dumps({k: results[k]["by_status"]
+                                  for k in ("overload", "kill-workload", "kill-router", "breaker", "slow-bodies")}))
+    print("slow-bodies", json.dumps({k: results["slow-bodies"][k] for k in ("answered_share", "flood_answers")}))
+    print("replay-restart", json.dumps(results["replay-restart"]))
 
 
 if __name__ == "__main__":

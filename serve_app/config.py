@@ -7,6 +7,7 @@ imports nothing heavy: the builder must import in milliseconds.
 
 from __future__ import annotations
 
+import math
 import re
 from pathlib import Path
 from typing import Annotated, Literal, Optional, Union
@@ -14,6 +15,16 @@ from typing import Annotated, Literal, Optional, Union
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 DEV_URI = re.compile(r"^//[A-Za-z0-9]+$")
+# ss58 addresses of the Substrate dev keys (Keypair.create_from_uri; tests/unit/test_config.py checks them against
+# the SDK), hard-coded so this module imports nothing heavy. Anyone can sign as them.
+DEV_HOTKEYS = {
+    "5GrwvaEF5zXb26Fz9rcQpDWS57CtERHpNehXCPcNoHGKutQY": "//Alice",
+    "5FHneW46xGXgs5mUiveU4sbTyGBzmstUspZC92UhjJM694ty": "//Bob",
+    "5FLSigC9HGRKVhB9FiEo4Y3koPsNmBmLJbpXg2mp1hXcS59Y": "//Charlie",
+    "5DAAnrj7VHTznn2AWBemMuyBwZWs6FNFjdyVXUeYum3PTXFy": "//Dave",
+    "5HGjWAeFDfFCWPsjFQdVV2Msvz2XtMktvgocEZcCj68kUMaw": "//Eve",
+    "5CiPPseXPECbkjWCa6MnjNokrgYjMqmKndv2rSnekmSK2DjL": "//Ferdie",
+}
 PROTOCOL_WORKLOAD = {"openai-embeddings": "embeddings", "openai-images": "diffusion", "agent-runs": "agents"}
 
 
@@ -64,7 +75,24 @@ class WalletConfig(Strict):
             ) from None
 
 
-class SnapshotMetagraph(Strict):
+class MetagraphRefresh(Strict):
+    """What both metagraph sources share: how long the last good read may still authorise callers."""
+
+    max_age_s: float = Field(
+        default=1800.0, gt=0,
+        description="While the source fails, the last good view authorises callers this long after it was read; "
+                    "after it only allow_hotkeys are admitted (503 for the rest), so a deregistered validator "
+                    "does not keep access through an outage. Above refresh_s.")
+
+    @model_validator(mode="after")
+    def _max_age_above_refresh(self):
+        if self.max_age_s <= self.refresh_s:
+            raise ValueError(f"max_age_s ({self.max_age_s:g}) must be above refresh_s ({self.refresh_s:g}): "
+                             f"every view would expire before the next read")
+        return self
+
+
+class SnapshotMetagraph(MetagraphRefresh):
     """A metagraph JSON file (see deployments/local-metagraph.json); re-read when it changes."""
 
     source: Literal["snapshot"] = "snapshot"
@@ -72,7 +100,7 @@ class SnapshotMetagraph(Strict):
     refresh_s: float = Field(default=5.0, gt=0)
 
 
-class ChainMetagraph(Strict):
+class ChainMetagraph(MetagraphRefresh):
     """The live chain through the bittensor SDK, refreshed in the background."""
 
     source: Literal["chain"] = "chain"
@@ -154,10 +182,16 @@ class WatchdogConfig(Strict):
 
 
 class SubnetDiffusion(Strict):
-    """Which of the diffusion workload's presets this subnet's validators get."""
+    """Which of the diffusion workload's presets this subnet's validators get, and how far a
+    request may raise its steps and size: pixel-steps are what an image costs."""
 
     default_preset: Optional[str] = Field(default=None, description="For requests naming none; default: the workload's.")
     allowed_presets: tuple[str, ...] = Field(default=(), description="Presets a request may name; empty: all of them.")
+    max_steps: Optional[int] = Field(default=None, ge=1, description="Steps a request may ask for (422 above); "
+                                                                     "default: the workload's max_steps.")
+    max_side: Optional[int] = Field(default=None, ge=8, multiple_of=8,
+                                    description="Width and height a request may ask for (422 above); "
+                                                "default: the workload's max_side.")
 
 
 class SubnetConfig(Strict):
@@ -189,6 +223,26 @@ class SubnetConfig(Strict):
         if not routes:
             raise ValueError("a subnet needs at least one route")
         return routes
+
+    @model_validator(mode="after")
+    def _no_dev_keys_on_a_live_chain(self) -> "SubnetConfig":
+        # The allow-list skips every metagraph check, and anyone can sign as a dev key.
+        dev = [f"{DEV_HOTKEYS[h]} ({h})" for h in self.auth.allow_hotkeys if h in DEV_HOTKEYS]
+        if dev and self.metagraph.source != "snapshot":
+            raise ValueError(f"subnet {self.netuid}: auth.allow_hotkeys holds the public dev key {', '.join(dev)}, "
+                             f"which anyone can sign as; it is refused with a live chain metagraph (allow it only "
+                             f"with a snapshot metagraph for local use)")
+        return self
+
+    @model_validator(mode="after")
+    def _unready_before_unauthorised(self) -> "SubnetConfig":
+        # Otherwise /ready would report ready while every validator gets 503 for the old metagraph.
+        if self.watchdog.max_metagraph_age_s > self.metagraph.max_age_s:
+            raise ValueError(f"subnet {self.netuid}: watchdog.max_metagraph_age_s "
+                             f"({self.watchdog.max_metagraph_age_s:g}) is above metagraph.max_age_s "
+                             f"({self.metagraph.max_age_s:g}): /ready must fail no later than the metagraph "
+                             f"stops authorising")
+        return self
 
 
 class AdmissionConfig(Strict):
@@ -286,6 +340,17 @@ class Placement(Strict):
     def in_flight_items(self) -> float:
         """Work the router sends ahead to each replica (admission.in_flight_items; default two full batches)."""
         return self.admission.in_flight_items or 2 * self.batch_items
+
+    @property
+    def admission_scale_max(self) -> float:
+        """How far admission's caps may grow: with the running replicas over min_replicas (Admission.resize)."""
+        return self.autoscaling.max_replicas / self.autoscaling.min_replicas if self.autoscaling else 1.0
+
+    @property
+    def admission_holds_max(self) -> int:
+        """The most requests admission may hold per router replica (at the workload and queued), rounded as it does."""
+        scale = self.admission_scale_max
+        return math.ceil(self.admission.max_in_flight * scale) + math.ceil(self.admission.max_queued * scale)
 
     def placement_info(self) -> dict:
         """For /info: how many replicas, where, and with what share of a GPU."""
@@ -456,13 +521,48 @@ class ToolConfig(Strict):
     retries: int = Field(default=0, ge=0, le=5, description="Further tries after a retryable failure (timeout, 5xx).")
 
 
+FETCH_DEFAULT_PORTS = {"http": 80, "https": 443}
+
+
 class FetchToolConfig(ToolConfig):
-    """HTTP GET for the agent: off unless enabled, and only to the listed hosts."""
+    """HTTP GET for the agent: off unless enabled, only to the listed origins, and only where
+    they resolve to public addresses (serve_app/agents/tools.py make_fetch)."""
 
     enabled: bool = False
     retries: int = Field(default=2, ge=0, le=5)
-    allowed_hosts: tuple[str, ...] = ()
+    allowed_hosts: tuple[str, ...] = Field(
+        default=(), description="Origins the agent may GET from: scheme://host[:port] (http or https; the port "
+                                "defaults to the scheme's) or a bare host name, which means https on port 443 only. "
+                                "Kept as scheme://host:port.")
     max_bytes: int = Field(default=65536, ge=1, le=1 << 22)
+
+    @field_validator("allowed_hosts")
+    @classmethod
+    def _as_origins(cls, entries: tuple[str, ...]) -> tuple[str, ...]:
+        return tuple(dict.fromkeys(cls.origin_text(*cls.origin(entry)) for entry in entries))
+
+    @staticmethod
+    def origin(entry: str) -> tuple[str, str, int]:
+        """(scheme, host, port) of an allow-list entry; ValueError saying what is wrong otherwise."""
+        if "://" not in entry:
+            if not re.fullmatch(r"[A-Za-z0-9.-]+", entry):
+                raise ValueError(f"allowed_hosts entry {entry!r}: a bare host name, or scheme://host:port")
+            return "https", entry.lower(), FETCH_DEFAULT_PORTS["https"]
+        from urllib.parse import urlsplit
+
+        parts = urlsplit(entry)
+        try:
+            port = parts.port
+        except ValueError:
+            port = -1
+        if (parts.scheme not in FETCH_DEFAULT_PORTS or not parts.hostname or parts.username is not None
+                or parts.path not in ("", "/") or parts.query or parts.fragment or port == -1):
+            raise ValueError(f"allowed_hosts entry {entry!r}: only http(s)://host[:port], no path or credentials")
+        return parts.scheme, parts.hostname, port or FETCH_DEFAULT_PORTS[parts.scheme]
+
+    @staticmethod
+    def origin_text(scheme: str, host: str, port: int) -> str:
+        return f"{scheme}://{f'[{host}]' if ':' in host else host}:{port}"
 
 
 class AgentToolsConfig(Strict):
@@ -529,9 +629,17 @@ class RouterConfig(Strict):
                                         "Serve, unseen by the miner's own gate: keep it at least max_in_progress.")
     max_in_progress: int = Field(
         default=1024, ge=1, description="Requests inside one router replica at once; beyond it, 503 before reading them. "
-                                        "Keep it over the workloads' admission max_in_flight + max_queued.")
+                                        "At least what admission may hold for the workloads the routes use "
+                                        "(max_in_flight + max_queued, at max_replicas when autoscaled): checked.")
     max_body_bytes: int = Field(default=1 << 20, ge=1024, description="Larger bodies get 413 before being read.")
     body_timeout_s: float = Field(default=10.0, gt=0, description="A body slower than this to arrive gets 408.")
+    min_body_bytes_per_s: float = Field(
+        default=65536, gt=0, description="After body_grace_s, a body arriving slower than this gets 408: a client "
+                                         "trickling bytes cannot hold a router slot for body_timeout_s.")
+    body_grace_s: float = Field(default=1.0, gt=0, description="Time any body gets before the rate applies.")
+    max_body_reads: int = Field(
+        default=128, ge=1, description="Bodies read at once per router replica: callers not authenticated yet. When "
+                                       "full, a newcomer cuts the read that has lasted longest (408).")
 
     @model_validator(mode="after")
     def _gate_sees_every_request(self) -> "RouterConfig":
@@ -564,6 +672,36 @@ class MinerConfig(Strict):
         return min((s.slo.latency_s for s in self.subnets
                     if any(PROTOCOL_WORKLOAD[r.protocol] == workload for r in s.routes)), default=SLOConfig().latency_s)
 
+    def _check_full_paths_unique(self) -> None:
+        # The router keys its route table by prefix + path: a second subnet's route would replace the first's.
+        owners: dict[str, SubnetConfig] = {}
+        for subnet in self.subnets:
+            for route in subnet.routes:
+                path = subnet.prefix + route.path
+                first = owners.setdefault(path, subnet)
+                if first is not subnet:
+                    raise ValueError(f"subnets: {path} is a route of both subnet {first.netuid} (prefix "
+                                     f"{first.prefix!r}) and subnet {subnet.netuid} (prefix {subnet.prefix!r}); "
+                                     f"each full path (prefix + route path) must be unique")
+
+    def _check_gate_holds_admission(self) -> None:
+        # A gate below what admission may hold sheds at the door what admission would have ranked by stake.
+        used = dict.fromkeys(PROTOCOL_WORKLOAD[r.protocol] for s in self.subnets for r in s.routes)
+        parts, total = [], 0
+        for name in used:
+            workload = getattr(self.workloads, name)
+            caps = f"{workload.admission.max_in_flight}+{workload.admission.max_queued}"
+            scale = workload.admission_scale_max
+            parts.append(f"{name} {caps}" if scale == 1 else f"{name} ({caps}) x {scale:g}")
+            total += workload.admission_holds_max
+        if self.router.max_in_progress < total:
+            raise ValueError(
+                f"router.max_in_progress ({self.router.max_in_progress}) is below the {total} requests admission "
+                f"may hold per router replica (workloads.<name>.admission max_in_flight+max_queued, x max_replicas/"
+                f"min_replicas when autoscaled: {', '.join(parts)}): the entry gate would shed what admission "
+                f"ranks by stake. Raise router.max_in_progress to at least {total} (router.max_ongoing_requests, "
+                f"{self.router.max_ongoing_requests}, must stay at least it) or lower those caps")
+
     @model_validator(mode="after")
     def _consistent(self) -> "MinerConfig":
         netuids = [s.netuid for s in self.subnets]
@@ -572,6 +710,7 @@ class MinerConfig(Strict):
         prefixes = [s.prefix for s in self.subnets]
         if len(set(prefixes)) != len(prefixes):
             raise ValueError(f"subnets: two subnets share a prefix in {prefixes}; give each its own")
+        self._check_full_paths_unique()
         if self.wallet.is_dev_key:
             live = [s.netuid for s in self.subnets if s.metagraph.source != "snapshot"]
             if live:
@@ -597,4 +736,29 @@ class MinerConfig(Strict):
                 if policy.allowed_presets and default not in policy.allowed_presets:
                     raise ValueError(f"subnet {subnet.netuid} diffusion: the default preset {default!r} "
                                      f"is not among allowed_presets {list(policy.allowed_presets)}")
+                self._check_subnet_diffusion_limits(subnet.netuid, policy, diffusion, default)
+        self._check_gate_holds_admission()
         return self
+
+    @staticmethod
+    def _check_subnet_diffusion_limits(netuid: int, policy: SubnetDiffusion, diffusion: DiffusionConfig,
+                                       default: str) -> None:
+        """A subnet may only lower the workload's limits, and the presets it names must fit its own."""
+        if policy.max_steps is not None and policy.max_steps > diffusion.max_steps:
+            raise ValueError(f"subnet {netuid} diffusion: max_steps ({policy.max_steps}) is above the "
+                             f"workload's ({diffusion.max_steps})")
+        if policy.max_side is not None and policy.max_side > diffusion.max_side:
+            raise ValueError(f"subnet {netuid} diffusion: max_side ({policy.max_side}) is above the "
+                             f"workload's ({diffusion.max_side})")
+        if policy.max_side is not None and policy.max_side < diffusion.min_side:
+            raise ValueError(f"subnet {netuid} diffusion: max_side ({policy.max_side}) is below the "
+                             f"workload's min_side ({diffusion.min_side}): no size would be allowed")
+        max_steps, max_side = policy.max_steps or diffusion.max_steps, policy.max_side or diffusion.max_side
+        for name in dict.fromkeys((default, *policy.allowed_presets)):
+            preset = diffusion.presets[name]
+            if preset.steps > max_steps:
+                raise ValueError(f"subnet {netuid} diffusion: preset {name!r}: {preset.steps} steps, over the "
+                                 f"subnet's max_steps ({max_steps})")
+            if max(preset.width, preset.height) > max_side:
+                raise ValueError(f"subnet {netuid} diffusion: preset {name!r}: size {preset.width}x{preset.height} "
+                                 f"is over the subnet's max_side ({max_side})")

@@ -23,8 +23,38 @@ class ApiError(Exception):
 
 def json_response(body: object, status: int = 200, headers: Optional[dict[str, str]] = None) -> Response:
     # orjson encodes numpy float32 arrays directly: much faster than json for embeddings.
-    content = orjson.dumps(body, option=orjson.OPT_SERIALIZE_NUMPY)
+    try:
+        content = orjson.dumps(body, option=orjson.OPT_SERIALIZE_NUMPY)
+    except orjson.JSONEncodeError:
+        # Integers beyond 64 bits (a tool's 2**70): encode them as strings.
+        content = orjson.dumps(json_safe(body), option=orjson.OPT_SERIALIZE_NUMPY)
     return Response(content, status_code=status, headers=headers, media_type="application/json")
+
+
+JSON_INTS = (-(2**63), 2**63 - 1)  # signed 64 bits: what JSON readers take as integers (orjson, Go, Java)
+
+
+def json_safe(value: object) -> object:
+    """`value` with every number JSON cannot carry as its exact text: integers beyond signed
+    64 bits ("1180591620717411303424", not a float that would round it) and non-finite floats
+    ("inf", "-inf", "nan"). Tuples become lists and dict keys strings; anything else (numpy
+    arrays included) is left for the encoder."""
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, int):
+        if JSON_INTS[0] <= value <= JSON_INTS[1]:
+            return value
+        try:
+            return str(value)
+        except ValueError:  # over Python's 4300-digit limit for int -> str
+            return f"an integer of {value.bit_length()} bits"
+    if isinstance(value, float):
+        return value if math.isfinite(value) else str(value)
+    if isinstance(value, dict):
+        return {str(k): json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(v) for v in value]
+    return value
 
 
 def error_response(err: ApiError, headers: Optional[dict[str, str]] = None) -> Response:

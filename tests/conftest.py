@@ -85,7 +85,8 @@ def miner(tmp_path_factory):
     # ray.serve already (above), so its own handles keep their default event-loop mode.
     # HAProxy's stats and metrics listeners on free ports too: a running `make run` keeps its own.
     rayenv.apply(RAY_SERVE_HAPROXY_STATS_PORT=str(free_port()), RAY_SERVE_HAPROXY_METRICS_PORT=str(free_port()),
-                 RAY_metrics_report_interval_ms="1000")  # metrics reach the exporter in 1 s, not 10
+                 RAY_metrics_report_interval_ms="1000",  # metrics reach the exporter in 1 s, not 10
+                 TORCHRANK_HAPROXY_REQUEST_TIMEOUT="2s")  # as router.body_timeout_s below: slow-body tests stay short
     metrics_port = free_port()
     ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False,
              _metrics_export_port=metrics_port)

@@ -3,7 +3,8 @@
 Two sources give the same `MetagraphView`: the live chain through the bittensor SDK
 (`client.subnets.metagraph(netuid)`) and a JSON snapshot file for local/offline use.
 `MetagraphCache` refreshes in the background and keeps the last good view when a
-refresh fails, so a chain outage never blocks callers that view admits.
+refresh fails, so a short chain outage never blocks callers that view admits; past the
+source's `max_age_s` the view no longer authorises anyone but the allow-list.
 """
 
 from __future__ import annotations
@@ -11,8 +12,10 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import math
+import random
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Mapping, Optional, Protocol, Union
 
@@ -21,6 +24,9 @@ from pydantic import BaseModel, ConfigDict, Field
 from serve_app.config import ChainMetagraph, SnapshotMetagraph
 
 log = logging.getLogger("torchrank.metagraph")
+
+# With no view loaded every request but the allow-list's is refused: retry from this soon, doubling.
+FIRST_RETRY_S = 1.0
 
 
 @dataclass(frozen=True)
@@ -37,9 +43,19 @@ class MetagraphView:
     block: int
     neurons: Mapping[str, Neuron]
     fetched_at: float = field(default_factory=time.time)
+    max_age_s: float = math.inf  # set by MetagraphCache from the source's config
 
     def neuron(self, hotkey: str) -> Optional[Neuron]:
         return self.neurons.get(hotkey)
+
+    @property
+    def age_s(self) -> float:
+        return time.time() - self.fetched_at
+
+    @property
+    def expired(self) -> bool:
+        """Too old to authorise from: the source has failed for longer than max_age_s."""
+        return self.age_s > self.max_age_s
 
 
 class SnapshotNeuron(BaseModel):
@@ -138,14 +154,20 @@ def make_source(cfg: Union[SnapshotMetagraph, ChainMetagraph], netuid: int) -> M
 
 
 class MetagraphCache:
-    """The latest good view of one subnet, refreshed every `refresh_s` in the background."""
+    """The latest good view of one subnet, refreshed every `refresh_s` in the background.
 
-    def __init__(self, source: MetagraphSource, refresh_s: float):
+    `view` is the last good view whatever its age (readiness, /info and metrics report it);
+    it carries `max_age_s`, past which `authorise` admits only allow-listed hotkeys."""
+
+    def __init__(self, source: MetagraphSource, refresh_s: float, max_age_s: float):
         self.source = source
         self.refresh_s = refresh_s
+        self.max_age_s = max_age_s
         self.view: Optional[MetagraphView] = None
         self.last_error: Optional[str] = None
         self.failures = 0
+        self.behind_refused = 0  # views refused for a block behind the current one
+        self._behind_logged = False  # warned since the last accepted view
         self._task: Optional[asyncio.Task] = None
 
     async def refresh(self) -> bool:
@@ -157,7 +179,17 @@ class MetagraphCache:
             log.warning("metagraph refresh from %s failed (%d in a row), keeping the last good copy: %s",
                         self.source.description, self.failures, self.last_error)
             return False
-        self.view, self.last_error, self.failures = view, None, 0
+        if self.view is not None and view.block < self.view.block:
+            # A lagging or forked endpoint: its older view may re-admit a validator since deregistered.
+            self.behind_refused += 1
+            if not self._behind_logged:
+                self._behind_logged = True
+                log.warning("metagraph from %s is at block %d, behind the current view's %d: keeping the current one",
+                            self.source.description, view.block, self.view.block)
+            self.last_error = f"refused a view at block {view.block}, behind the current {self.view.block}"
+            return False
+        self.view, self.last_error, self.failures = replace(view, max_age_s=self.max_age_s), None, 0
+        self._behind_logged = False
         return True
 
     def start(self) -> None:
@@ -169,11 +201,20 @@ class MetagraphCache:
             self._task.cancel()
             self._task = None
 
+    def next_delay_s(self) -> float:
+        """The wait before the next read: refresh_s once a view is loaded; until then a backoff from
+        FIRST_RETRY_S doubling to refresh_s, jittered so that router replicas do not retry in step."""
+        if self.view is not None:
+            return self.refresh_s
+        doublings = min(max(0, self.failures - 1), 30)  # bounded: 2 ** a day's failures overflows a float
+        backoff = min(self.refresh_s, FIRST_RETRY_S * 2 ** doublings)
+        return backoff * random.uniform(0.5, 1.0)
+
     async def _run(self) -> None:
         while True:
-            await asyncio.sleep(self.refresh_s)
+            await asyncio.sleep(self.next_delay_s())
             await self.refresh()
 
     @property
     def age_s(self) -> Optional[float]:
-        return None if self.view is None else time.time() - self.view.fetched_at
+        return None if self.view is None else self.view.age_s

@@ -24,7 +24,8 @@ BatchFn = Callable[[list], tuple]
 
 
 class DeadlinePassed(Exception):
-    """The caller's deadline passed before its work reached the model: it was not computed."""
+    """The caller's deadline passed before its work was done: it was dropped before it reached the model,
+    or the model stopped it part way (the diffusion engine, between steps)."""
 
 
 class CoalescingRunner:

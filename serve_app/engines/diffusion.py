@@ -9,12 +9,16 @@ lone image by ~2e-6, enough to flip some pixels after rounding; padded, 0.0).
 
 from __future__ import annotations
 
+import functools
 import io
 import logging
+import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Optional
 
 from serve_app.config import DiffusionConfig, DiffusionPreset
+from serve_app.engines.coalesce import DeadlinePassed
 from serve_app.engines.gpu import gpu_usage, torch_runtime
 from serve_app.engines.tiny_diffusion import TINY_DIFFUSION_ID, build_tiny_pipeline
 from serve_app.engines.weights import weights_digest
@@ -30,6 +34,7 @@ class ImageJob:
     prompt: str
     seed: int
     negative_prompt: str = ""
+    deadline: Optional[float] = None  # time.time(); None: no deadline (warm-up, health probe)
 
 
 @dataclass(frozen=True)
@@ -107,15 +112,36 @@ class DiffusionEngine:
         size = self.cfg.max_batch_images
         if not 0 < len(jobs) <= size:
             raise ValueError(f"{len(jobs)} images in one call; 1 to {size} allowed")
+        deadline = last_deadline(jobs)
+        if deadline is not None and time.time() >= deadline:
+            raise DeadlinePassed()
         padded = list(jobs) + [ImageJob("", 0)] * (size - len(jobs))
         generators = [self.torch.Generator(device="cpu").manual_seed(job.seed) for job in padded]
         with self.torch.inference_mode():
             images = self.pipes[spec.preset](
                 prompt=[job.prompt for job in padded], negative_prompt=[job.negative_prompt for job in padded],
                 num_inference_steps=spec.steps, guidance_scale=preset.guidance_scale,
-                width=spec.width, height=spec.height, generator=generators, output_type="pil").images
+                width=spec.width, height=spec.height, generator=generators, output_type="pil",
+                callback_on_step_end=None if deadline is None else functools.partial(_stop_after, deadline)).images
         self.calls += 1
         return [png(image) for image in images[: len(jobs)]]
+
+
+def last_deadline(jobs: list[ImageJob]) -> Optional[float]:
+    """When every job of a call is late; None when a job has no deadline. A call shared with
+    work still in time goes on for it."""
+    if any(job.deadline is None for job in jobs):
+        return None
+    return max(job.deadline for job in jobs)
+
+
+def _stop_after(deadline: float, pipe, step: int, timestep, tensors: dict) -> dict:
+    """`callback_on_step_end`: a running call cannot be cut from outside, so without this a late
+    call would hold the replica for all its steps. It raises rather than set `pipe._interrupt`,
+    which would still decode (and PNG-encode) latents nobody will take."""
+    if time.time() >= deadline:
+        raise DeadlinePassed()
+    return tensors
 
 
 def png(image) -> bytes:

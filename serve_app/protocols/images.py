@@ -45,6 +45,9 @@ class OpenAIImages:
         self.cfg = cfg
         self.default_preset = policy.default_preset or cfg.default_preset
         self.allowed = policy.allowed_presets or tuple(cfg.presets)
+        # The subnet's limits bound what one request costs (pixel-steps); config keeps them within the workload's.
+        self.max_steps = policy.max_steps or cfg.max_steps
+        self.max_side = policy.max_side or cfg.max_side
 
     def parse(self, body: bytes) -> ImagesRequest:
         """The request with its preset, steps, size and seed filled in and checked (422 otherwise)."""
@@ -55,13 +58,13 @@ class OpenAIImages:
             raise limit_exceeded("preset", f"{preset_name!r} is not offered on this subnet; choose from {list(self.allowed)}")
         preset = cfg.presets[preset_name]
         steps = req.steps if req.steps is not None else preset.steps
-        if steps > cfg.max_steps:
-            raise limit_exceeded("steps", f"{steps}, at most {cfg.max_steps}")
+        if steps > self.max_steps:
+            raise limit_exceeded("steps", f"{steps}, at most {self.max_steps}")
         width, height = (int(side) for side in req.size.split("x")) if req.size else (preset.width, preset.height)
         for side in (width, height):
-            if not cfg.min_side <= side <= cfg.max_side or side % 8:
+            if not cfg.min_side <= side <= self.max_side or side % 8:
                 raise limit_exceeded("size", f"{width}x{height}: each side a multiple of 8 from {cfg.min_side} "
-                                             f"to {cfg.max_side}")
+                                             f"to {self.max_side}")
         if req.n > cfg.max_batch_images:
             raise limit_exceeded("n", f"at most {cfg.max_batch_images} images per request")
         for field, text in (("prompt", req.prompt), ("negative_prompt", req.negative_prompt)):

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import heapq
 import time
+from dataclasses import dataclass
 from typing import Mapping
 
 import bittensor
@@ -21,6 +22,9 @@ from bittensor.http_auth import AuthError, BadSignature, MalformedAuth, Replayed
 from serve_app.config import AuthPolicy
 from serve_app.errors import ApiError, unavailable
 from serve_app.router.batching import CallBatcher
+
+# Every Ray cluster's head node offers this resource (amount 1).
+HEAD_NODE_RESOURCE = "node:__internal_head__"
 
 AUTH_ERROR_CODES = {
     MalformedAuth: "malformed_auth",
@@ -37,35 +41,63 @@ def auth_error(exc: AuthError) -> ApiError:
     return ApiError(401, code, str(exc))
 
 
+# The store's answer for a nonce signed before it started: it cannot know whether it was used.
+SIGNED_BEFORE_START = "signed before this store started"
+
+
 class NonceWindow:
-    """Every accepted (hotkey, nonce) pair, kept for its freshness window."""
+    """Every accepted (hotkey, nonce) pair and the router replica that accepted it, kept for
+    its freshness window.
 
-    def __init__(self) -> None:
-        self._seen: set[tuple[str, int]] = set()
+    A new store does not know what an earlier one accepted (Ray restarts the actor empty):
+    it refuses every nonce signed before its own start plus the clock skew allowed, which
+    is all an earlier store could have accepted. Those nonces are stale one window later.
+    """
+
+    def __init__(self, started_ns: int | None = None) -> None:
+        self._seen: dict[tuple[str, int], str] = {}  # -> the claimant (a router replica)
         self._expiry: list[tuple[float, tuple[str, int]]] = []
+        self.started_ns = time.time_ns() if started_ns is None else started_ns
 
-    def check_and_store(self, hotkey: str, nonce: int, ttl_s: float) -> bool:
+    def check_and_store(self, hotkey: str, nonce: int, ttl_s: float, skew_s: float = 0.0,
+                        claimant: str = "") -> str | None:
+        """None: unused, now claimed by `claimant`. Otherwise who claimed it before, or
+        SIGNED_BEFORE_START when an earlier store may have."""
+        if nonce < self.started_ns + skew_s * 1e9:
+            return SIGNED_BEFORE_START
         now = time.monotonic()
         while self._expiry and self._expiry[0][0] <= now:
-            self._seen.discard(heapq.heappop(self._expiry)[1])
+            self._seen.pop(heapq.heappop(self._expiry)[1], None)
         key = (hotkey, nonce)
         if key in self._seen:
-            return False
-        self._seen.add(key)
+            return self._seen[key]
+        self._seen[key] = claimant
         heapq.heappush(self._expiry, (now + ttl_s, key))
-        return True
+        return None
 
-    def check_and_store_many(self, entries: list[tuple[str, int, float]]) -> list[bool]:
-        """check_and_store for each (hotkey, nonce, ttl_s), in order: one actor call for a router's concurrent requests."""
-        return [self.check_and_store(hotkey, nonce, ttl_s) for hotkey, nonce, ttl_s in entries]
+    def check_and_store_many(self, entries: list[tuple[str, int, float, float, str]]) -> list[str | None]:
+        """check_and_store for each (hotkey, nonce, ttl_s, skew_s, claimant), in order: one actor
+        call for a router's concurrent requests."""
+        return [self.check_and_store(*entry) for entry in entries]
+
+    def take_over(self, hotkey: str, nonce: int, gone: str, claimant: str) -> bool:
+        """Claim a nonce whose claimant `gone` died before answering (HAProxy retried its
+        request on another router); False if someone else took it first."""
+        key = (hotkey, nonce)
+        if self._seen.get(key) != gone or gone == SIGNED_BEFORE_START:
+            return False
+        self._seen[key] = claimant
+        return True
 
     def size(self) -> int:
         return len(self._seen)
 
 
-# One actor for all router replicas. A restart empties it: replays of requests
-# accepted in the last window would pass then, so keep it on the head node.
-SharedNonceStore = ray.remote(num_cpus=0, max_restarts=-1)(NonceWindow)
+# One actor for all router replicas, on the head node: the node a cluster never reaps (a
+# worker node's loss would restart it empty, and its start rule would then refuse a window
+# of honest requests signed before it).
+SharedNonceStore = ray.remote(num_cpus=0, max_restarts=-1, max_task_retries=0,
+                              resources={HEAD_NODE_RESOURCE: 0.001})(NonceWindow)
 
 
 def shared_nonce_store(miner_name: str):
@@ -87,21 +119,32 @@ class _Capture:
         return True
 
 
+@dataclass(frozen=True)
+class Signed:
+    """A request whose signature verified; its nonce is not yet known to be unused."""
+
+    hotkey: str
+    nonce_ns: int
+    policy: AuthPolicy
+
+
 class Authenticator:
-    def __init__(self, self_hotkey_ss58: str, nonce_store, store_timeout_s: float = 2.0):
+    def __init__(self, self_hotkey_ss58: str, nonce_store, store_timeout_s: float = 2.0, claimant: str = "local"):
         self.self_hotkey_ss58 = self_hotkey_ss58
         self.nonces = nonce_store
         self.store_timeout_s = store_timeout_s
+        self.claimant = claimant  # this router replica's actor name
+        self.store_answered_at = time.monotonic()  # the last time the shared store answered (check_health)
+        self.taken_over = 0
         # Concurrent requests' replay checks share one actor call (serve_app/router/batching.py).
         self._replay_checks = CallBatcher(lambda entries: self.nonces.check_and_store_many.remote(entries),
                                           max_concurrent=2, max_items=256)
+        self._gone: dict[str, tuple[float, bool]] = {}  # claimant -> (checked at, gone)
 
-    async def authenticate(
-        self, headers: Mapping[str, str], body: bytes, *, method: str, path: str, policy: AuthPolicy
-    ) -> str:
-        """The caller's hotkey, or ApiError 401 (503 if the replay store cannot answer)."""
-        window = policy.max_age_s + policy.allowed_skew_s
-        capture = _Capture(retention=window)
+    def verify(self, headers: Mapping[str, str], body: bytes, *, method: str, path: str, policy: AuthPolicy) -> Signed:
+        """Header shape, receiver, freshness and signature, without side effects; else ApiError 401.
+        The caller authorises the hotkey before `claim` touches the shared store."""
+        capture = _Capture(retention=policy.max_age_s + policy.allowed_skew_s)
         try:
             caller = bittensor.http_auth.verify(
                 headers,
@@ -116,13 +159,61 @@ class Authenticator:
             )
         except AuthError as exc:
             raise auth_error(exc) from None
+        return Signed(caller.hotkey_ss58, caller.nonce_ns, policy)
+
+    async def claim(self, signed: Signed) -> None:
+        """Record the nonce in the shared store; ApiError 401 if it was used (503 if the store cannot answer).
+
+        A nonce claimed by a router replica that died before answering may be claimed again: it
+        is HAProxy retrying the request on another router (retry-on empty-response), and the
+        caller never got an answer. A replay while its first router lives is refused."""
+        policy = signed.policy
+        entry = (signed.hotkey, signed.nonce_ns, policy.max_age_s + policy.allowed_skew_s, policy.allowed_skew_s,
+                 self.claimant)
         try:
-            fresh = await asyncio.wait_for(
-                self._replay_checks.submit((caller.hotkey_ss58, caller.nonce_ns, window)), self.store_timeout_s
-            )
+            earlier = await asyncio.wait_for(self._replay_checks.submit(entry), self.store_timeout_s)
+            self.store_answered_at = time.monotonic()
+            if earlier not in (None, SIGNED_BEFORE_START, self.claimant) and await self._is_gone(earlier):
+                if await asyncio.wait_for(self.nonces.take_over.remote(signed.hotkey, signed.nonce_ns, earlier,
+                                                                       self.claimant), self.store_timeout_s):
+                    self.taken_over += 1
+                    return
         except Exception:
             # Fail closed: without the shared store a replay could pass.
             raise unavailable("replay protection is temporarily unavailable", retry_after_s=2) from None
-        if not fresh:
+        if earlier == SIGNED_BEFORE_START:
+            # An honest request signed moments before a store restart lands here too: a retry, signed afresh, passes.
+            raise unavailable("the miner's replay store (re)started moments ago and cannot tell whether this nonce "
+                              "was used: sign the request again", retry_after_s=max(1.0, policy.allowed_skew_s))
+        if earlier is not None:
             raise auth_error(ReplayedRequest("this nonce was already accepted from this hotkey"))
-        return caller.hotkey_ss58
+
+    async def _is_gone(self, claimant: str) -> bool:
+        """Is this router replica dead? Asked of Ray's GCS at most once a second per replica; a
+        replica just killed may still look alive for a moment, so one that does is asked again."""
+        now = time.monotonic()
+        checked = self._gone.get(claimant)
+        if checked is not None and now - checked[0] < GONE_CHECK_S:
+            return checked[1]
+        gone = await asyncio.to_thread(_actor_gone, claimant)
+        if not gone:
+            await asyncio.sleep(GONE_RECHECK_S)
+            gone = await asyncio.to_thread(_actor_gone, claimant)
+        self._gone = {name: v for name, v in self._gone.items() if now - v[0] < GONE_CHECK_S}
+        self._gone[claimant] = (time.monotonic(), gone)
+        return gone
+
+
+GONE_CHECK_S = 1.0
+GONE_RECHECK_S = 0.2
+
+
+def _actor_gone(name: str) -> bool:
+    """No live actor by this name (router replicas are named actors in Serve's namespace)."""
+    if not ray.is_initialized():
+        return False  # outside Ray (unit tests): nothing can be known gone
+    try:
+        ray.get_actor(name, namespace="serve")
+        return False
+    except ValueError:
+        return True

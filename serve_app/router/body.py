@@ -1,8 +1,10 @@
-"""Reading a request body under a size cap, refusing early where the size is declared."""
+"""Reading request bodies: under a size cap (refused early where the size is declared), at a
+minimum rate, on a budget of their own."""
 
 from __future__ import annotations
 
 import asyncio
+import time
 
 from starlette.requests import ClientDisconnect, Request
 
@@ -22,29 +24,71 @@ def too_large(limit: int) -> ApiError:
     return ApiError(413, "body_too_large", f"request body is over the {limit}-byte limit")
 
 
-async def read_capped(request: Request, limit: int, timeout_s: float) -> bytes:
-    """The body, refused with 413 over `limit` bytes and 408 if it takes over `timeout_s`
-    to arrive (a slow client must not hold a router slot)."""
-    try:
-        return await asyncio.wait_for(_read(request, limit), timeout_s)
-    except asyncio.TimeoutError:
-        raise ApiError(408, "body_timeout", f"the request body did not arrive within {timeout_s:g}s") from None
+class BodyReads:
+    """Bodies being read: the work of callers not yet authenticated, on a budget of its own.
+
+    A body must arrive at `min_bytes_per_s` after `grace_s` (408 otherwise), so a client
+    trickling bytes holds a slot briefly. When `limit` bodies are being read, a newcomer
+    cuts the read that has lasted longest (408): a flood of slow bodies then only displaces
+    itself, while a validator's body, which arrives with its headers, is read in a moment.
+    """
+
+    def __init__(self, limit: int, max_bytes: int, timeout_s: float, grace_s: float, min_bytes_per_s: float):
+        self.limit, self.max_bytes, self.timeout_s = limit, max_bytes, timeout_s
+        self.grace_s, self.min_bytes_per_s = grace_s, min_bytes_per_s
+        self.reading: dict[asyncio.Task, None] = {}  # insertion order: the oldest first
+        self._cut: set[asyncio.Task] = set()
+        self.cut_total = 0
+
+    async def read(self, request: Request) -> bytes:
+        """The body; ApiError 413 over `max_bytes`, 408 if too slow or cut, 400 on a bad length."""
+        if len(self.reading) >= self.limit:
+            oldest = next(iter(self.reading))
+            del self.reading[oldest]
+            self._cut.add(oldest)
+            self.cut_total += 1
+            oldest.cancel()
+        declared = _declared_length(request, self.max_bytes)
+        timeout_s = self.timeout_s if declared is None else min(
+            self.timeout_s, self.grace_s + declared / self.min_bytes_per_s)
+        reader = asyncio.ensure_future(self._read(request))
+        self.reading[reader] = None
+        try:
+            return await asyncio.wait_for(reader, timeout_s)
+        except asyncio.TimeoutError:
+            raise ApiError(408, "body_timeout", f"the request body did not arrive within {timeout_s:g}s") from None
+        except asyncio.CancelledError:
+            if reader in self._cut:
+                raise ApiError(408, "body_timeout", "the request body was still arriving when the miner needed the "
+                                                    "room for newer requests") from None
+            raise
+        finally:
+            self.reading.pop(reader, None)
+            self._cut.discard(reader)
+
+    async def _read(self, request: Request) -> bytes:
+        started = time.monotonic()
+        chunks, size = [], 0
+        try:
+            async for chunk in request.stream():
+                size += len(chunk)
+                if size > self.max_bytes:
+                    raise too_large(self.max_bytes)
+                chunks.append(chunk)
+                if time.monotonic() - started > self.grace_s + size / self.min_bytes_per_s:
+                    raise ApiError(408, "body_timeout", f"the request body is arriving slower than "
+                                                        f"{self.min_bytes_per_s:g} bytes/s")
+        except ClientDisconnect:
+            raise ApiError(400, "client_disconnected", "the client went away before the body was complete") from None
+        return b"".join(chunks)
 
 
-async def _read(request: Request, limit: int) -> bytes:
+def _declared_length(request: Request, limit: int) -> int | None:
     declared = request.headers.get("content-length")
-    if declared is not None:
-        if not declared.isdigit():
-            raise ApiError(400, "bad_request", "Content-Length is not a whole number")
-        if int(declared) > limit:
-            raise too_large(limit)  # before reading a byte of it
-    chunks, size = [], 0
-    try:
-        async for chunk in request.stream():
-            size += len(chunk)
-            if size > limit:
-                raise too_large(limit)
-            chunks.append(chunk)
-    except ClientDisconnect:
-        raise ApiError(400, "client_disconnected", "the client went away before the body was complete") from None
-    return b"".join(chunks)
+    if declared is None:
+        return None
+    if not declared.isdigit():
+        raise ApiError(400, "bad_request", "Content-Length is not a whole number")
+    if int(declared) > limit:
+        raise too_large(limit)  # before reading a byte of it
+    return int(declared)

@@ -38,11 +38,15 @@ from serve_app.ops.watchdog import SubnetWatchdog
 from serve_app.protocols.base import Adapter
 from serve_app.protocols.registry import make_adapter
 from serve_app.router.auth import Authenticator, shared_nonce_store
-from serve_app.router.body import check_content_type, read_capped
+from serve_app.router.body import BodyReads, check_content_type
 from serve_app.router.policy import TIMEOUT_HEADER, authorise, caller_class, priority, request_timeout
 
 log = logging.getLogger("ray.serve.torchrank.router")
 WATCHDOG_PERIOD_S = 2.0
+# The replay store: asked by the health check after this long without an answer; a replica
+# whose store stays silent longer fails its health check.
+STORE_QUIET_S = 5.0
+STORE_UNREACHABLE_S = 30.0
 READY_PROBE_TIMEOUT_S = 2.0
 # A replica that died mid-call: try another this many times (idempotent workloads only).
 DEAD_REPLICA_RETRIES = 2
@@ -83,6 +87,14 @@ def request_id() -> str:
         return "-"
 
 
+def replica_actor_name() -> str:
+    """This replica's actor name in Serve's namespace: how another replica asks Ray whether it lives."""
+    try:
+        return serve.get_replica_context().replica_id.to_full_id_str()
+    except Exception:
+        return "local"
+
+
 def replica_id() -> str:
     try:
         return serve.get_replica_context().replica_id.unique_id
@@ -99,7 +111,10 @@ class Router:
         self.workloads = workloads
         self.workload_info: dict[str, dict] = {}
         self.replica = replica_id()
-        self.auth = Authenticator(cfg.wallet.hotkey_ss58(), shared_nonce_store(cfg.name))
+        self.auth = Authenticator(cfg.wallet.hotkey_ss58(), shared_nonce_store(cfg.name), claimant=replica_actor_name())
+        router = cfg.router
+        self.body_reads = BodyReads(router.max_body_reads, router.max_body_bytes, router.body_timeout_s,
+                                    router.body_grace_s, router.min_body_bytes_per_s)
         self.metagraphs: dict[int, MetagraphCache] = {}
         self.routes: dict[str, Route] = {}
         # Each workload's capacity is shared by every subnet using it: one admission per workload.
@@ -112,7 +127,8 @@ class Router:
         self.watchdogs = {subnet.netuid: SubnetWatchdog(subnet) for subnet in cfg.subnets}
         self.workload_ready = {name: False for name in workloads}
         for subnet in cfg.subnets:
-            cache = MetagraphCache(make_source(subnet.metagraph, subnet.netuid), subnet.metagraph.refresh_s)
+            cache = MetagraphCache(make_source(subnet.metagraph, subnet.netuid), subnet.metagraph.refresh_s,
+                                   subnet.metagraph.max_age_s)
             await cache.refresh()  # a failed first read leaves requests at 503 until a refresh succeeds
             cache.start()
             self.metagraphs[subnet.netuid] = cache
@@ -207,6 +223,21 @@ class Router:
             return True
         except Exception:
             return False
+
+    async def check_health(self) -> None:
+        """Serve's health check: a replica whose replay store stays unreachable is replaced, instead
+        of answering 503 to every signed request. The store is asked when it has been quiet a while."""
+        if time.monotonic() - self.auth.store_answered_at < STORE_QUIET_S:
+            return
+        try:
+            await asyncio.wait_for(self.auth.nonces.size.remote(), READY_PROBE_TIMEOUT_S)
+            self.auth.store_answered_at = time.monotonic()
+        except Exception:
+            silent_s = time.monotonic() - self.auth.store_answered_at
+            # It may be gone for good (its node lost): look it up again, or start a new one.
+            self.auth.nonces = shared_nonce_store(self.cfg.name)
+            if silent_s > STORE_UNREACHABLE_S:
+                raise RuntimeError(f"the shared replay store has not answered for {silent_s:.0f}s") from None
 
     @app.get("/health")
     def health(self):
@@ -310,13 +341,13 @@ class Router:
             claimed = request.headers.get("X-Bittensor-Hotkey", "")  # not verified yet: only used to refuse
             if route.admission.would_shed(priority(claimed, route.metagraph.view, route.subnet.auth), deadline):
                 raise shed(f"the {route.adapter.workload} workload is at capacity", retry_after_s=1)
-            body = await read_capped(request, self.cfg.router.max_body_bytes, self.cfg.router.body_timeout_s)
-            caller = await self.auth.authenticate(
-                request.headers, body, method=request.method, path=signed_target(request), policy=route.subnet.auth
-            )
-            view, policy = route.metagraph.view, route.subnet.auth
+            body = await self.body_reads.read(request)
+            signed = self.auth.verify(request.headers, body, method=request.method, path=signed_target(request),
+                                      policy=route.subnet.auth)
+            caller, view, policy = signed.hotkey, route.metagraph.view, route.subnet.auth
             who = caller_class(caller, view, policy)
-            authorise(caller, view, policy)
+            authorise(caller, view, policy)  # before the shared replay store: a stranger's key costs it nothing
+            await self.auth.claim(signed)
             if route.subnet.rate_limit.enabled:
                 wait = route.rate_limit.check(caller, view, allow_listed=caller in policy.allow_hotkeys)
                 if wait is not None:
@@ -325,8 +356,8 @@ class Router:
             parsed = route.adapter.parse(body)
             admitted = True
             result = await self._admit_and_call(route, parsed, priority(caller, view, policy), deadline, timeout)
-            outcome, status = "ok", 200
             response = json_response(result, headers=headers)
+            outcome, status = "ok", 200  # only once the answer is encoded
         except ApiError as err:
             outcome, status = err.code, err.status
             response = error_response(err, headers)
@@ -367,17 +398,17 @@ class Router:
                     raise ApiError(503, "breaker_open", f"the {workload} workload is being probed after failures",
                                    retry_after(1))
                 verdict = True  # failed, unless shown otherwise
-                left_for_call = deadline - time.monotonic()
                 try:
                     result = await self._call_workload(route, parsed, deadline, timeout)
                     verdict = False
                     return result
                 except ApiError as err:
-                    # No verdict: Serve's own queue bound (load, not a fault), or a deadline that left
-                    # the workload less than the SLO latency: set that short by the validator (its
-                    # choice), or used up waiting here under load. Neither may trip the breaker for all.
-                    if err.code == "shed" or (err.code == "deadline_exceeded"
-                                              and left_for_call < route.subnet.slo.latency_s):
+                    # No verdict for load (Serve's queue bound), nor for a deadline while the workload
+                    # answers its readiness probe: whoever sends heavy work with short deadlines must not
+                    # open the breaker for every validator. A deadline while it does not answer (its
+                    # replicas gone) is its fault. One that hangs fails its health check (stuck_call_s)
+                    # and Serve replaces it; one that is slow is shed by admission.
+                    if err.code == "shed" or (err.code == "deadline_exceeded" and self.workload_ready[workload]):
                         verdict = None
                     raise
                 except asyncio.CancelledError:  # the caller went away

@@ -11,13 +11,18 @@ from serve_app.errors import ApiError, unavailable
 
 
 def authorise(hotkey: str, view: Optional[MetagraphView], policy: AuthPolicy) -> None:
-    """Return if admitted; raise ApiError (403, or 503 with no metagraph yet) otherwise."""
+    """Return if admitted; raise ApiError (403, or 503 with no metagraph yet or one past its max age) otherwise."""
     if hotkey in policy.deny_hotkeys:
         raise ApiError(403, "denied", "this hotkey is deny-listed by the miner")
     if hotkey in policy.allow_hotkeys:
         return
     if view is None:
         raise unavailable("the subnet's metagraph has not been loaded yet", retry_after_s=5)
+    if view.expired:
+        # Trusting it longer would keep a deregistered validator's access for as long as the outage lasts.
+        raise unavailable(f"the metagraph of subnet {view.netuid} is {view.age_s:.0f}s old, past its max_age_s "
+                          f"({view.max_age_s:g}s): the miner cannot read the chain, so only allow-listed hotkeys "
+                          f"are admitted", retry_after_s=30)
     neuron = view.neuron(hotkey)
     if neuron is None:
         raise ApiError(403, "not_registered", f"hotkey is not registered on subnet {view.netuid}")

@@ -109,7 +109,8 @@ class Diffusion:
         if deadline is not None and time.time() >= deadline:
             raise DeadlinePassed()
         with self.load.track():
-            jobs = [ImageJob(prompt, seeds[i], negative_prompt) for i in missing]
+            # Each job carries its deadline: the engine stops a call at the next step once all of its jobs are late.
+            jobs = [ImageJob(prompt, seeds[i], negative_prompt, deadline) for i in missing]
             # Serve refuses an item over max_batch_size: clamp (only a caller bypassing the adapter's limits gets there).
             work = min(len(jobs) * spec.work, self.max_work)
             result = await self._render_batch((spec, jobs, deadline, work))

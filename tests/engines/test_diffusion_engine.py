@@ -1,11 +1,13 @@
 """The diffusion engine on the tiny pipeline: presets, padded batches, seeded PNG bytes."""
 
 import io
+import time
 
 import pytest
 from PIL import Image
 
 from serve_app.config import DiffusionConfig
+from serve_app.engines.coalesce import DeadlinePassed
 from serve_app.engines.diffusion import DiffusionEngine, ImageJob, RenderSpec
 
 
@@ -66,5 +68,35 @@ def test_probe_is_one_real_step(engine):
     try:
         engine.probe()
         assert len(calls) == 1
+    finally:
+        handle.remove()
+
+
+def test_a_call_stops_at_the_next_step_once_every_deadline_has_passed(engine):
+    long = spec(engine, "balanced", steps=200)  # ~2.6 s here when it runs every step (13 ms a step)
+    calls, handle = unet_calls(engine)
+    try:
+        started = time.perf_counter()
+        with pytest.raises(DeadlinePassed):
+            engine.generate([ImageJob("a", 1, deadline=time.time() + 0.25), ImageJob("b", 2, deadline=time.time() + 0.2)],
+                            long)
+        seconds = time.perf_counter() - started
+        assert 0 < len(calls) < long.steps // 2 and seconds < 1.3  # stopped after ~20 steps, not 200
+        calls.clear()
+        with pytest.raises(DeadlinePassed):  # late before it starts: no step at all
+            engine.generate([ImageJob("a", 1, deadline=time.time() - 1)], long)
+        assert calls == []
+    finally:
+        handle.remove()
+
+
+def test_a_call_shared_with_work_still_in_time_runs_every_step(engine):
+    fast = spec(engine, "fast", steps=6)
+    alone = engine.generate([ImageJob("in time", 4)], fast)[0]
+    calls, handle = unet_calls(engine)
+    try:
+        images = engine.generate([ImageJob("late", 3, deadline=time.time() - 1),
+                                  ImageJob("in time", 4, deadline=time.time() + 60)], fast)
+        assert len(calls) == fast.steps and images[1] == alone  # the late image comes too: its caller drops it
     finally:
         handle.remove()

@@ -23,7 +23,9 @@ def cut(miner, tmp_path_factory):
     deploy_app(miner, tmp_path_factory, CUT_APP, netuid=4, prefix=CUT, protocol="agent-runs",
                workloads={"embeddings": None, "diffusion": None,
                           "agents": {"num_cpus": 0.25, "max_ongoing_requests": 2, "max_queued_requests": 2}},
-               router={"num_replicas": 1, "num_cpus": 0.25})
+               router={"num_replicas": 1, "num_cpus": 0.25},
+               # A breaker that would open on two counted failures, and an SLO under the deadlines below.
+               subnet={"breaker": {"consecutive_failures": 2, "open_s": 30.0}, "slo": {"latency_s": 0.2}})
     yield miner
     serve.delete(CUT_APP)
 
@@ -109,6 +111,19 @@ def test_tools_run_inside_the_deployed_miner(miner):
     assert found["result"][0]["index"] == 0  # through the real Embeddings deployment
     assert agents.try_tool.remote("calculator", {"expression": "6*7"}).result() == {"result": 42}
     assert "not offered" in agents.try_tool.remote("http_fetch", {"url": "http://127.0.0.1/"}).result()["error"]
+
+
+def test_runs_past_their_deadline_do_not_open_the_breaker_for_everyone(cut):
+    # One validator's heavy runs with deadlines they cannot make are its own business: the
+    # workload answers, so its 504s are no verdict on it and the next caller is served.
+    for _ in range(3):
+        resp = cut.post({"task": "a long task", "tools": ["calculator"], "max_steps": 8}, path=CUT + PATH,
+                        headers={"X-Bittensor-Timeout": "0.5"})
+        assert (resp.status_code, resp.json()["error"]) == (504, "deadline_exceeded"), resp.text
+    resp = cut.post({"task": "what is 6 * 7?", "max_steps": 1}, path=CUT + PATH, headers={"X-Bittensor-Timeout": "30"})
+    assert resp.status_code == 200, resp.text
+    ready = cut.http.get(CUT + "/ready").json()
+    assert all(s["breakers"] == {"agents": "closed"} for s in ready["subnets"] if s["netuid"] == 4), ready
 
 
 def test_a_caller_that_hangs_up_has_its_run_cancelled(cut):

@@ -110,6 +110,39 @@ def test_replay_refused_across_two_router_replicas(miner):
     assert len(replicas) == 2, f"the copies reached only {replicas}: the test did not exercise two replicas"
 
 
+def nonce_store(miner):
+    import ray
+
+    return ray.get_actor(f"{miner.cfg.name}-nonces", namespace="torchrank")
+
+
+def test_a_replay_store_restart_does_not_reopen_the_replay_window(miner):
+    import ray
+
+    body, headers = signed_request(ALICE, "/v1/embeddings", {"input": "accepted before the restart"}, MINER)
+    assert miner.http.post("/v1/embeddings", content=body, headers=headers).status_code == 200
+    ray.kill(nonce_store(miner), no_restart=False)  # Ray restarts it, empty
+    time.sleep(3)  # still inside the request's freshness window (max_age_s 10)
+    resp = miner.http.post("/v1/embeddings", content=body, headers=headers)
+    # Refused: the new store cannot know the nonce was used, only that it was signed before it started.
+    assert error_of(resp) == (503, "unavailable") and "sign the request again" in resp.json()["detail"], resp.text
+    assert miner.post({"input": "signed after the restart"}).status_code == 200
+
+
+def test_a_replay_store_lost_for_good_is_started_again(miner):
+    import ray
+
+    ray.kill(nonce_store(miner), no_restart=True)
+    answers = []
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and (not answers or answers[-1] != 200):
+        resp = miner.post({"input": "is replay protection back?"})
+        answers.append(resp.status_code if resp.status_code == 200 else error_of(resp))
+        time.sleep(0.5)
+    # Refused while it is gone (fail closed, never a 500), then found again by the routers' health check.
+    assert answers[-1] == 200 and set(answers[:-1]) <= {(503, "unavailable")}, answers
+
+
 def test_allow_listed_hotkey_needs_no_registration(miner):
     assert miner.post({"input": "x"}, key="//Allowed").status_code == 200
 

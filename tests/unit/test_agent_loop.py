@@ -7,8 +7,8 @@ import time
 import pytest
 
 from serve_app.agents.loop import run_agent
-from serve_app.agents.tools import (CalculatorArgs, FetchArgs, RetrieveArgs, ScratchpadArgs, Session, Tool, ToolError,
-                                    calculator, make_fetch, make_retrieve, run_tool, scratchpad)
+from serve_app.agents.tools import (CalculatorArgs, RetrieveArgs, ScratchpadArgs, Session, Tool, ToolError, calculator,
+                                    make_retrieve, run_tool, scratchpad)
 from serve_app.engines.coalesce import DeadlinePassed
 from serve_app.engines.llm import Generation
 
@@ -130,35 +130,3 @@ def test_retrieve_ranks_documents_by_similarity():
     assert found == [{"index": 1, "score": 1.0, "text": "a cat sat"}]
     with pytest.raises(ToolError, match="no documents"):
         asyncio.run(make_retrieve(embed)(RetrieveArgs(query="x"), Session()))
-
-
-@pytest.mark.parametrize("url, why", [("https://evil.example/x", "not allowed"), ("file:///etc/passwd", "only http"),
-                                      ("http://127.0.0.1:8000/info", "not allowed")])
-def test_fetch_obeys_the_allow_list(url, why):
-    with pytest.raises(ToolError, match=why):
-        asyncio.run(make_fetch(("docs.example.org",))(FetchArgs(url=url), Session()))
-
-
-def test_fetch_reads_an_allowed_host():
-    import http.server
-    import threading
-
-    class Handler(http.server.BaseHTTPRequestHandler):
-        def do_GET(self):
-            body = b"x" * 5000
-            self.send_response(200)
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
-
-        def log_message(self, *args):
-            pass
-
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    try:
-        url = f"http://127.0.0.1:{server.server_address[1]}/page"
-        got = asyncio.run(make_fetch(("127.0.0.1",), max_bytes=1000)(FetchArgs(url=url), Session()))
-        assert got == {"status": 200, "body": "x" * 1000}
-    finally:
-        server.shutdown()

@@ -34,8 +34,8 @@ class _Method:
 
 
 class InProcessStore:
-    def __init__(self, fail=False):
-        window = NonceWindow()
+    def __init__(self, fail=False, started_ns=0):
+        window = NonceWindow(started_ns)
         self.check_and_store_many = _Method(self._boom if fail else window.check_and_store_many)
 
     @staticmethod
@@ -45,7 +45,9 @@ class InProcessStore:
 
 def authenticate(headers, body=BODY, path=PATH, policy=AuthPolicy(), store=None):
     auth = Authenticator(MINER, store or InProcessStore())
-    return asyncio.run(auth.authenticate(headers, body, method="POST", path=path, policy=policy))
+    signed = auth.verify(headers, body, method="POST", path=path, policy=policy)
+    asyncio.run(auth.claim(signed))
+    return signed.hotkey
 
 
 def signed(receiver=MINER, nonce_ns=None, body=BODY, path=PATH):
@@ -104,9 +106,42 @@ def test_store_outage_fails_closed():
 
 
 def test_nonce_window_forgets_after_its_ttl():
-    window = NonceWindow()
-    assert window.check_and_store("hk", 1, 0.05)
-    assert not window.check_and_store("hk", 1, 0.05)
+    window = NonceWindow(started_ns=0)
+    assert window.check_and_store("hk", 1, 0.05) is None
+    assert window.check_and_store("hk", 1, 0.05) == ""  # claimed before (by the claimant "")
     time.sleep(0.06)
-    assert window.check_and_store("hk", 1, 0.05)
+    assert window.check_and_store("hk", 1, 0.05) is None
     assert window.size() == 1
+
+
+def test_verify_has_no_side_effects_on_the_store():
+    # A self-made key with a valid signature must not cost a store entry before it is authorised.
+    store = InProcessStore()
+    auth = Authenticator(MINER, store)
+    h = signed()
+    auth.verify(h, BODY, method="POST", path=PATH, policy=AuthPolicy())
+    auth.verify(h, BODY, method="POST", path=PATH, policy=AuthPolicy())
+    assert authenticate(h, store=store) == ALICE.ss58_address  # first claim: still fresh
+
+
+def test_a_new_store_refuses_what_was_signed_before_it_started():
+    # Ray restarts the store empty: a request its predecessor accepted must not pass again.
+    # It cannot tell a replay from an honest request signed just before: 503, sign again.
+    now = time.time_ns()
+    store = InProcessStore(started_ns=now - 3 * 10**9)  # (re)started 3 s ago; allowed skew 2 s
+    assert refusal(headers=signed(nonce_ns=now - 4 * 10**9), store=store) == (503, "unavailable")
+    # Signed 1 s after the start by a clock up to 2 s ahead: its predecessor may have accepted it.
+    assert refusal(headers=signed(nonce_ns=now - 2 * 10**9), store=store) == (503, "unavailable")
+    assert authenticate(signed(), store=store) == ALICE.ss58_address
+
+
+def test_a_nonce_whose_router_died_may_be_claimed_once_by_another():
+    # HAProxy retries a request whose router died mid-call on the other router: the caller never
+    # got an answer, so the nonce moves to the new claimant; only once, and never from a live one.
+    window = NonceWindow(started_ns=0)
+    assert window.check_and_store("hk", 7, 10, 0, "router-a") is None
+    assert window.check_and_store("hk", 7, 10, 0, "router-b") == "router-a"
+    assert window.take_over("hk", 7, "router-a", "router-b")
+    assert not window.take_over("hk", 7, "router-a", "router-c")  # router-b has it now
+    assert window.check_and_store("hk", 7, 10, 0, "router-c") == "router-b"
+    assert not window.take_over("hk", 8, "router-a", "router-b")  # never claimed: nothing to take over

@@ -1,10 +1,11 @@
 import asyncio
+import time
 
 import pytest
 from starlette.requests import Request
 
 from serve_app.errors import ApiError
-from serve_app.router.body import read_capped
+from serve_app.router.body import BodyReads
 
 
 def request(chunks, headers=()):
@@ -22,7 +23,7 @@ def request(chunks, headers=()):
 def test_declared_oversize_is_refused_before_reading():
     req, taken = request([b"x" * 10], headers=[("content-length", "5000")])
     with pytest.raises(ApiError) as err:
-        asyncio.run(read_capped(req, 1024, 5))
+        asyncio.run(reads().read(req))
     assert (err.value.status, err.value.code) == (413, "body_too_large")
     assert taken == []
 
@@ -30,15 +31,78 @@ def test_declared_oversize_is_refused_before_reading():
 def test_undeclared_oversize_stops_at_the_limit():
     req, taken = request([b"x" * 600] * 10)
     with pytest.raises(ApiError) as err:
-        asyncio.run(read_capped(req, 1024, 5))
+        asyncio.run(reads().read(req))
     assert err.value.status == 413
     assert len(taken) == 2  # stopped reading at the second chunk
 
 
 def test_body_within_limit_and_bad_length_header():
     req, _ = request([b"ab", b"cd"])
-    assert asyncio.run(read_capped(req, 1024, 5)) == b"abcd"
+    assert asyncio.run(reads().read(req)) == b"abcd"
     req, _ = request([b"ab"], headers=[("content-length", "-1")])
     with pytest.raises(ApiError) as err:
-        asyncio.run(read_capped(req, 1024, 5))
+        asyncio.run(reads().read(req))
     assert err.value.status == 400
+
+
+def reads(limit=8, timeout_s=5.0, grace_s=0.2, min_bytes_per_s=1000.0):
+    return BodyReads(limit, 1024, timeout_s, grace_s, min_bytes_per_s)
+
+
+def trickle(chunks, pause_s, headers=()):
+    """A request whose body chunks arrive `pause_s` apart."""
+    messages = [{"type": "http.request", "body": c, "more_body": i < len(chunks) - 1} for i, c in enumerate(chunks)]
+
+    async def receive():
+        if not messages:
+            return {"type": "http.disconnect"}
+        await asyncio.sleep(pause_s)
+        return messages.pop(0)
+
+    scope = {"type": "http", "method": "POST", "path": "/", "headers": [(k.encode(), v.encode()) for k, v in headers]}
+    return Request(scope, receive)
+
+
+def test_a_body_slower_than_the_minimum_rate_is_cut_after_the_grace():
+    async def run():
+        started = time.monotonic()
+        with pytest.raises(ApiError) as err:
+            # Declared 1000 bytes at 1000 B/s after 0.2 s grace: it has 1.2 s, not the 5 s body timeout.
+            await reads().read(trickle([b"x"] * 1000, 0.1, headers=[("content-length", "1000")]))
+        return err.value, time.monotonic() - started
+
+    err, took = asyncio.run(run())
+    assert (err.status, err.code) == (408, "body_timeout") and took < 2
+
+
+def test_an_undeclared_trickle_is_cut_at_the_rate_too():
+    async def run():
+        with pytest.raises(ApiError) as err:
+            await reads().read(trickle([b"x"] * 100, 0.1))  # 10 B/s, no Content-Length
+        return err.value
+
+    err = asyncio.run(run())
+    assert (err.status, err.code) == (408, "body_timeout") and "slower than" in err.detail
+
+
+def test_when_the_budget_is_full_the_oldest_read_is_cut_and_the_newcomer_is_read():
+    async def run():
+        budget = reads(limit=3, grace_s=30)
+        slow = [asyncio.ensure_future(budget.read(trickle([b"x"] * 10, 5))) for _ in range(3)]
+        await asyncio.sleep(0.05)
+        body = await budget.read(request([b'{"input": "hi"}'])[0])  # a validator's body: with its headers
+        await asyncio.sleep(0)
+        outcomes = []
+        for task in slow:
+            try:
+                outcomes.append(await asyncio.wait_for(task, 0.05))
+            except ApiError as err:
+                outcomes.append((err.status, err.code))
+            except asyncio.TimeoutError:
+                outcomes.append("still reading")
+        return body, outcomes, budget
+
+    body, outcomes, budget = asyncio.run(run())
+    assert body == b'{"input": "hi"}'
+    assert outcomes == [(408, "body_timeout"), "still reading", "still reading"]
+    assert budget.cut_total == 1 and len(budget.reading) == 0

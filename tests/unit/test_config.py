@@ -1,4 +1,5 @@
 import pytest
+from bittensor.sp_core import Keypair
 from pydantic import ValidationError
 from ray.serve._private.api import call_user_app_builder_with_args_if_necessary
 
@@ -86,11 +87,26 @@ def test_images_route_needs_the_diffusion_workload():
     ({"max_side": 32, "min_side": 16}, {}, "outside min_side..max_side"),
     ({}, {"allowed_presets": ["fast", "turbo"]}, r"unknown presets \['turbo'\]"),
     ({}, {"allowed_presets": ["fast"]}, "default preset 'balanced' is not among allowed_presets"),
+    ({"max_steps": 16}, {"max_steps": 17}, r"max_steps \(17\) is above the workload's \(16\)"),
+    ({"max_side": 512}, {"max_side": 520}, r"max_side \(520\) is above the workload's \(512\)"),
+    ({"min_side": 64}, {"max_side": 56}, r"max_side \(56\) is below the workload's min_side \(64\)"),
+    ({}, {"max_steps": 3}, r"preset 'balanced': 4 steps, over the subnet's max_steps \(3\)"),
+    ({}, {"default_preset": "quality", "max_steps": 6}, r"preset 'quality': 8 steps, over the subnet's max_steps"),
+    ({}, {"allowed_presets": ["balanced", "quality"], "max_steps": 6}, r"preset 'quality': 8 steps"),
+    ({"min_side": 16}, {"max_side": 32}, r"preset 'balanced': size 64x64 is over the subnet's max_side \(32\)"),
 ])
 def test_diffusion_presets_are_checked_against_limits_and_subnets(diffusion, subnet_policy, match):
     subnet = {"netuid": 1, "metagraph": SNAPSHOT, "routes": [IMAGES], "diffusion": subnet_policy}
     with pytest.raises(ValidationError, match=match):
         MinerConfig.model_validate(args(subnets=[subnet], workloads={"diffusion": diffusion}))
+
+
+def test_subnet_diffusion_limits_default_to_the_workloads_and_may_be_lower():
+    subnet = {"netuid": 1, "metagraph": SNAPSHOT, "routes": [IMAGES],
+              "diffusion": {"allowed_presets": ["fast", "balanced"], "max_steps": 4, "max_side": 64}}
+    cfg = MinerConfig.model_validate(args(subnets=[subnet], workloads={"diffusion": {}}))
+    assert (cfg.subnets[0].diffusion.max_steps, cfg.subnets[0].diffusion.max_side) == (4, 64)
+    assert MinerConfig.model_validate(args(workloads={"diffusion": {}})).subnets[0].diffusion.max_steps is None
 
 
 def test_builder_checks_snapshot_file(tmp_path):
@@ -172,3 +188,65 @@ def test_admission_counts_are_safety_caps_above_the_embedded_default_load():
     assert emb.in_flight_items == 2 * emb.max_batch_texts
     assert cfg.router.max_in_progress >= emb.admission.max_in_flight + emb.admission.max_queued
     assert cfg.workloads.agents.in_flight_items == cfg.workloads.agents.max_ongoing_requests
+
+
+def test_full_route_paths_must_not_collide_across_subnets(tmp_path):
+    other = tmp_path / "m2.json"
+    other.write_text('{"netuid": 2, "neurons": []}')
+    subnets = [{"netuid": 1, "metagraph": SNAPSHOT, "routes": [{"path": "/sn2/x", "protocol": "openai-embeddings"}]},
+               {"netuid": 2, "prefix": "/sn2", "metagraph": {"source": "snapshot", "path": str(other)},
+                "routes": [{"path": "/x", "protocol": "openai-embeddings"}]}]
+    with pytest.raises(ValidationError, match=r"/sn2/x is a route of both subnet 1 .* and subnet 2"):
+        MinerConfig.model_validate(args(subnets=subnets))
+    subnets[1]["routes"] = [{"path": "/y", "protocol": "openai-embeddings"}]
+    MinerConfig.model_validate(args(subnets=subnets))
+
+
+DEV_ADDRESSES = {uri: Keypair.create_from_uri(uri).ss58_address
+                 for uri in ("//Alice", "//Bob", "//Charlie", "//Dave", "//Eve", "//Ferdie")}
+
+
+def test_dev_key_list_matches_the_sdk():
+    from serve_app.config import DEV_HOTKEYS
+
+    assert DEV_HOTKEYS == {address: uri for uri, address in DEV_ADDRESSES.items()}
+
+
+@pytest.mark.parametrize("uri", sorted(DEV_ADDRESSES))
+def test_dev_keys_are_refused_in_the_allow_list_on_a_live_chain(uri):
+    chain = {"netuid": 1, "metagraph": {"source": "chain"}, "auth": {"allow_hotkeys": [DEV_ADDRESSES[uri]]}}
+    with pytest.raises(ValidationError, match=rf"subnets.0\n.*auth.allow_hotkeys holds the public dev key {uri}"):
+        MinerConfig.model_validate(args(wallet={"name": "miner"}, subnets=[chain]))
+    # Local use with a snapshot keeps them (deployments/local.yaml), and a deny-list may name them.
+    MinerConfig.model_validate(args(subnets=[{"netuid": 1, "metagraph": SNAPSHOT,
+                                              "auth": {"allow_hotkeys": [DEV_ADDRESSES[uri]]}}]))
+    MinerConfig.model_validate(args(wallet={"name": "miner"}, subnets=[
+        {"netuid": 1, "metagraph": {"source": "chain"}, "auth": {"deny_hotkeys": [DEV_ADDRESSES[uri]]}}]))
+
+
+ALL_ROUTES = [{"path": "/v1/embeddings", "protocol": "openai-embeddings"}, IMAGES]
+
+
+def test_router_gate_must_hold_what_admission_may_hold():
+    # embeddings 256 + 512 and diffusion 64 + 256 (admission max_in_flight + max_queued) = 1088 per router replica.
+    both = args(subnets=[{"netuid": 1, "metagraph": SNAPSHOT, "routes": ALL_ROUTES}], workloads={"diffusion": {}})
+    with pytest.raises(ValidationError, match=r"router.max_in_progress \(1024\) is below the 1088 requests .*"
+                                              r"embeddings 256\+512, diffusion 64\+256"):
+        MinerConfig.model_validate(both)
+    assert MinerConfig.model_validate({**both, "router": {"max_in_progress": 1088}}).router.max_in_progress == 1088
+    # Autoscaled, the caps grow with the replicas to max_replicas / min_replicas times (Admission.resize).
+    scaled = {**both, "router": {"max_in_progress": 1088},
+              "workloads": {"diffusion": {}, "embeddings": {"autoscaling": {"min_replicas": 2, "max_replicas": 5}}}}
+    with pytest.raises(ValidationError, match=r"below the 2240 requests .*embeddings \(256\+512\) x 2.5"):
+        MinerConfig.model_validate(scaled)
+    # A workload no route uses holds nothing at the router.
+    MinerConfig.model_validate(args(workloads={"diffusion": {}, "agents": {}}))
+
+
+def test_readiness_fails_before_the_metagraph_stops_authorising():
+    subnet = {"netuid": 1, "metagraph": {**SNAPSHOT, "max_age_s": 600}, "watchdog": {"max_metagraph_age_s": 900}}
+    with pytest.raises(ValidationError, match=r"watchdog.max_metagraph_age_s \(900\) is above metagraph.max_age_s "
+                                              r"\(600\)"):
+        MinerConfig.model_validate(args(subnets=[subnet]))
+    subnet["watchdog"]["max_metagraph_age_s"] = 600
+    MinerConfig.model_validate(args(subnets=[subnet]))

@@ -4,6 +4,7 @@ import os
 
 import pytest
 
+from serve_app.engines.coalesce import DeadlinePassed
 from serve_app.engines.process import EngineProcess, EngineProcessError, InProcessEngine
 
 
@@ -22,6 +23,9 @@ class FakeEngine:
     def fail(self):
         raise ValueError("bad input for the engine")
 
+    def late(self):
+        raise DeadlinePassed()
+
 
 @pytest.fixture(scope="module")
 def remote():
@@ -39,6 +43,8 @@ def test_engine_errors_come_back_with_their_type(remote):
     with pytest.raises(ValueError, match="bad input"):
         remote.call("fail")
     assert remote.call("times", [2]) == [6]  # and the engine goes on
+    with pytest.raises(DeadlinePassed):  # a call the engine stopped part way: the workload answers 504
+        remote.call("late")
 
 
 def test_a_dead_engine_process_is_an_error_not_a_hang():

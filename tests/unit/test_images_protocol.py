@@ -58,3 +58,27 @@ def test_limits_are_422_naming_the_field(body, field):
                                   b'{"prompt": "x", "seed": 9223372036854775808}'])
 def test_schema_errors_are_422(body):
     assert refused(body)[:2] == (422, "invalid_request")
+
+
+def test_a_subnet_bounds_steps_and_size_below_the_workload():
+    adapter = OpenAIImages(CFG, SubnetDiffusion(max_steps=6, max_side=64))
+    assert adapter.spec(adapter.parse(b'{"prompt": "x", "steps": 6, "size": "64x64"}')) == RenderSpec("balanced", 6, 64, 64)
+    assert refused(b'{"prompt": "x", "steps": 7}', adapter) == (422, "limit_exceeded", "steps: 7, at most 6")
+    assert refused(b'{"prompt": "x", "size": "128x64"}', adapter) == (
+        422, "limit_exceeded", "size: 128x64: each side a multiple of 8 from 64 to 64")
+    # A preset the subnet offers, whose steps pass its limit: refused all the same, naming steps.
+    assert refused(b'{"prompt": "x", "preset": "quality"}', adapter) == (422, "limit_exceeded", "steps: 8, at most 6")
+
+
+def test_cost_is_images_times_pixel_steps_over_the_default_presets():
+    # The default preset, balanced, is 4 steps at 64x64: one such image costs 1.
+    def cost(body: bytes) -> float:
+        return ADAPTER.cost(ADAPTER.parse(body))
+
+    assert cost(b'{"prompt": "x"}') == 1.0
+    assert cost(b'{"prompt": "x", "n": 3}') == 3.0
+    assert cost(b'{"prompt": "x", "preset": "fast"}') == 0.5
+    assert cost(b'{"prompt": "x", "steps": 16, "size": "128x128", "n": 2}') == 2 * 4 * 4
+    # Against the workload's default, not the subnet's: one admission queue serves every subnet.
+    subnet = OpenAIImages(CFG, SubnetDiffusion(default_preset="fast"))
+    assert subnet.cost(subnet.parse(b'{"prompt": "x"}')) == 0.5

@@ -16,7 +16,8 @@ IMAGES = {"path": "/v1/images/generations", "protocol": "openai-images"}
 
 
 def deployments(**args) -> dict:
-    cfg = MinerConfig.model_validate({"wallet": {"uri": "//Bob"}, **args})
+    # A gate above what the autoscaled workloads' admission may hold at max_replicas (MinerConfig checks it).
+    cfg = MinerConfig.model_validate({"wallet": {"uri": "//Bob"}, "router": {"max_in_progress": 4096}, **args})
     return {d.name: d for d in built(build_app(cfg), name="t").deployments}
 
 

