@@ -87,6 +87,19 @@ class Miner:
             time.sleep(0.25)
         return time.monotonic() - start
 
+    def wait_answering(self, timeout_s=120.0) -> None:
+        """Eight signed requests in a row answered: no breaker left half-open by an earlier scenario
+        (/ready is 200 then, while all but its probe are refused)."""
+        from serve_app.client import signed_request
+
+        start, streak = time.monotonic(), 0
+        while streak < 8:
+            if time.monotonic() - start > timeout_s:
+                raise RuntimeError("the miner does not answer")
+            body, headers = signed_request(self.signer, PATH, {"input": "answering?"}, self.hotkey)
+            streak = streak + 1 if self.http.post(PATH, content=body, headers=headers).status_code == 200 else 0
+            time.sleep(0.1)
+
 
 def replica_actors(deployment: str) -> list[str]:
     from ray._private.state import actors
@@ -223,6 +236,7 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=12.0)
     parser.add_argument("--port", type=int, default=8131)
     parser.add_argument("--out", default=str(ROOT / "benchmarks/results/reliability.json"))
+    parser.add_argument("--only", nargs="*", default=None, help="run these scenarios only (the baseline always runs)")
     args = parser.parse_args()
 
     rayenv.apply()
@@ -252,6 +266,7 @@ def main() -> None:
         stats, outcomes, fault_at = fault_run(miner, replicas, 8, 3 * seconds, "Embeddings", how_many=2, timeout_s=1.5)
         results["breaker"] = {**stats, **breaker_stats(outcomes, fault_at)}
         miner.wait_healthy(replicas)
+        miner.wait_answering()
         results["slow-bodies"] = flood_run(miner, args.port, 4, seconds)
         results["replay-restart"] = replay_restart_run(miner, f"{cfg.name}-nonces")
     finally:

@@ -694,11 +694,15 @@ class MinerConfig(Strict):
             scale = workload.admission_scale_max
             parts.append(f"{name} {caps}" if scale == 1 else f"{name} ({caps}) x {scale:g}")
             total += workload.admission_holds_max
+        # Bodies being read count at the gate too, before they reach admission.
+        parts.append(f"router.max_body_reads {self.router.max_body_reads}")
+        total += self.router.max_body_reads
         if self.router.max_in_progress < total:
             raise ValueError(
                 f"router.max_in_progress ({self.router.max_in_progress}) is below the {total} requests admission "
-                f"may hold per router replica (workloads.<name>.admission max_in_flight+max_queued, x max_replicas/"
-                f"min_replicas when autoscaled: {', '.join(parts)}): the entry gate would shed what admission "
+                f"and the body reads may hold per router replica (workloads.<name>.admission max_in_flight+"
+                f"max_queued, x max_replicas/min_replicas when autoscaled, + router.max_body_reads: "
+                f"{', '.join(parts)}): the entry gate would shed what admission "
                 f"ranks by stake. Raise router.max_in_progress to at least {total} (router.max_ongoing_requests, "
                 f"{self.router.max_ongoing_requests}, must stay at least it) or lower those caps")
 

@@ -41,13 +41,15 @@ def auth_error(exc: AuthError) -> ApiError:
     return ApiError(401, code, str(exc))
 
 
-# The store's answer for a nonce signed before it started: it cannot know whether it was used.
+# The store's answers besides a claimant: a nonce signed before it started (it cannot know
+# whether it was used), and one whose request was answered.
 SIGNED_BEFORE_START = "signed before this store started"
+ANSWERED = "answered"
 
 
 class NonceWindow:
-    """Every accepted (hotkey, nonce) pair and the router replica that accepted it, kept for
-    its freshness window.
+    """Every accepted (hotkey, nonce) pair, kept for its freshness window: the router replica
+    that claimed it while its request is in flight, then ANSWERED.
 
     A new store does not know what an earlier one accepted (Ray restarts the actor empty):
     it refuses every nonce signed before its own start plus the clock skew allowed, which
@@ -55,14 +57,14 @@ class NonceWindow:
     """
 
     def __init__(self, started_ns: int | None = None) -> None:
-        self._seen: dict[tuple[str, int], str] = {}  # -> the claimant (a router replica)
+        self._seen: dict[tuple[str, int], tuple[str, float]] = {}  # -> (claimant or ANSWERED, claimed at)
         self._expiry: list[tuple[float, tuple[str, int]]] = []
         self.started_ns = time.time_ns() if started_ns is None else started_ns
 
     def check_and_store(self, hotkey: str, nonce: int, ttl_s: float, skew_s: float = 0.0,
                         claimant: str = "") -> str | None:
-        """None: unused, now claimed by `claimant`. Otherwise who claimed it before, or
-        SIGNED_BEFORE_START when an earlier store may have."""
+        """None: unused, now claimed by `claimant`. Otherwise its claimant while its request is in
+        flight, ANSWERED after, or SIGNED_BEFORE_START when an earlier store may have had it."""
         if nonce < self.started_ns + skew_s * 1e9:
             return SIGNED_BEFORE_START
         now = time.monotonic()
@@ -70,23 +72,33 @@ class NonceWindow:
             self._seen.pop(heapq.heappop(self._expiry)[1], None)
         key = (hotkey, nonce)
         if key in self._seen:
-            return self._seen[key]
-        self._seen[key] = claimant
+            return self._seen[key][0]
+        self._seen[key] = (claimant, now)
         heapq.heappush(self._expiry, (now + ttl_s, key))
         return None
 
-    def check_and_store_many(self, entries: list[tuple[str, int, float, float, str]]) -> list[str | None]:
-        """check_and_store for each (hotkey, nonce, ttl_s, skew_s, claimant), in order: one actor
-        call for a router's concurrent requests."""
-        return [self.check_and_store(*entry) for entry in entries]
-
-    def take_over(self, hotkey: str, nonce: int, gone: str, claimant: str) -> bool:
-        """Claim a nonce whose claimant `gone` died before answering (HAProxy retried its
-        request on another router); False if someone else took it first."""
+    def settle(self, hotkey: str, nonce: int) -> None:
+        """Its request was answered: from now on no one may take the nonce over."""
         key = (hotkey, nonce)
-        if self._seen.get(key) != gone or gone == SIGNED_BEFORE_START:
+        if key in self._seen:
+            self._seen[key] = (ANSWERED, self._seen[key][1])
+
+    def apply_many(self, items: list[tuple]) -> list[str | None]:
+        """("claim", hotkey, nonce, ttl_s, skew_s, claimant) -> check_and_store, and ("settle",
+        hotkey, nonce) -> settle, in order: one actor call for a router's concurrent requests."""
+        return [self.check_and_store(*item[1:]) if item[0] == "claim" else self.settle(*item[1:]) for item in items]
+
+    def take_over(self, hotkey: str, nonce: int, gone: str, claimant: str, max_open_s: float) -> bool:
+        """Claim a nonce whose claimant `gone` died before answering (HAProxy retried its request
+        on another router), if it was claimed less than `max_open_s` ago (the longest a request
+        may run); False if it was answered, or someone else took it first."""
+        key = (hotkey, nonce)
+        held = self._seen.get(key)
+        if held is None or held[0] != gone or gone in (ANSWERED, SIGNED_BEFORE_START):
             return False
-        self._seen[key] = claimant
+        if time.monotonic() - held[1] > max_open_s:
+            return False
+        self._seen[key] = (claimant, held[1])
         return True
 
     def size(self) -> int:
@@ -137,8 +149,8 @@ class Authenticator:
         self.store_answered_at = time.monotonic()  # the last time the shared store answered (check_health)
         self.taken_over = 0
         # Concurrent requests' replay checks share one actor call (serve_app/router/batching.py).
-        self._replay_checks = CallBatcher(lambda entries: self.nonces.check_and_store_many.remote(entries),
-                                          max_concurrent=2, max_items=256)
+        self._store_calls = CallBatcher(lambda items: self.nonces.apply_many.remote(items),
+                                        max_concurrent=2, max_items=256)
         self._gone: dict[str, tuple[float, bool]] = {}  # claimant -> (checked at, gone)
 
     def verify(self, headers: Mapping[str, str], body: bytes, *, method: str, path: str, policy: AuthPolicy) -> Signed:
@@ -161,21 +173,23 @@ class Authenticator:
             raise auth_error(exc) from None
         return Signed(caller.hotkey_ss58, caller.nonce_ns, policy)
 
-    async def claim(self, signed: Signed) -> None:
+    async def claim(self, signed: Signed, max_open_s: float) -> None:
         """Record the nonce in the shared store; ApiError 401 if it was used (503 if the store cannot answer).
 
-        A nonce claimed by a router replica that died before answering may be claimed again: it
-        is HAProxy retrying the request on another router (retry-on empty-response), and the
-        caller never got an answer. A replay while its first router lives is refused."""
+        A nonce claimed by a router replica that died before answering, less than `max_open_s`
+        ago, may be claimed again: it is HAProxy retrying the request on another router
+        (retry-on empty-response), and the caller never got an answer. A nonce answered, or
+        still in flight on a live router, is refused. Call `settle` once the request is answered."""
         policy = signed.policy
-        entry = (signed.hotkey, signed.nonce_ns, policy.max_age_s + policy.allowed_skew_s, policy.allowed_skew_s,
-                 self.claimant)
+        item = ("claim", signed.hotkey, signed.nonce_ns, policy.max_age_s + policy.allowed_skew_s,
+                policy.allowed_skew_s, self.claimant)
         try:
-            earlier = await asyncio.wait_for(self._replay_checks.submit(entry), self.store_timeout_s)
+            earlier = await asyncio.wait_for(self._store_calls.submit(item), self.store_timeout_s)
             self.store_answered_at = time.monotonic()
-            if earlier not in (None, SIGNED_BEFORE_START, self.claimant) and await self._is_gone(earlier):
+            if earlier not in (None, ANSWERED, SIGNED_BEFORE_START, self.claimant) and await self._is_gone(earlier):
                 if await asyncio.wait_for(self.nonces.take_over.remote(signed.hotkey, signed.nonce_ns, earlier,
-                                                                       self.claimant), self.store_timeout_s):
+                                                                       self.claimant, max_open_s),
+                                          self.store_timeout_s):
                     self.taken_over += 1
                     return
         except Exception:
@@ -187,6 +201,12 @@ class Authenticator:
                               "was used: sign the request again", retry_after_s=max(1.0, policy.allowed_skew_s))
         if earlier is not None:
             raise auth_error(ReplayedRequest("this nonce was already accepted from this hotkey"))
+
+    def settle(self, signed: Signed) -> None:
+        """The claimed request was answered (whatever the answer): its nonce can no longer be taken
+        over. Rides on the next store call; nothing waits for it."""
+        future = asyncio.ensure_future(self._store_calls.submit(("settle", signed.hotkey, signed.nonce_ns)))
+        future.add_done_callback(lambda f: f.cancelled() or f.exception())  # a lost settle only keeps it open
 
     async def _is_gone(self, claimant: str) -> bool:
         """Is this router replica dead? Asked of Ray's GCS at most once a second per replica; a

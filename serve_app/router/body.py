@@ -29,49 +29,57 @@ class BodyReads:
 
     A body must arrive at `min_bytes_per_s` after `grace_s` (408 otherwise), so a client
     trickling bytes holds a slot briefly. When `limit` bodies are being read, a newcomer
-    cuts the read that has lasted longest (408): a flood of slow bodies then only displaces
-    itself, while a validator's body, which arrives with its headers, is read in a moment.
+    cuts the read furthest behind that rate (408): a flood of slow bodies then only displaces
+    itself, while a validator's body, which arrives at the speed of its link, is never the
+    furthest behind.
     """
 
     def __init__(self, limit: int, max_bytes: int, timeout_s: float, grace_s: float, min_bytes_per_s: float):
         self.limit, self.max_bytes, self.timeout_s = limit, max_bytes, timeout_s
         self.grace_s, self.min_bytes_per_s = grace_s, min_bytes_per_s
-        self.reading: dict[asyncio.Task, None] = {}  # insertion order: the oldest first
+        self.reading: dict[asyncio.Task, list[float]] = {}  # -> [started, bytes received]
         self._cut: set[asyncio.Task] = set()
         self.cut_total = 0
 
     async def read(self, request: Request) -> bytes:
         """The body; ApiError 413 over `max_bytes`, 408 if too slow or cut, 400 on a bad length."""
+        declared = _declared_length(request, self.max_bytes)  # before it may cut anyone
         if len(self.reading) >= self.limit:
-            oldest = next(iter(self.reading))
-            del self.reading[oldest]
-            self._cut.add(oldest)
-            self.cut_total += 1
-            oldest.cancel()
-        declared = _declared_length(request, self.max_bytes)
+            self._cut_the_slowest()
         timeout_s = self.timeout_s if declared is None else min(
             self.timeout_s, self.grace_s + declared / self.min_bytes_per_s)
-        reader = asyncio.ensure_future(self._read(request))
-        self.reading[reader] = None
+        progress = [time.monotonic(), 0.0]
+        reader = asyncio.ensure_future(self._read(request, progress))
+        self.reading[reader] = progress
         try:
             return await asyncio.wait_for(reader, timeout_s)
         except asyncio.TimeoutError:
             raise ApiError(408, "body_timeout", f"the request body did not arrive within {timeout_s:g}s") from None
         except asyncio.CancelledError:
             if reader in self._cut:
-                raise ApiError(408, "body_timeout", "the request body was still arriving when the miner needed the "
-                                                    "room for newer requests") from None
+                raise ApiError(408, "body_timeout", "the request body was arriving slower than the others when the "
+                                                    "miner needed the room for newer requests") from None
             raise
         finally:
             self.reading.pop(reader, None)
             self._cut.discard(reader)
 
-    async def _read(self, request: Request) -> bytes:
-        started = time.monotonic()
+    def _cut_the_slowest(self) -> None:
+        """Cancel the read furthest behind the minimum rate (time taken minus time its bytes allow)."""
+        now = time.monotonic()
+        slowest = max(self.reading, key=lambda r: (now - self.reading[r][0]) - self.reading[r][1] / self.min_bytes_per_s)
+        del self.reading[slowest]
+        self._cut.add(slowest)
+        self.cut_total += 1
+        slowest.cancel()
+
+    async def _read(self, request: Request, progress: list[float]) -> bytes:
+        started = progress[0]
         chunks, size = [], 0
         try:
             async for chunk in request.stream():
                 size += len(chunk)
+                progress[1] = size
                 if size > self.max_bytes:
                     raise too_large(self.max_bytes)
                 chunks.append(chunk)

@@ -47,6 +47,8 @@ WATCHDOG_PERIOD_S = 2.0
 # whose store stays silent longer fails its health check.
 STORE_QUIET_S = 5.0
 STORE_UNREACHABLE_S = 30.0
+# A claimed nonce may be taken over from a dead router this long past the longest deadline.
+CLAIM_MARGIN_S = 5.0
 READY_PROBE_TIMEOUT_S = 2.0
 # A replica that died mid-call: try another this many times (idempotent workloads only).
 DEAD_REPLICA_RETRIES = 2
@@ -225,19 +227,26 @@ class Router:
             return False
 
     async def check_health(self) -> None:
-        """Serve's health check: a replica whose replay store stays unreachable is replaced, instead
-        of answering 503 to every signed request. The store is asked when it has been quiet a while."""
+        """Serve's health check. The replay store is asked when it has been quiet a while; one that
+        does not answer is looked up again (started anew if it is gone for good). The replica fails
+        only when that too has failed for STORE_UNREACHABLE_S: a store that is merely slow must
+        not get every router replaced at once."""
         if time.monotonic() - self.auth.store_answered_at < STORE_QUIET_S:
             return
         try:
             await asyncio.wait_for(self.auth.nonces.size.remote(), READY_PROBE_TIMEOUT_S)
             self.auth.store_answered_at = time.monotonic()
+            return
         except Exception:
             silent_s = time.monotonic() - self.auth.store_answered_at
-            # It may be gone for good (its node lost): look it up again, or start a new one.
-            self.auth.nonces = shared_nonce_store(self.cfg.name)
+        try:
+            # A call to Ray's GCS: off the event loop.
+            self.auth.nonces = await asyncio.wait_for(asyncio.to_thread(shared_nonce_store, self.cfg.name),
+                                                      READY_PROBE_TIMEOUT_S)
+        except Exception:
             if silent_s > STORE_UNREACHABLE_S:
-                raise RuntimeError(f"the shared replay store has not answered for {silent_s:.0f}s") from None
+                raise RuntimeError(f"the shared replay store has not answered for {silent_s:.0f}s and cannot be "
+                                   f"found or started again") from None
 
     @app.get("/health")
     def health(self):
@@ -323,6 +332,7 @@ class Router:
         headers = {"X-Miner-Replica": self.replica}
         route = self.routes.get(request.url.path)
         caller, who, outcome, status, admitted, response = "-", "unauthenticated", "internal_error", 500, False, None
+        answered_nonce = None  # claimed in the replay store: settled once this request is answered
         if route is not None:
             self.in_flight[route.subnet.netuid] += 1  # published by _publish_gauges
         self.in_progress += 1
@@ -342,12 +352,22 @@ class Router:
             if route.admission.would_shed(priority(claimed, route.metagraph.view, route.subnet.auth), deadline):
                 raise shed(f"the {route.adapter.workload} workload is at capacity", retry_after_s=1)
             body = await self.body_reads.read(request)
+            view, policy = route.metagraph.view, route.subnet.auth
+            if claimed:  # (none: verify refuses it, 401)
+                # Before the signature and the replay store: a stranger's key costs neither.
+                try:
+                    authorise(claimed, view, policy)
+                except ApiError:
+                    who = caller_class(claimed, view, policy)
+                    raise
             signed = self.auth.verify(request.headers, body, method=request.method, path=signed_target(request),
-                                      policy=route.subnet.auth)
-            caller, view, policy = signed.hotkey, route.metagraph.view, route.subnet.auth
+                                      policy=policy)
+            caller = signed.hotkey  # the signature proves the caller holds it
             who = caller_class(caller, view, policy)
-            authorise(caller, view, policy)  # before the shared replay store: a stranger's key costs it nothing
-            await self.auth.claim(signed)
+            if caller != claimed:
+                authorise(caller, view, policy)
+            await self.auth.claim(signed, max_open_s=route.subnet.max_timeout_s + CLAIM_MARGIN_S)
+            answered_nonce = signed
             if route.subnet.rate_limit.enabled:
                 wait = route.rate_limit.check(caller, view, allow_listed=caller in policy.allow_hotkeys)
                 if wait is not None:
@@ -369,6 +389,8 @@ class Router:
             log.exception("request %s failed inside the miner", rid)
             response = error_response(ApiError(500, "internal_error", f"the miner failed this request (id {rid})"), headers)
         finally:
+            if answered_nonce is not None:
+                self.auth.settle(answered_nonce)
             seconds = time.perf_counter() - started
             self.in_progress -= 1
             if route is not None:

@@ -13,7 +13,7 @@ from bittensor.sp_core import Keypair
 
 from serve_app.config import AuthPolicy
 from serve_app.errors import ApiError
-from serve_app.router.auth import Authenticator, NonceWindow
+from serve_app.router.auth import ANSWERED, Authenticator, NonceWindow
 
 ALICE = Keypair.create_from_uri("//Alice")
 MINER = Keypair.create_from_uri("//Bob").ss58_address
@@ -35,8 +35,9 @@ class _Method:
 
 class InProcessStore:
     def __init__(self, fail=False, started_ns=0):
-        window = NonceWindow(started_ns)
-        self.check_and_store_many = _Method(self._boom if fail else window.check_and_store_many)
+        self.window = NonceWindow(started_ns)
+        self.apply_many = _Method(self._boom if fail else self.window.apply_many)
+        self.take_over = _Method(self.window.take_over)
 
     @staticmethod
     def _boom(*args):
@@ -46,7 +47,7 @@ class InProcessStore:
 def authenticate(headers, body=BODY, path=PATH, policy=AuthPolicy(), store=None):
     auth = Authenticator(MINER, store or InProcessStore())
     signed = auth.verify(headers, body, method="POST", path=path, policy=policy)
-    asyncio.run(auth.claim(signed))
+    asyncio.run(auth.claim(signed, max_open_s=60))
     return signed.hotkey
 
 
@@ -107,10 +108,10 @@ def test_store_outage_fails_closed():
 
 def test_nonce_window_forgets_after_its_ttl():
     window = NonceWindow(started_ns=0)
-    assert window.check_and_store("hk", 1, 0.05) is None
-    assert window.check_and_store("hk", 1, 0.05) == ""  # claimed before (by the claimant "")
+    assert window.check_and_store("hk", 1, 0.05, 0, "router-a") is None
+    assert window.check_and_store("hk", 1, 0.05, 0, "router-b") == "router-a"
     time.sleep(0.06)
-    assert window.check_and_store("hk", 1, 0.05) is None
+    assert window.check_and_store("hk", 1, 0.05, 0, "router-b") is None
     assert window.size() == 1
 
 
@@ -135,13 +136,61 @@ def test_a_new_store_refuses_what_was_signed_before_it_started():
     assert authenticate(signed(), store=store) == ALICE.ss58_address
 
 
-def test_a_nonce_whose_router_died_may_be_claimed_once_by_another():
+def test_a_nonce_whose_router_died_in_flight_may_be_claimed_once_by_another():
     # HAProxy retries a request whose router died mid-call on the other router: the caller never
     # got an answer, so the nonce moves to the new claimant; only once, and never from a live one.
     window = NonceWindow(started_ns=0)
     assert window.check_and_store("hk", 7, 10, 0, "router-a") is None
     assert window.check_and_store("hk", 7, 10, 0, "router-b") == "router-a"
-    assert window.take_over("hk", 7, "router-a", "router-b")
-    assert not window.take_over("hk", 7, "router-a", "router-c")  # router-b has it now
+    assert window.take_over("hk", 7, "router-a", "router-b", max_open_s=60)
+    assert not window.take_over("hk", 7, "router-a", "router-c", max_open_s=60)  # router-b has it now
     assert window.check_and_store("hk", 7, 10, 0, "router-c") == "router-b"
-    assert not window.take_over("hk", 8, "router-a", "router-b")  # never claimed: nothing to take over
+    assert not window.take_over("hk", 8, "router-a", "router-b", max_open_s=60)  # never claimed
+
+
+def test_an_answered_or_old_claim_is_never_taken_over():
+    window = NonceWindow(started_ns=0)
+    window.check_and_store("hk", 1, 10, 0, "router-a")
+    window.apply_many([("settle", "hk", 1)])  # router-a answered it, then went away
+    assert window.check_and_store("hk", 1, 10, 0, "router-b") == ANSWERED
+    assert not window.take_over("hk", 1, "router-a", "router-b", max_open_s=60)
+    assert not window.take_over("hk", 1, ANSWERED, "router-b", max_open_s=60)
+    window.check_and_store("hk", 2, 10, 0, "router-a")
+    time.sleep(0.02)
+    assert not window.take_over("hk", 2, "router-a", "router-b", max_open_s=0.01)  # older than any request runs
+
+
+def claim_at(auth, headers):
+    return asyncio.run(auth.claim(auth.verify(headers, BODY, method="POST", path=PATH, policy=AuthPolicy()),
+                                  max_open_s=60))
+
+
+def test_the_router_takes_over_only_from_a_router_that_is_gone(monkeypatch):
+    # Ray's GCS is what is isolated here: whether a router replica's actor still lives.
+    from serve_app.router import auth as auth_module
+
+    alive = {"router-a"}
+    monkeypatch.setattr(auth_module, "_actor_gone", lambda name: name not in alive)
+    monkeypatch.setattr(auth_module, "GONE_RECHECK_S", 0.0)
+    store = InProcessStore()
+    a, b = Authenticator(MINER, store, claimant="router-a"), Authenticator(MINER, store, claimant="router-b")
+    h = signed()
+    claim_at(a, h)
+    with pytest.raises(ApiError) as err:
+        claim_at(b, h)  # a replay while router-a lives, its request in flight
+    assert (err.value.status, err.value.code) == (401, "replayed_request")
+    alive.clear()  # router-a dies before answering: HAProxy's retry reaches b
+    b._gone.clear()
+    claim_at(b, h)
+    assert b.taken_over == 1
+    # Answered by b, then b is gone too: a replay of it stays refused.
+    asyncio.run(_settled(b, h))
+    c = Authenticator(MINER, store, claimant="router-c")
+    with pytest.raises(ApiError) as err:
+        claim_at(c, h)
+    assert (err.value.status, err.value.code) == (401, "replayed_request")
+
+
+async def _settled(auth, headers):
+    auth.settle(auth.verify(headers, BODY, method="POST", path=PATH, policy=AuthPolicy()))
+    await asyncio.sleep(0.01)  # the settle rides on the next store call

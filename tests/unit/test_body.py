@@ -85,12 +85,16 @@ def test_an_undeclared_trickle_is_cut_at_the_rate_too():
     assert (err.status, err.code) == (408, "body_timeout") and "slower than" in err.detail
 
 
-def test_when_the_budget_is_full_the_oldest_read_is_cut_and_the_newcomer_is_read():
+def test_when_the_budget_is_full_the_slowest_read_is_cut_and_the_newcomer_is_read():
     async def run():
-        budget = reads(limit=3, grace_s=30)
-        slow = [asyncio.ensure_future(budget.read(trickle([b"x"] * 10, 5))) for _ in range(3)]
-        await asyncio.sleep(0.05)
+        budget = reads(limit=3, grace_s=30, min_bytes_per_s=10)
+        # Three slow bodies: 1 byte per 5 s, one per 0.2 s (the least behind), 1 byte per 5 s.
+        slow = [asyncio.ensure_future(budget.read(trickle([b"x"] * 10, pause))) for pause in (5, 0.2, 5)]
+        await asyncio.sleep(0.5)
         body = await budget.read(request([b'{"input": "hi"}'])[0])  # a validator's body: with its headers
+        # A bad Content-Length is refused before it can cut anyone.
+        with pytest.raises(ApiError):
+            await budget.read(request([b"x"], headers=[("content-length", "x")])[0])
         await asyncio.sleep(0)
         outcomes = []
         for task in slow:

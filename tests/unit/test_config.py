@@ -228,16 +228,17 @@ ALL_ROUTES = [{"path": "/v1/embeddings", "protocol": "openai-embeddings"}, IMAGE
 
 
 def test_router_gate_must_hold_what_admission_may_hold():
-    # embeddings 256 + 512 and diffusion 64 + 256 (admission max_in_flight + max_queued) = 1088 per router replica.
+    # embeddings 256 + 512 and diffusion 64 + 256 (admission max_in_flight + max_queued), + 128 body reads
+    # (router.max_body_reads) = 1216 per router replica.
     both = args(subnets=[{"netuid": 1, "metagraph": SNAPSHOT, "routes": ALL_ROUTES}], workloads={"diffusion": {}})
-    with pytest.raises(ValidationError, match=r"router.max_in_progress \(1024\) is below the 1088 requests .*"
-                                              r"embeddings 256\+512, diffusion 64\+256"):
+    with pytest.raises(ValidationError, match=r"router.max_in_progress \(1024\) is below the 1216 requests .*"
+                                              r"embeddings 256\+512, diffusion 64\+256, router.max_body_reads 128"):
         MinerConfig.model_validate(both)
-    assert MinerConfig.model_validate({**both, "router": {"max_in_progress": 1088}}).router.max_in_progress == 1088
+    assert MinerConfig.model_validate({**both, "router": {"max_in_progress": 1216}}).router.max_in_progress == 1216
     # Autoscaled, the caps grow with the replicas to max_replicas / min_replicas times (Admission.resize).
-    scaled = {**both, "router": {"max_in_progress": 1088},
+    scaled = {**both, "router": {"max_in_progress": 1216},
               "workloads": {"diffusion": {}, "embeddings": {"autoscaling": {"min_replicas": 2, "max_replicas": 5}}}}
-    with pytest.raises(ValidationError, match=r"below the 2240 requests .*embeddings \(256\+512\) x 2.5"):
+    with pytest.raises(ValidationError, match=r"below the 2368 requests .*embeddings \(256\+512\) x 2.5"):
         MinerConfig.model_validate(scaled)
     # A workload no route uses holds nothing at the router.
     MinerConfig.model_validate(args(workloads={"diffusion": {}, "agents": {}}))

@@ -14,13 +14,17 @@ PAGES = sorted((rayenv.HAPROXY_WRAPPER.parent).glob("*.http"))
 
 
 def ray_config(tmp_path: Path) -> Path:
-    from ray.serve._private.haproxy import HAProxyApi, HAProxyConfig
+    """Ray's config for the shipped app (named torchrank-miner, as in deployments/*.yaml) on two router replicas."""
+    from ray.serve._private.haproxy import BackendConfig, HAProxyApi, HAProxyConfig, ServerConfig
 
     path = tmp_path / "haproxy.cfg"
     cfg = HAProxyConfig(socket_path=str(tmp_path / "admin.sock"), server_state_base=str(tmp_path),
                         server_state_file=str(tmp_path / "server-state"),
-                        metrics_socket_path=str(tmp_path / "metrics.sock"))
-    HAProxyApi(cfg=cfg, config_file_path=str(path))._generate_config_file_internal()
+                        metrics_socket_path=str(tmp_path / "metrics.sock"), has_received_routes=True)
+    backend = BackendConfig(name="http-torchrank-miner", path_prefix="/", app_name="torchrank-miner",
+                            ingress_deployment_name="Router",
+                            servers=[ServerConfig("r1", "127.0.0.1", 30000), ServerConfig("r2", "127.0.0.1", 30001)])
+    HAProxyApi(cfg=cfg, backend_configs={backend.name: backend}, config_file_path=str(path))._generate_config_file_internal()
     return path
 
 
@@ -33,7 +37,7 @@ def run_wrapper(*args: str) -> subprocess.CompletedProcess:
 
 def test_the_wrapper_adds_the_request_timeout_and_json_pages_to_rays_config(tmp_path):
     path = ray_config(tmp_path)
-    assert "500.http" in path.read_text()  # Ray's plain-text page for 502/503/504
+    assert "500.http" in path.read_text() and "torchrank-miner" in path.read_text()  # Ray's text 500, the app
     done = run_wrapper("-c", "-f", str(path))
     assert done.returncode == 0, done.stderr  # HAProxy itself accepts the result
     text = path.read_text()
