@@ -27,11 +27,15 @@ def too_large(limit: int) -> ApiError:
 class BodyReads:
     """Bodies being read: the work of callers not yet authenticated, on a budget of its own.
 
-    A body must arrive at `min_bytes_per_s` after `grace_s` (408 otherwise), so a client
-    trickling bytes holds a slot briefly. When `limit` bodies are being read, a newcomer
-    cuts the read furthest behind that rate (408): a flood of slow bodies then only displaces
-    itself, while a validator's body, which arrives at the speed of its link, is never the
-    furthest behind.
+    After its first bytes, a body must keep arriving at `min_bytes_per_s` (after `grace_s`),
+    and all of it within `timeout_s` (408 otherwise), so a client trickling bytes holds a slot
+    briefly. When `limit` bodies are being read, a newcomer cuts the read furthest behind that
+    rate (408): a flood of slow bodies then only displaces itself, while a validator's body,
+    which arrives at the speed of its link, is never the furthest behind.
+
+    The rate is timed from the first bytes the router reads, not from the request's start: a
+    router lagging behind its event loop under overload reads a body that came whole (HAProxy
+    buffers small ones) late, and must not take its own lag for a slow client.
     """
 
     def __init__(self, limit: int, max_bytes: int, timeout_s: float, grace_s: float, min_bytes_per_s: float):
@@ -43,11 +47,10 @@ class BodyReads:
 
     async def read(self, request: Request) -> bytes:
         """The body; ApiError 413 over `max_bytes`, 408 if too slow or cut, 400 on a bad length."""
-        declared = _declared_length(request, self.max_bytes)  # before it may cut anyone
+        _declared_length(request, self.max_bytes)  # refused before it may cut anyone
         if len(self.reading) >= self.limit:
             self._cut_the_slowest()
-        timeout_s = self.timeout_s if declared is None else min(
-            self.timeout_s, self.grace_s + declared / self.min_bytes_per_s)
+        timeout_s = self.timeout_s
         progress = [time.monotonic(), 0.0]
         reader = asyncio.ensure_future(self._read(request, progress))
         self.reading[reader] = progress
@@ -74,8 +77,8 @@ class BodyReads:
         slowest.cancel()
 
     async def _read(self, request: Request, progress: list[float]) -> bytes:
-        started = progress[0]
-        chunks, size = [], 0
+        first: float | None = None  # when the first bytes were read, and how many
+        chunks, size, first_size = [], 0, 0
         try:
             async for chunk in request.stream():
                 size += len(chunk)
@@ -83,7 +86,9 @@ class BodyReads:
                 if size > self.max_bytes:
                     raise too_large(self.max_bytes)
                 chunks.append(chunk)
-                if time.monotonic() - started > self.grace_s + size / self.min_bytes_per_s:
+                if first is None:
+                    first, first_size = time.monotonic(), size
+                elif time.monotonic() - first > self.grace_s + (size - first_size) / self.min_bytes_per_s:
                     raise ApiError(408, "body_timeout", f"the request body is arriving slower than "
                                                         f"{self.min_bytes_per_s:g} bytes/s")
         except ClientDisconnect:
