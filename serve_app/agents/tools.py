@@ -130,9 +130,9 @@ class ToolProcess:
     async def _request(self, message):
         proc = self._proc
         try:
-            process._send(proc.stdin, message)
+            process.send_message(proc.stdin, message)
             await _readable(proc.stdout.fileno())
-            status, value = process._recv(proc.stdout)  # the reply is one small write: read at once
+            status, value = process.read_message(proc.stdout)  # the reply is one small write: read at once
         except BaseException as exc:
             self.close()  # cancelled or broken mid-call: the child may still be computing, never reuse it
             if isinstance(exc, (EOFError, OSError, pickle.UnpicklingError)):

@@ -24,13 +24,13 @@ from typing import Any
 _LEN = struct.Struct("<Q")
 
 
-def _send(stream, obj) -> None:
+def send_message(stream, obj) -> None:
     data = pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL)
     stream.write(_LEN.pack(len(data)) + data)
     stream.flush()
 
 
-def _recv(stream):
+def read_message(stream):
     head = stream.read(_LEN.size)
     if len(head) < _LEN.size:
         raise EOFError("the engine process closed its pipe")
@@ -54,8 +54,8 @@ class EngineProcess:
     def _request(self, message):
         with self._lock:
             try:
-                _send(self._proc.stdin, message)
-                status, value = _recv(self._proc.stdout)
+                send_message(self._proc.stdin, message)
+                status, value = read_message(self._proc.stdout)
             except (EOFError, OSError, pickle.UnpicklingError) as exc:
                 raise EngineProcessError(f"engine process (pid {self._proc.pid}) failed: {exc}") from None
         if status == "error":
@@ -88,7 +88,7 @@ def _serve() -> None:
     engine = None
     while True:
         try:
-            method, args = _recv(stdin)
+            method, args = read_message(stdin)
         except EOFError:
             return
         try:
@@ -101,9 +101,9 @@ def _serve() -> None:
             else:
                 value = getattr(engine, method)
                 result = value(*args) if callable(value) else value  # a method, or a property read
-            _send(out, ("ok", result))
+            send_message(out, ("ok", result))
         except Exception as exc:
-            _send(out, ("error", exc))
+            send_message(out, ("error", exc))
 
 
 if __name__ == "__main__":

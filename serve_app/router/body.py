@@ -8,7 +8,10 @@ import time
 
 from starlette.requests import ClientDisconnect, Request
 
-from serve_app.errors import ApiError
+from serve_app.errors import ApiError, shed
+
+# A body timeout whose timer fired later than this: the router's lag, not the client's slowness.
+LOOP_LAG_S = 0.5
 
 
 def check_content_type(value: str | None) -> None:
@@ -57,6 +60,10 @@ class BodyReads:
         try:
             return await asyncio.wait_for(reader, timeout_s)
         except asyncio.TimeoutError:
+            if time.monotonic() - progress[0] - timeout_s > LOOP_LAG_S:
+                # The timer itself ran late: the router is behind its event loop (overload), and the
+                # body may have been waiting for it rather than it for the body. Not the client's fault.
+                raise shed("the miner is overloaded and fell behind reading this request", retry_after_s=1) from None
             raise ApiError(408, "body_timeout", f"the request body did not arrive within {timeout_s:g}s") from None
         except asyncio.CancelledError:
             if reader in self._cut:

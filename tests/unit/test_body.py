@@ -122,3 +122,19 @@ def test_a_router_lagging_behind_its_loop_does_not_take_its_lag_for_a_slow_body(
     scope = {"type": "http", "method": "POST", "path": "/", "headers": [(b"content-length", b"1000")]}
     body = asyncio.run(reads(grace_s=0.2, min_bytes_per_s=1000).read(Request(scope, receive)))
     assert body == b"x" * 1000
+
+
+def test_a_body_timeout_while_the_router_lags_is_a_shed_not_the_clients_408():
+    async def busy_loop():
+        await asyncio.sleep(0.05)
+        time.sleep(1.2)  # the router's event loop falls behind (overload)
+
+    async def run():
+        lag = asyncio.ensure_future(busy_loop())
+        with pytest.raises(ApiError) as err:
+            await reads(timeout_s=0.2).read(trickle([b"x"] * 10, 5))
+        await lag
+        return err.value
+
+    err = asyncio.run(run())
+    assert (err.status, err.code) == (503, "shed")
