@@ -152,6 +152,8 @@ class Authenticator:
         self._store_calls = CallBatcher(lambda items: self.nonces.apply_many.remote(items),
                                         max_concurrent=2, max_items=256)
         self._gone: dict[str, tuple[float, bool]] = {}  # claimant -> (checked at, gone)
+        self._to_settle: list[tuple] = []
+        self._settler: asyncio.Future | None = None
 
     def verify(self, headers: Mapping[str, str], body: bytes, *, method: str, path: str, policy: AuthPolicy) -> Signed:
         """Header shape, receiver, freshness and signature, without side effects; else ApiError 401.
@@ -204,9 +206,18 @@ class Authenticator:
 
     def settle(self, signed: Signed) -> None:
         """The claimed request was answered (whatever the answer): its nonce can no longer be taken
-        over. Rides on the next store call; nothing waits for it."""
-        future = asyncio.ensure_future(self._store_calls.submit(("settle", signed.hotkey, signed.nonce_ns)))
-        future.add_done_callback(lambda f: f.cancelled() or f.exception())  # a lost settle only keeps it open
+        over. Sent with the others every SETTLE_EVERY_S, in one store call; nothing waits for it."""
+        self._to_settle.append(("settle", signed.hotkey, signed.nonce_ns))
+        if self._settler is None or self._settler.done():
+            self._settler = asyncio.ensure_future(self._settle_soon())
+
+    async def _settle_soon(self) -> None:
+        await asyncio.sleep(SETTLE_EVERY_S)
+        items, self._to_settle = self._to_settle, []
+        try:
+            await asyncio.wait_for(self.nonces.apply_many.remote(items), self.store_timeout_s)
+        except Exception:
+            pass  # a lost settle only leaves a nonce open to take-over until it expires
 
     async def _is_gone(self, claimant: str) -> bool:
         """Is this router replica dead? Asked of Ray's GCS at most once a second per replica; a
@@ -224,6 +235,7 @@ class Authenticator:
         return gone
 
 
+SETTLE_EVERY_S = 0.1  # answered nonces reach the store in one call this often (not one call per request)
 GONE_CHECK_S = 1.0
 GONE_RECHECK_S = 0.2
 

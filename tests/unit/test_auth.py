@@ -193,4 +193,4 @@ def test_the_router_takes_over_only_from_a_router_that_is_gone(monkeypatch):
 
 async def _settled(auth, headers):
     auth.settle(auth.verify(headers, BODY, method="POST", path=PATH, policy=AuthPolicy()))
-    await asyncio.sleep(0.01)  # the settle rides on the next store call
+    await asyncio.sleep(0.2)  # settles reach the store every SETTLE_EVERY_S
