@@ -2,9 +2,10 @@
 
 The request path, in order; a request refused at any step stops there and never
 reaches a workload:
-  route (404) -> deadline from X-Bittensor-Timeout (422) -> body under the cap and in time (413, 408)
-  -> btauth/1 signature + shared replay check (401) -> authorisation from the subnet's
-  metagraph (403) -> per-hotkey rate limit (429) -> schema and limits (422)
+  route (404) -> deadline from X-Bittensor-Timeout (422) -> body under the cap, at the minimum
+  rate, among the body reads (413, 408) -> authorisation of the claimed hotkey from the subnet's
+  metagraph (403) -> btauth/1 signature (401) -> shared replay check (401, 503)
+  -> per-hotkey rate limit (429) -> schema and limits (422)
   -> circuit breaker (503) -> admission by stake (503 shed, 504) -> workload call under
   the deadline, once more on another replica if one died mid-call (503, 504) -> response.
 """
