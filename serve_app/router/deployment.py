@@ -114,7 +114,8 @@ class Router:
         self.workloads = workloads
         self.workload_info: dict[str, dict] = {}
         self.replica = replica_id()
-        self.auth = Authenticator(cfg.wallet.hotkey_ss58(), shared_nonce_store(cfg.name), claimant=replica_actor_name())
+        self.auth = Authenticator(cfg.wallet.hotkey_ss58(), shared_nonce_store(cfg.name), claimant=replica_actor_name(),
+                                  find_store=lambda: shared_nonce_store(cfg.name))
         router = cfg.router
         self.body_reads = BodyReads(router.max_body_reads, router.max_body_bytes, router.body_timeout_s,
                                     router.body_grace_s, router.min_body_bytes_per_s)
@@ -241,9 +242,7 @@ class Router:
         except Exception:
             silent_s = time.monotonic() - self.auth.store_answered_at
         try:
-            # A call to Ray's GCS: off the event loop.
-            self.auth.nonces = await asyncio.wait_for(asyncio.to_thread(shared_nonce_store, self.cfg.name),
-                                                      READY_PROBE_TIMEOUT_S)
+            await self.auth.find_store()
         except Exception:
             if silent_s > STORE_UNREACHABLE_S:
                 raise RuntimeError(f"the shared replay store has not answered for {silent_s:.0f}s and cannot be "
