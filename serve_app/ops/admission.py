@@ -202,11 +202,15 @@ class Admission:
         rate = self.drain_rate()
         estimate = None if rate is None else (self.work_in_flight + self._work_ahead(priority) + cost) / rate
         await self._acquire(priority, deadline, cost)
+        done = False
         try:
             yield
+            done = True
         finally:
-            self._release(cost)
-            if estimate is not None:
+            # Work cut short (its deadline, the caller gone, an error) drained nothing: its busy time
+            # counts, its items do not, or a run of cancelled calls would make the workload look fast.
+            self._release(cost, done)
+            if estimate is not None and done:
                 late = (self.clock() - admitted_at) - estimate
                 self.lag_s += LAG_SMOOTHING * (late - self.lag_s)
 
@@ -281,11 +285,11 @@ class Admission:
         self.work_in_flight += cost
         self.rate.busy(now, True)
 
-    def _release(self, cost: float) -> None:
+    def _release(self, cost: float, done: bool = False) -> None:
         now = self.clock()
         self.in_flight -= 1
         self.work_in_flight -= cost
-        self.rate.completed(now, cost, self.scale)
+        self.rate.completed(now, cost if done else 0.0, self.scale)
         if self.in_flight == 0:
             self.work_in_flight = 0.0  # no float drift
             self.rate.busy(now, False)

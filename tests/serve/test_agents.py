@@ -116,10 +116,16 @@ def test_tools_run_inside_the_deployed_miner(miner):
 def test_runs_past_their_deadline_do_not_open_the_breaker_for_everyone(cut):
     # One validator's heavy runs with deadlines they cannot make are its own business: the
     # workload answers, so its 504s are no verdict on it and the next caller is served.
-    for _ in range(3):
+    # Deadlines over the SLO (0.2 s here) that eight model steps overrun: three 504s in a row would
+    # open this breaker (consecutive_failures 2) if they counted. (A run the noise model ends early is a 200.)
+    in_a_row, sent = 0, 0
+    while in_a_row < 3 and sent < 12:
         resp = cut.post({"task": "a long task", "tools": ["calculator"], "max_steps": 8}, path=CUT + PATH,
-                        headers={"X-Bittensor-Timeout": "0.5"})
-        assert (resp.status_code, resp.json()["error"]) == (504, "deadline_exceeded"), resp.text
+                        headers={"X-Bittensor-Timeout": "0.25"})
+        sent += 1
+        assert resp.status_code in (200, 504), resp.text
+        in_a_row = in_a_row + 1 if resp.status_code == 504 else 0
+    assert in_a_row == 3, "no three runs in a row overran their deadline: the test did not exercise the breaker"
     resp = cut.post({"task": "what is 6 * 7?", "max_steps": 1}, path=CUT + PATH, headers={"X-Bittensor-Timeout": "30"})
     assert resp.status_code == 200, resp.text
     ready = cut.http.get(CUT + "/ready").json()

@@ -313,3 +313,20 @@ def test_work_that_finishes_later_than_estimated_makes_later_estimates_longer():
     learned, fits_without, fits_with = run(scenario())
     assert learned > 0.1
     assert fits_without and not fits_with
+
+
+def test_work_cut_short_counts_its_busy_time_but_drains_nothing():
+    # Runs cancelled at their deadline must not make the workload look fast: a quarter-second
+    # of a session that needs a second is not a session done.
+    async def scenario():
+        clock = Clock()
+        adm = Admission(AdmissionConfig(), in_flight_items=10, clock=clock)
+        await measure(adm, clock, items_per_s=1.0, requests=4)  # one item per second
+        for _ in range(8):
+            with pytest.raises(TimeoutError):
+                async with adm.slot(0, clock() + 100, 1.0):
+                    clock.now += 0.25
+                    raise TimeoutError  # the call was cut at its deadline
+        return adm.drain_rate()
+
+    assert run(scenario()) < 1.0
