@@ -23,7 +23,6 @@ import pickle
 import random
 import socket
 import subprocess
-import sys
 from dataclasses import dataclass, field
 from typing import Awaitable, Callable, Optional
 
@@ -104,8 +103,7 @@ class ToolProcess:
     async def call(self, method: str, *args):
         async with self._turn():
             if self._proc is None:
-                self._proc = subprocess.Popen([sys.executable, "-m", "serve_app.engines.process"],
-                                              stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+                self._proc = process.spawn()
                 try:
                     await self._request(("__init__", (self.engine_cls.__module__, self.engine_cls.__qualname__, ())))
                 except BaseException:

@@ -38,6 +38,12 @@ def read_message(stream):
     return pickle.loads(stream.read(size))
 
 
+def spawn() -> subprocess.Popen:
+    """A child process serving this module's protocol on its stdin/stdout (see _serve)."""
+    return subprocess.Popen([sys.executable, "-m", "serve_app.engines.process"],
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=dict(os.environ))
+
+
 class EngineProcessError(RuntimeError):
     """The engine process died or could not start."""
 
@@ -47,8 +53,7 @@ class EngineProcess:
 
     def __init__(self, engine_cls: type, *args: Any):
         self._lock = threading.Lock()
-        self._proc = subprocess.Popen([sys.executable, "-m", "serve_app.engines.process"],
-                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=dict(os.environ))
+        self._proc = spawn()
         self._request(("__init__", (engine_cls.__module__, engine_cls.__qualname__, args)))
 
     def _request(self, message):

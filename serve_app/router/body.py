@@ -50,21 +50,20 @@ class BodyReads:
 
     async def read(self, request: Request) -> bytes:
         """The body; ApiError 413 over `max_bytes`, 408 if too slow or cut, 400 on a bad length."""
-        _declared_length(request, self.max_bytes)  # refused before it may cut anyone
+        _check_declared_length(request, self.max_bytes)  # refused before it may cut anyone
         if len(self.reading) >= self.limit:
             self._cut_the_slowest()
-        timeout_s = self.timeout_s
         progress = [time.monotonic(), 0.0]
         reader = asyncio.ensure_future(self._read(request, progress))
         self.reading[reader] = progress
         try:
-            return await asyncio.wait_for(reader, timeout_s)
+            return await asyncio.wait_for(reader, self.timeout_s)
         except asyncio.TimeoutError:
-            if time.monotonic() - progress[0] - timeout_s > LOOP_LAG_S:
+            if time.monotonic() - progress[0] - self.timeout_s > LOOP_LAG_S:
                 # The timer itself ran late: the router is behind its event loop (overload), and the
                 # body may have been waiting for it rather than it for the body. Not the client's fault.
                 raise shed("the miner is overloaded and fell behind reading this request", retry_after_s=1) from None
-            raise ApiError(408, "body_timeout", f"the request body did not arrive within {timeout_s:g}s") from None
+            raise ApiError(408, "body_timeout", f"the request body did not arrive within {self.timeout_s:g}s") from None
         except asyncio.CancelledError:
             if reader in self._cut:
                 raise ApiError(408, "body_timeout", "the request body was arriving slower than the others when the "
@@ -103,12 +102,11 @@ class BodyReads:
         return b"".join(chunks)
 
 
-def _declared_length(request: Request, limit: int) -> int | None:
+def _check_declared_length(request: Request, limit: int) -> None:
     declared = request.headers.get("content-length")
     if declared is None:
-        return None
+        return
     if not declared.isdigit():
         raise ApiError(400, "bad_request", "Content-Length is not a whole number")
     if int(declared) > limit:
         raise too_large(limit)  # before reading a byte of it
-    return int(declared)
