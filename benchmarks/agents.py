@@ -83,11 +83,13 @@ def main() -> None:
     parser.add_argument("--out", default=str(ROOT / "benchmarks/results/agents.json"))
     args = parser.parse_args()
     cfg = load_config(ROOT / "deployments/local.yaml").workloads.agents
-    cfg = cfg.model_copy(update={"cache_dir": tempfile.mkdtemp(prefix="torchrank-bench-"),
-                                 "max_batch_sessions": max(cfg.max_batch_sessions, args.sessions)})
+    cfg = cfg.model_copy(update={
+        "runtime": cfg.runtime.model_copy(update={"cache_dir": tempfile.mkdtemp(prefix="torchrank-bench-")}),
+        "batching": cfg.batching.model_copy(update={"max_batch_sessions": max(cfg.batching.max_batch_sessions,
+                                                                              args.sessions)})})
     thread = EngineThread("agents")
-    engine = EngineProcess(LLMEngine, cfg, cfg.torch_threads or 1)
-    runner = CoalescingRunner(thread, lambda convs: (engine.call("generate", convs),), max_items=cfg.max_batch_sessions)
+    engine = EngineProcess(LLMEngine, cfg, cfg.runtime.torch_threads or 1)
+    runner = CoalescingRunner(thread, lambda convs: (engine.generate(convs),), max_items=cfg.batching.max_batch_sessions)
 
     # The ideal's model part: one batched call of all sessions per step, with each step's
     # conversations exactly as the loop builds them (the best of 3 runs of each).
@@ -102,7 +104,7 @@ def main() -> None:
         times = []
         for _ in range(3):
             started = time.perf_counter()
-            engine.call("generate", batch)
+            engine.generate(batch)
             times.append(time.perf_counter() - started)
         step_s.append(min(times))
     ideal = sum(step_s) + TOOL_CALLS * TOOL_S

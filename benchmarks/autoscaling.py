@@ -29,7 +29,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from serve_app.config import ReplicaAutoscaling  # noqa: E402
-from serve_app.loadgen import percentile  # noqa: E402
+from loadgen import percentile  # noqa: E402
 from serve_app.ops.autoscaling import serve_autoscaling_config  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"

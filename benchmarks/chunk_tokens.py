@@ -21,7 +21,7 @@ from serve_app.engines.embeddings import SentenceEmbeddingEngine  # noqa: E402
 
 
 def main(seconds=3.0):
-    engine = SentenceEmbeddingEngine(EmbeddingsConfig(offline=True, device="cpu"), num_threads=2)
+    engine = SentenceEmbeddingEngine(EmbeddingsConfig(runtime={"offline": True, "device": "cpu"}), num_threads=2)
     texts = corpus(2048)
     sizes = (8, 32, 64)
     print(f"{'chunk_tokens':>12} " + " ".join(f"{n:>6} texts" for n in sizes) + "   (texts/s)")

@@ -43,8 +43,8 @@ def one(args) -> None:
     from serve_app.engines.embeddings import SentenceEmbeddingEngine
 
     runtime, precision = args.one.split(":")
-    cfg = EmbeddingsConfig(offline=True, device="cpu", runtime=runtime, precision=precision, min_cosine=0.5,
-                           cache_dir=args.cache_dir)
+    cfg = EmbeddingsConfig(runtime={"offline": True, "device": "cpu", "backend": runtime, "precision": precision,
+                                    "min_cosine": 0.5, "cache_dir": args.cache_dir})
     started = time.perf_counter()
     engine = SentenceEmbeddingEngine(cfg, num_threads=args.threads)
     start_s = time.perf_counter() - started
@@ -69,9 +69,10 @@ def one(args) -> None:
     together = engine.encode(sample)[0]
     alone = np.concatenate([engine.encode([t])[0] for t in sample])
     invariance = float(np.min(np.sum(together.astype(np.float64) * alone, axis=1)))
-    print(json.dumps({"runtime": engine.info["runtime"], "precision": engine.info["precision"], "texts_s": rates,
-                      "probe_cosine": engine.info["min_cosine_measured"], "batch_invariance": invariance,
-                      "start_s": round(start_s, 1), "libraries": engine.info["libraries"]}))
+    info = engine.info()
+    print(json.dumps({"runtime": info["runtime"], "precision": info["precision"], "texts_s": rates,
+                      "probe_cosine": info["min_cosine_measured"], "batch_invariance": invariance,
+                      "start_s": round(start_s, 1), "libraries": info["libraries"]}))
 
 
 def main() -> None:

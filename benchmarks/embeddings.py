@@ -39,7 +39,7 @@ import peers  # noqa: E402
 import proc_cpu  # noqa: E402
 from serve_app.app import load_config  # noqa: E402
 from serve_app.client import signed_request, signer_for  # noqa: E402
-from serve_app.loadgen import Load, summary  # noqa: E402
+from loadgen import Load, summary  # noqa: E402
 
 WORDS = ("miner validator subnet embedding latency batch stake permit reward score accuracy replica "
          "router request deadline queue throughput model vector token signature hotkey chain block "
@@ -61,7 +61,8 @@ def raw_model(cfg, texts, seconds):
     from serve_app.engines.embeddings import SentenceEmbeddingEngine
 
     engine = SentenceEmbeddingEngine(cfg, num_threads=cfg.torch_threads or 2)
-    out = {"runtime": engine.info.get("runtime"), "precision": engine.info.get("precision")}
+    info = engine.info()
+    out = {"runtime": info.get("runtime"), "precision": info.get("precision")}
     for name, size in (("batched_32", 32), ("single", 1)):
         done, lat, start, i = 0, [], time.perf_counter(), 0
         while time.perf_counter() - start < seconds:

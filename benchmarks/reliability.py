@@ -36,7 +36,7 @@ sys.path.insert(0, str(ROOT))
 from serve_app import rayenv  # noqa: E402
 from serve_app.app import build_app, load_config  # noqa: E402
 from serve_app.client import signer_for  # noqa: E402
-from serve_app.loadgen import Load, summary  # noqa: E402
+from loadgen import Load, summary  # noqa: E402
 
 APP = "miner"
 PATH = "/v1/embeddings"

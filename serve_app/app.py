@@ -2,8 +2,11 @@
 
 Serve validates `args` into a MinerConfig (the parameter's annotation) before calling
 this; here we also check what needs the filesystem (the wallet's hotkey, snapshot
-files), so a bad deployment fails at `serve run` rather than in a replica. Heavy
-libraries (torch, sentence-transformers, diffusers) load only inside the workload replicas.
+files), so a bad deployment fails at `serve run` rather than in a replica. Serve then
+retries the build without end, so `check_config_file` runs the same checks on a serve config
+file without Serve: `torchrank-miner config check`, and `make run` before it starts
+`serve run` (serve_app/rayenv.py). Heavy libraries (torch, sentence-transformers,
+diffusers) load only inside the workload replicas.
 """
 
 from __future__ import annotations
@@ -11,6 +14,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Union
 
+from pydantic import ValidationError
 from ray.serve import Application
 
 from serve_app.chain.metagraph import SnapshotSource
@@ -24,12 +28,12 @@ from serve_app.workloads.diffusion import Diffusion
 from serve_app.workloads.embeddings import Embeddings
 
 
-def with_absolute_paths(cfg: MinerConfig) -> MinerConfig:
-    """Snapshot paths resolved against the directory `serve run` started in."""
+def with_absolute_paths(cfg: MinerConfig, base: Union[str, Path, None] = None) -> MinerConfig:
+    """Snapshot paths resolved against `base`: by default the directory `serve run` started in."""
     subnets = []
     for subnet in cfg.subnets:
         if isinstance(subnet.metagraph, SnapshotMetagraph):
-            path = str(Path(subnet.metagraph.path).expanduser().resolve())
+            path = str((Path(base or ".") / Path(subnet.metagraph.path).expanduser()).resolve())
             subnet = subnet.model_copy(update={"metagraph": subnet.metagraph.model_copy(update={"path": path})})
         subnets.append(subnet)
     return cfg.model_copy(update={"subnets": tuple(subnets)})
@@ -53,14 +57,15 @@ def on_demand_only(cfg: MinerConfig) -> dict:
 
 def placed(deployment, wl, name: str, cfg: MinerConfig):
     """A workload deployment with its config's placement, sizing and load bounds."""
-    sizing = ({"autoscaling_config": serve_autoscaling_config(wl.autoscaling, cfg.latency_slo_s(name), wl.batch_items)}
-              if wl.autoscaling else {"num_replicas": wl.num_replicas})
+    where = wl.placement
+    sizing = ({"autoscaling_config": serve_autoscaling_config(where.autoscaling, cfg.latency_slo_s(name), wl.batch_items)}
+              if where.autoscaling else {"num_replicas": where.num_replicas})
     return deployment.options(
         **sizing,
-        ray_actor_options={"num_cpus": wl.num_cpus, "num_gpus": wl.num_gpus,
-                           "resources": {} if wl.preemption_safe else on_demand_only(cfg)},
-        max_ongoing_requests=wl.max_ongoing_requests,
-        max_queued_requests=wl.max_queued_requests,
+        ray_actor_options={"num_cpus": where.num_cpus, "num_gpus": where.num_gpus,
+                           "resources": {} if where.preemption_safe else on_demand_only(cfg)},
+        max_ongoing_requests=wl.load.max_ongoing_requests,
+        max_queued_requests=wl.load.max_queued_requests,
         logging_config=WORKLOAD_LOGS,
     )
 
@@ -85,16 +90,130 @@ def build_app(args: MinerConfig) -> Application:
     ).bind(cfg, workloads, BuildInfo())
 
 
-def load_config(source: Union[str, Path, dict], app_name: str | None = None) -> MinerConfig:
-    """A MinerConfig from a serve config file (its application's `args`) or a dict of args."""
-    if isinstance(source, dict):
-        return MinerConfig.model_validate(source)
+class ConfigError(ValueError):
+    """A serve config that cannot start the miner: one line per real problem, each a field
+    path and its message (`subnets[0].auth.require_reciever: Extra inputs are not permitted`)."""
+
+    def __init__(self, source: Union[str, Path], problems: list[str], unreadable: bool = False):
+        self.source, self.problems, self.unreadable = str(source), problems, unreadable
+        super().__init__("; ".join(f"{self.source}: {p}" for p in problems))
+
+    def lines(self) -> list[str]:
+        return [f"{self.source}: {problem}" for problem in self.problems]
+
+
+def field_path(loc: tuple, data: object = None) -> str:
+    """pydantic's loc as the config's field path: ('subnets', 0, 'auth') -> subnets[0].auth.
+
+    Given the validated input, a step that is no key of it (a tagged union's tag, as in
+    subnets.0.metagraph.snapshot.path) is left out, unless it is the last (a missing field)."""
+    out, node = "", data
+    for i, part in enumerate(loc):
+        if isinstance(part, int):
+            out += f"[{part}]"
+            node = node[part] if isinstance(node, (list, tuple)) and -len(node) <= part < len(node) else None
+            continue
+        if isinstance(node, dict) and part not in node and i < len(loc) - 1:
+            continue
+        node = node.get(part) if isinstance(node, dict) else None
+        out += f".{part}" if out else str(part)
+    return out
+
+
+def validation_problems(exc: ValidationError, data: object = None) -> list[str]:
+    """One line per real problem of a pydantic ValidationError of `data`.
+
+    A tuple field with min_length whose items fail reports, besides each item's error, a
+    length error counting only the items that validated ("Tuple should have at least 1 item
+    after validation, not 0" for `subnets` whose one subnet has a typo): dropped when the
+    input itself was long enough. pydantic's "Value error, " prefix on our validators'
+    messages is dropped too."""
+    problems = []
+    for err in exc.errors():
+        kind, msg, value = err["type"], err["msg"], err.get("input")
+        if (kind == "too_short" and isinstance(value, (list, tuple))
+                and len(value) >= (err.get("ctx") or {}).get("min_length", 0)):
+            continue
+        if kind == "value_error" and msg.startswith("Value error, "):
+            msg = msg[len("Value error, "):]
+        elif (kind not in ("extra_forbidden", "missing", "assertion_error")
+              and isinstance(value, (str, int, float)) and len(repr(value)) <= 60):
+            msg += f" (got {value!r})"
+        path = field_path(err["loc"], data)
+        problems.append(f"{path}: {msg}" if path else msg)
+    return problems
+
+
+def miner_apps(source: Union[str, Path]) -> list[dict]:
+    """The miner's applications (import_path serve_app.app:build_app) of a serve config file,
+    perhaps none; ConfigError, one line, when it cannot be read or is not YAML."""
     import yaml
 
-    doc = yaml.safe_load(Path(source).read_text())
-    apps = [a for a in doc.get("applications", []) if a.get("import_path") == "serve_app.app:build_app"]
+    try:
+        text = Path(source).read_text()
+    except OSError as exc:
+        raise ConfigError(source, [f"cannot read it: {exc.strerror or exc}"], unreadable=True) from None
+    try:
+        doc = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark is not None else ""
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise ConfigError(source, [f"not valid YAML{where}: {problem}"]) from None
+    apps = doc.get("applications") if isinstance(doc, dict) else None
+    if not isinstance(apps, list):
+        return []
+    return [a for a in apps if isinstance(a, dict) and a.get("import_path") == "serve_app.app:build_app"]
+
+
+def serve_config_apps(source: Union[str, Path]) -> list[dict]:
+    """miner_apps, and a ConfigError when there is none."""
+    apps = miner_apps(source)
+    if not apps:
+        raise ConfigError(source, ["no application with import_path serve_app.app:build_app"])
+    return apps
+
+
+def load_config(source: Union[str, Path, dict], app_name: str | None = None) -> MinerConfig:
+    """A MinerConfig from a serve config file (its application's `args`) or a dict of args.
+
+    pydantic's ValidationError for bad args; ConfigError for a file that cannot be read or holds
+    no miner application."""
+    if isinstance(source, dict):
+        return MinerConfig.model_validate(source)
+    apps = serve_config_apps(source)
     if app_name is not None:
         apps = [a for a in apps if a.get("name") == app_name]
-    if not apps:
-        raise ValueError(f"{source}: no application with import_path serve_app.app:build_app")
+        if not apps:
+            raise ConfigError(source, [f"no application named {app_name!r} with import_path serve_app.app:build_app"])
     return MinerConfig.model_validate(apps[0].get("args") or {})
+
+
+def check_config_file(source: Union[str, Path], base: Union[str, Path, None] = None,
+                      startable: bool = True) -> list[MinerConfig]:
+    """What `build_app` checks, for every miner application in a serve config file, without
+    Serve: the args' schema and, if `startable`, the wallet's hotkey and the snapshot files
+    (relative paths against `base`, by default the current directory, as `serve run` from here
+    sees them).
+
+    `torchrank-miner config check` and `make run` (serve_app.rayenv, before `serve run`) use it.
+    ConfigError with every real problem, one line each; apps named when the file has several."""
+    apps = serve_config_apps(source)
+    configs, problems = [], []
+    for app in apps:
+        where = f"applications[{app.get('name')}]." if len(apps) > 1 else ""
+        args = app.get("args") or {}
+        try:
+            cfg = MinerConfig.model_validate(args)
+            if startable:
+                cfg = with_absolute_paths(cfg, base)
+                check_startable(cfg)
+        except ValidationError as exc:
+            problems += [f"{where}{p}" for p in validation_problems(exc, args)]
+        except ValueError as exc:
+            problems.append(f"{where}{exc}")
+        else:
+            configs.append(cfg)
+    if problems:
+        raise ConfigError(source, problems)
+    return configs

@@ -5,52 +5,119 @@
   torchrank-miner validator agent "a task"        the same for an agent run; prints its steps
   torchrank-miner config check deployments/x.yaml validate a serve config's miner args
   torchrank-miner status                          per-subnet req/s, latency, error budget, queues
+
+A relative --config (default deployments/local.yaml) is looked up in the current directory,
+then in the checkout. An error is one line on stderr (a bad config: one per problem) and
+exit status 1 when the miner or the config said no, 2 when it could not get that far
+(no miner answering, no such file).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
 DEFAULT_CONFIG = "deployments/local.yaml"
+# The checkout (an editable install): where the shipped deployments/ lives.
+REPO = Path(__file__).resolve().parent.parent
+
+
+class CliError(Exception):
+    """What the user is told: one line on stderr, and the exit code (1: the miner or the config
+    said no; 2: the command could not get that far). `main` prints it; commands only raise."""
+
+    def __init__(self, message: str, code: int = 2):
+        super().__init__(message)
+        self.code = code
+
+
+def resolve_config(name: str) -> tuple[Path, Path | None]:
+    """(the file to read, the directory its relative snapshot paths are relative to: None for
+    the current one).
+
+    A relative path is looked up in the current directory first, then in the checkout (the
+    shipped deployments/*.yaml, whose snapshot paths are relative to the checkout), so the
+    default works from any directory."""
+    path = Path(name).expanduser()
+    if path.is_absolute() or path.exists():
+        return path, None
+    shipped = REPO / path
+    if shipped.exists():
+        return shipped, REPO
+    raise CliError(f"serve config {name} not found: tried {Path.cwd() / path} and {shipped}")
 
 
 def _miner_hotkey(args) -> str:
     if args.miner_hotkey:
         return args.miner_hotkey
-    from serve_app.app import load_config
+    from serve_app.app import ConfigError, check_config_file
 
-    return load_config(args.config).wallet.hotkey_ss58()
+    path, _ = resolve_config(args.config)
+    cfg = check_config_file(path, startable=False)[0]
+    try:
+        return cfg.wallet.hotkey_ss58()
+    except ValueError as exc:  # the wallet's public hotkey cannot be read
+        raise ConfigError(path, [f"wallet: {exc} (or pass --miner-hotkey)"]) from None
+
+
+def _http_error(resp) -> CliError:
+    """`HTTP 403 not_registered: <detail>` from the miner's JSON error; HAProxy's own pages may be text."""
+    try:
+        data = resp.json()
+        code, detail = data["error"], data.get("detail", "")
+    except (ValueError, KeyError, TypeError, AttributeError):
+        text = " ".join(resp.text.split())
+        code, detail = resp.reason_phrase, text[:200] + ("..." if len(text) > 200 else "")
+    retry = resp.headers.get("retry-after")
+    return CliError(f"HTTP {resp.status_code} {code}: {detail}" + (f" (retry after {retry} s)" if retry else ""),
+                    code=1)
 
 
 def _call_signed(args, payload: dict):
-    """(exit code, response, its JSON) for one signed POST to args.path; prints why on failure."""
+    """(response, its JSON) for one signed POST to args.path; CliError when there is no good answer."""
     import httpx
 
     from serve_app.client import signed_request, signer_for
 
-    signer = signer_for(args.key, args.wallet_name, args.wallet_hotkey, args.wallet_path)
-    body, headers = signed_request(signer, args.path, payload, _miner_hotkey(args))
     try:
-        resp = httpx.post(args.url.rstrip("/") + args.path, content=body, headers=headers, timeout=args.timeout)
+        signer = signer_for(args.key, args.wallet_name, args.wallet_hotkey, args.wallet_path)
+    except ValueError as exc:
+        raise CliError(f"--key {args.key}: {exc}") from None
+    receiver = _miner_hotkey(args)
+    try:
+        body, headers = signed_request(signer, args.path, payload, receiver)
+    except OSError as exc:  # a wallet whose hotkey file is missing or unreadable
+        raise CliError(f"cannot sign with wallet {args.wallet_name!r}/{args.wallet_hotkey!r} under "
+                       f"{args.wallet_path}: {exc}") from None
+    url = args.url.rstrip("/") + args.path
+    try:
+        resp = httpx.post(url, content=body, headers=headers, timeout=args.timeout)
+    except httpx.TimeoutException:
+        raise CliError(f"no answer from the miner at {url} within {args.timeout:g} s (--timeout)") from None
+    except httpx.ConnectError as exc:
+        reason = "connection refused" if "refused" in str(exc).lower() else str(exc)
+        raise CliError(f"cannot reach the miner at {url}: {reason} (is it running? `make run` starts it)") from None
     except httpx.HTTPError as exc:
-        print(f"cannot reach the miner at {args.url}: {exc}", file=sys.stderr)
-        return 2, None, None
-    data = resp.json()
+        raise CliError(f"cannot reach the miner at {url}: {type(exc).__name__}: {exc}") from None
     if resp.status_code != 200:
-        print(f"HTTP {resp.status_code}: {json.dumps(data)}", file=sys.stderr)
-        return 1, resp, data
+        raise _http_error(resp)
+    try:
+        data = resp.json()
+    except ValueError:
+        raise CliError(f"the miner at {url} answered 200 with a body that is not JSON: {resp.text[:80]!r}",
+                       code=1) from None
     if args.full:
         print(json.dumps(data))
-    return 0, resp, data
+    return resp, data
 
 
 def cmd_embed(args) -> int:
-    code, resp, data = _call_signed(args, {"input": args.text if len(args.text) > 1 else args.text[0]})
-    if code or args.full:
-        return code
+    resp, data = _call_signed(args, {"input": args.text if len(args.text) > 1 else args.text[0]})
+    if args.full:
+        return 0
     for item in data["data"]:
         vec = item["embedding"]
         head = ", ".join(f"{x:.4f}" for x in vec[:6])
@@ -66,9 +133,9 @@ def cmd_image(args) -> int:
     for field in ("seed", "preset", "size", "steps", "negative_prompt"):
         if getattr(args, field) is not None:
             payload[field] = getattr(args, field)
-    code, resp, data = _call_signed(args, payload)
-    if code or args.full:
-        return code
+    resp, data = _call_signed(args, payload)
+    if args.full:
+        return 0
     for i, item in enumerate(data["data"]):
         path = Path(f"{args.out}-{item['seed']}.png")
         path.write_bytes(base64.b64decode(item["b64_json"]))
@@ -82,9 +149,9 @@ def cmd_agent(args) -> int:
     payload = {"task": args.task, "tools": args.tool or [], "documents": args.document or []}
     if args.max_steps is not None:
         payload["max_steps"] = args.max_steps
-    code, resp, data = _call_signed(args, payload)
-    if code or args.full:
-        return code
+    resp, data = _call_signed(args, payload)
+    if args.full:
+        return 0
     for i, step in enumerate(data["steps"]):
         outcome = f"error: {step['error']}" if "error" in step else f"-> {json.dumps(step['result'])}"
         print(f"[{i}] {step['tool']} {json.dumps(step['args'])} {outcome} ({step['ms']} ms)")
@@ -94,18 +161,12 @@ def cmd_agent(args) -> int:
 
 
 def cmd_config_check(args) -> int:
-    from pydantic import ValidationError
+    from serve_app.app import check_config_file
 
-    from serve_app.app import check_startable, load_config, with_absolute_paths
-
-    try:
-        cfg = with_absolute_paths(load_config(args.file))
-        check_startable(cfg)
-    except (ValidationError, ValueError) as exc:
-        print(f"{args.file}: invalid miner config:\n{exc}", file=sys.stderr)
-        return 1
-    subnets = ", ".join(f"{s.netuid} ({s.metagraph.source})" for s in cfg.subnets)
-    print(f"{args.file}: ok; miner hotkey {cfg.wallet.hotkey_ss58()}; subnets {subnets}")
+    path, base = resolve_config(args.file)
+    for cfg in check_config_file(path, base):
+        subnets = ", ".join(f"{s.netuid} ({s.metagraph.source})" for s in cfg.subnets)
+        print(f"{path}: ok; miner hotkey {cfg.wallet.hotkey_ss58()}; subnets {subnets}")
     return 0
 
 
@@ -117,13 +178,12 @@ def cmd_status(args) -> int:
     try:
         urls = args.metrics or status.ray_metrics_urls()
     except (OSError, ValueError) as exc:
-        print(f"no local Ray cluster found ({exc}); pass --metrics http://HOST:PORT/metrics", file=sys.stderr)
-        return 2
+        raise CliError(f"no local Ray cluster found ({exc}); pass --metrics http://HOST:PORT/metrics") from None
     try:
         before, after = status.collect(urls, args.interval, warn=lambda msg: print(msg, file=sys.stderr))
     except httpx.HTTPError as exc:
-        print(f"cannot read the miner's metrics at {urls}: {exc}", file=sys.stderr)
-        return 2
+        raise CliError(f"cannot read the miner's metrics at {', '.join(urls)}: {exc} "
+                       f"(is the miner running? `make run` starts it)") from None
     rows = status.table(before, after)
     if args.json:
         print(status.as_json(rows, after))
@@ -190,9 +250,36 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
+def _explain(exc: Exception, args) -> tuple[list[str], int]:
+    """The lines to print and the exit code for an error a command raised."""
+    if isinstance(exc, CliError):
+        return [str(exc)], exc.code
+    app = sys.modules.get("serve_app.app")  # imported (it imports Ray Serve) only to read a config
+    if app is not None and isinstance(exc, app.ConfigError):
+        return exc.lines(), 2 if exc.unreadable else 1
+    if isinstance(exc, OSError):  # e.g. `validator image --out` into a directory that does not exist
+        return [f"{exc.filename}: {exc.strerror}" if exc.filename else str(exc)], 2
+    # An answer of a shape the command did not expect, or a bug.
+    what = f"the answer has no field {exc}" if isinstance(exc, KeyError) else f"{type(exc).__name__}: {exc}"
+    command = " ".join(filter(None, (args.command, getattr(args, "action", None))))
+    return [f"{command} failed: {what} (TORCHRANK_DEBUG=1 for the traceback)"], 1
+
+
 def main(argv=None) -> int:
+    """Every error a command meets ends here: one line on stderr (a config: one per problem), a
+    non-zero exit, no traceback (TORCHRANK_DEBUG=1 shows the traceback of an unexpected one)."""
     args = parser().parse_args(argv)
-    return args.func(args)
+    try:
+        return args.func(args)
+    except KeyboardInterrupt:
+        return 130
+    except Exception as exc:
+        if os.environ.get("TORCHRANK_DEBUG") and not isinstance(exc, CliError):
+            raise
+        lines, code = _explain(exc, args)
+    for line in lines:
+        print(f"torchrank-miner: {line}", file=sys.stderr)
+    return code
 
 
 if __name__ == "__main__":

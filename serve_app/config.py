@@ -7,12 +7,16 @@ imports nothing heavy: the builder must import in milliseconds.
 
 from __future__ import annotations
 
+import logging
 import math
 import re
+import warnings
 from pathlib import Path
-from typing import Annotated, Literal, Optional, Union
+from typing import Annotated, ClassVar, Literal, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from serve_app.protocols.registry import PROTOCOLS
 
 DEV_URI = re.compile(r"^//[A-Za-z0-9]+$")
 # ss58 addresses of the Substrate dev keys (Keypair.create_from_uri; tests/unit/test_config.py checks them against
@@ -25,7 +29,6 @@ DEV_HOTKEYS = {
     "5HGjWAeFDfFCWPsjFQdVV2Msvz2XtMktvgocEZcCj68kUMaw": "//Eve",
     "5CiPPseXPECbkjWCa6MnjNokrgYjMqmKndv2rSnekmSK2DjL": "//Ferdie",
 }
-PROTOCOL_WORKLOAD = {"openai-embeddings": "embeddings", "openai-images": "diffusion", "agent-runs": "agents"}
 
 
 class Strict(BaseModel):
@@ -137,7 +140,7 @@ class AuthPolicy(Strict):
 
 class RouteConfig(Strict):
     path: str = Field(pattern=r"^/[A-Za-z0-9_\-./]*$")
-    protocol: Literal["openai-embeddings", "openai-images", "agent-runs"]
+    protocol: Literal[tuple(PROTOCOLS)]  # serve_app/protocols/registry.py
 
 
 class SLOConfig(Strict):
@@ -308,7 +311,7 @@ class ReplicaAutoscaling(Strict):
 
 
 class Placement(Strict):
-    """Where a workload's replicas run and how many there are (shared by the workloads)."""
+    """Where a workload's replicas run and how many there are."""
 
     num_replicas: int = Field(default=1, ge=1, description="Fixed replica count; leave it at 1 with autoscaling.")
     autoscaling: Optional[ReplicaAutoscaling] = None
@@ -332,27 +335,11 @@ class Placement(Strict):
         return self.gpu_memory_fraction or (self.num_gpus if 0 < self.num_gpus < 1 else None)
 
     @property
-    def batch_items(self) -> int:
-        """Items one model call takes: the autoscaler's default queue target per replica."""
-        raise NotImplementedError
-
-    @property
-    def in_flight_items(self) -> float:
-        """Work the router sends ahead to each replica (admission.in_flight_items; default two full batches)."""
-        return self.admission.in_flight_items or 2 * self.batch_items
-
-    @property
     def admission_scale_max(self) -> float:
         """How far admission's caps may grow: with the running replicas over min_replicas (Admission.resize)."""
         return self.autoscaling.max_replicas / self.autoscaling.min_replicas if self.autoscaling else 1.0
 
-    @property
-    def admission_holds_max(self) -> int:
-        """The most requests admission may hold per router replica (at the workload and queued), rounded as it does."""
-        scale = self.admission_scale_max
-        return math.ceil(self.admission.max_in_flight * scale) + math.ceil(self.admission.max_queued * scale)
-
-    def placement_info(self) -> dict:
+    def info(self) -> dict:
         """For /info: how many replicas, where, and with what share of a GPU."""
         sizing = ({"autoscaling": {"min_replicas": self.autoscaling.min_replicas,
                                    "max_replicas": self.autoscaling.max_replicas}}
@@ -361,83 +348,221 @@ class Placement(Strict):
                 "gpu_memory_cap": self.memory_cap, "preemption_safe": self.preemption_safe}
 
 
-class EmbeddingsConfig(Placement):
-    model: str = Field(
-        default="sentence-transformers/all-MiniLM-L6-v2",
-        description="A hub id or a local directory of a sentence-transformers model.",
-    )
-    served_model_name: Optional[str] = Field(default=None, description="The name in responses; default: the model's last path part.")
+class Load(Strict):
+    """How much work a replica takes at once and how much waits: Serve's bounds and the router's admission."""
+
+    max_ongoing_requests: int = Field(default=64, ge=1, le=4096, description="Requests a replica runs at once.")
+    max_queued_requests: int = Field(
+        default=128, ge=1, description="Serve's bound on requests waiting for a replica, per caller (e.g. while one "
+                                       "restarts); past it, 503 shed.")
+    admission: AdmissionConfig = AdmissionConfig(max_in_flight=64, max_queued=256)
+
+    def holds_max(self, placement: Placement) -> int:
+        """The most requests admission may hold per router replica (at the workload and queued), rounded as it does."""
+        scale = placement.admission_scale_max
+        return math.ceil(self.admission.max_in_flight * scale) + math.ceil(self.admission.max_queued * scale)
+
+
+class Runtime(Strict):
+    """Where and how a workload's model runs: what every workload shares."""
+
+    device: Literal["auto", "cpu", "cuda"] = Field(default="auto", description="auto: CUDA when the replica sees a "
+                                                                               "GPU, else CPU.")
     offline: bool = Field(default=False, description="Set HF_HUB_OFFLINE=1 in the replica: never contact a model hub.")
-    device: Literal["auto", "cpu", "cuda"] = Field(default="auto", description="auto: CUDA when the replica sees a GPU, else CPU.")
-    runtime: Literal["auto", "torch", "onnxruntime", "openvino"] = Field(
+    cache_dir: str = Field(default="~/.cache/torchrank-miner",
+                           description="Where locally built or converted models are saved.")
+    torch_threads: Optional[int] = Field(
+        default=None, ge=1, description="Threads of the model's runtime; default: the replica's num_cpus, at least 1.")
+    cpu_nice: int = Field(
+        default=10, ge=0, le=19,
+        description="Run the replica this much below normal CPU priority: when CPU runs out (a CPU-only host under "
+                    "overload) the router keeps answering, and refusing, fast.")
+    stuck_call_s: float = Field(default=300.0, gt=0, description="A model call running longer than this fails the "
+                                                                 "health check, and Serve replaces the replica.")
+
+
+class ProcessRuntime(Runtime):
+    """A generative model: half precision on GPU, and by default in a child process of the replica."""
+
+    fp16: bool = Field(default=True, description="Half precision on GPU (ignored on CPU).")
+    engine_process: bool = Field(
+        default=True, description="Run the model in a child process of the replica, with a GIL of its own: Serve's "
+                                  "request handling no longer slows it (benchmarks/README.md).")
+
+
+class EmbeddingsRuntime(Runtime):
+    backend: Literal["auto", "torch", "onnxruntime", "openvino"] = Field(
         default="auto",
-        description="What runs the model. auto: the fastest (runtime, precision) measured for this host's kind that "
+        description="What runs the model. auto: the fastest (backend, precision) measured for this host's kind that "
                     "passes min_cosine at start (CUDA: torch fp16; CPU: openvino bf16, torch bf16, openvino fp32, "
                     "onnxruntime fp32, torch fp32, bf16 only on a CPU with avx512_bf16 or amx_bf16). onnxruntime "
                     "and openvino run on CPU, from a model converted once and cached under cache_dir.")
     precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
         default="auto",
-        description="auto: the runtime's fastest that passes min_cosine. fp16: CUDA and torch only; bf16: torch "
+        description="auto: the backend's fastest that passes min_cosine. fp16: CUDA and torch only; bf16: torch "
                     "(autocast) or openvino, on a CPU with bf16 instructions or on CUDA; onnxruntime runs fp32.")
     min_cosine: float = Field(
         default=0.9999, gt=0, le=1,
-        description="At start the replica encodes a fixed probe set with its runtime and with fp32 torch and "
+        description="At start the replica encodes a fixed probe set with its backend and with fp32 torch and "
                     "refuses to start when the lowest cosine between the two is below this.")
-    cache_dir: str = Field(default="~/.cache/torchrank-miner", description="Where converted (ONNX, OpenVINO) models are saved.")
-    torch_threads: Optional[int] = Field(
-        default=None, ge=1, description="Threads of the runtime (torch, onnxruntime, openvino). Default: the replica's num_cpus, at least 1.")
-    cpu_nice: int = Field(
-        default=10, ge=0, le=19,
-        description="Run the replica this much below normal CPU priority: when CPU runs out (a CPU-only host under "
-                    "overload) the router keeps answering, and refusing, fast.")
-    max_seq_length: Optional[int] = Field(default=None, ge=8, le=8192, description="Cut texts to this many tokens; default: the model's own.")
-    # Batching: texts of concurrent requests share forward passes. With a zero wait a
-    # lone request runs at once; requests arriving during a pass form the next batch.
-    max_batch_texts: int = Field(default=64, ge=1, le=4096)
-    chunk_tokens: Optional[int] = Field(
-        default=None, ge=16,
-        description="Padded tokens per forward chunk of a batch. Default: 512 on CPU (activations stay in "
-                    "cache: 1.4x the texts/s of one 64-text chunk here), 16384 on GPU.",
-    )
-    batch_wait_timeout_s: float = Field(default=0.0, ge=0, le=1)
-    # Per-request limits -> 422.
-    max_texts_per_request: int = Field(default=64, ge=1)
-    max_chars_per_text: int = Field(default=8192, ge=1)
-    # Placement (num_replicas, num_cpus, num_gpus, autoscaling...: Placement) and load.
-    max_ongoing_requests: int = Field(default=128, ge=1, le=4096)
-    max_queued_requests: int = Field(
-        default=256, ge=1, description="Serve's bound on requests waiting for a replica, per caller (e.g. while one restarts).")
-    admission: AdmissionConfig = AdmissionConfig()
-    degraded: Optional[EmbeddingsDegradation] = EmbeddingsDegradation()
+    stuck_call_s: float = Field(default=60.0, gt=0, description="A forward pass running longer than this fails the "
+                                                                "health check, and Serve replaces the replica.")
 
     @model_validator(mode="after")
-    def _runtime_can_run(self) -> "EmbeddingsConfig":
+    def _backend_can_run(self) -> "EmbeddingsRuntime":
         if self.precision == "fp16" and self.device == "cpu":
             raise ValueError("precision fp16 runs on CUDA only: with device cpu use auto, fp32 or bf16")
-        if self.precision == "fp16" and self.runtime in ("onnxruntime", "openvino"):
-            raise ValueError(f"precision fp16 runs on torch (CUDA) only, not on {self.runtime}")
-        if self.precision == "bf16" and self.runtime == "onnxruntime":
-            raise ValueError("runtime onnxruntime runs fp32 only: use precision auto or fp32, or runtime openvino or torch for bf16")
-        if self.runtime in ("onnxruntime", "openvino") and self.device == "cuda":
-            raise ValueError(f"runtime {self.runtime} runs on CPU only (the PyPI build): use device cpu or auto, or runtime torch")
+        if self.precision == "fp16" and self.backend in ("onnxruntime", "openvino"):
+            raise ValueError(f"precision fp16 runs on torch (CUDA) only, not on {self.backend}")
+        if self.precision == "bf16" and self.backend == "onnxruntime":
+            raise ValueError("backend onnxruntime runs fp32 only: use precision auto or fp32, or backend openvino or "
+                             "torch for bf16")
+        if self.backend in ("onnxruntime", "openvino") and self.device == "cuda":
+            raise ValueError(f"backend {self.backend} runs on CPU only (the PyPI build): use device cpu or auto, or "
+                             f"backend torch")
         return self
 
-    @model_validator(mode="after")
-    def _request_fits_a_batch(self) -> "EmbeddingsConfig":
-        if self.max_texts_per_request > self.max_batch_texts:
-            raise ValueError(
-                f"max_texts_per_request ({self.max_texts_per_request}) must not exceed max_batch_texts "
-                f"({self.max_batch_texts}): one request must fit in one batch"
-            )
-        return self
 
-    @property
-    def model_name(self) -> str:
-        return self.served_model_name or self.model.rstrip("/").split("/")[-1]
+class DiffusionRuntime(ProcessRuntime):
+    stuck_call_s: float = Field(default=600.0, gt=0, description="A pipeline call running longer than this fails "
+                                                                 "the health check.")
+    attention_slicing: bool = Field(default=False, description="Less GPU memory per call for some speed.")
+    vae_tiling: bool = Field(default=False, description="Decode large images tile by tile: less GPU memory.")
+
+
+# Flat names of release 0.1 -> where they live now; read for one more release, with a warning.
+LEGACY_FIELDS = {
+    "model": ("model", "id"), "served_model_name": ("model", "served_name"), "max_seq_length": ("model", "max_seq_length"),
+    "max_new_tokens": ("model", "max_new_tokens"), "presets": ("model", "presets"),
+    "default_preset": ("model", "default_preset"),
+    "offline": ("runtime", "offline"), "device": ("runtime", "device"), "cache_dir": ("runtime", "cache_dir"),
+    "torch_threads": ("runtime", "torch_threads"), "cpu_nice": ("runtime", "cpu_nice"),
+    "stuck_call_s": ("runtime", "stuck_call_s"), "fp16": ("runtime", "fp16"),
+    "engine_process": ("runtime", "engine_process"), "precision": ("runtime", "precision"),
+    "min_cosine": ("runtime", "min_cosine"), "attention_slicing": ("runtime", "attention_slicing"),
+    "vae_tiling": ("runtime", "vae_tiling"),
+    "max_batch_texts": ("batching", "max_batch_texts"), "max_batch_images": ("batching", "max_batch_images"),
+    "max_batch_sessions": ("batching", "max_batch_sessions"), "chunk_tokens": ("batching", "chunk_tokens"),
+    "batch_wait_timeout_s": ("batching", "batch_wait_timeout_s"),
+    "max_texts_per_request": ("limits", "max_texts_per_request"), "max_chars_per_text": ("limits", "max_chars_per_text"),
+    "max_steps": ("limits", "max_steps"), "min_side": ("limits", "min_side"), "max_side": ("limits", "max_side"),
+    "max_prompt_chars": ("limits", "max_prompt_chars"), "default_max_steps": ("limits", "default_max_steps"),
+    "max_task_chars": ("limits", "max_task_chars"), "max_documents": ("limits", "max_documents"),
+    "max_document_chars": ("limits", "max_document_chars"),
+    "num_replicas": ("placement", "num_replicas"), "autoscaling": ("placement", "autoscaling"),
+    "num_cpus": ("placement", "num_cpus"), "num_gpus": ("placement", "num_gpus"),
+    "gpu_memory_fraction": ("placement", "gpu_memory_fraction"), "preemption_safe": ("placement", "preemption_safe"),
+    "max_ongoing_requests": ("load", "max_ongoing_requests"), "max_queued_requests": ("load", "max_queued_requests"),
+    "admission": ("load", "admission"),
+}
+# Embeddings' `runtime` was the backend's name: a string there is read as runtime.backend.
+LEGACY_RUNTIME_STRING = ("runtime", "backend")
+legacy_log = logging.getLogger("torchrank.config")
+
+
+class Workload(Strict):
+    """What every workload's config has: its model, how it runs, batches and limits requests,
+    where its replicas run, and how much load they take. Each workload narrows the sections."""
+
+    workload: ClassVar[str]  # its field under `workloads:`
+
+    @model_validator(mode="before")
+    @classmethod
+    def _read_legacy_names(cls, data):
+        """Release 0.1's flat fields (e.g. `offline`, `max_batch_texts`) still work, moved to their
+        section with a deprecation warning naming the new place."""
+        if not isinstance(data, dict):
+            return data
+        data, moved = dict(data), []
+        if isinstance(data.get("model"), str):
+            data["model"] = {"id": data["model"]}
+            moved.append(("model", "model.id"))
+        if isinstance(data.get("runtime"), str):
+            data["runtime"] = {"backend": data["runtime"]}
+            moved.append(("runtime", "runtime.backend"))
+        for old in [key for key in data if key in LEGACY_FIELDS and key not in cls.model_fields]:
+            section, new = LEGACY_FIELDS[old]
+            target = dict(data.get(section) or {})
+            if new in target:
+                raise ValueError(f"{old} and {section}.{new} are the same field: keep {section}.{new}")
+            target[new] = data.pop(old)
+            data[section] = target
+            moved.append((old, f"{section}.{new}"))
+        if moved:
+            msg = (f"workloads.{cls.workload}: deprecated field names, read until release 0.3 (see CHANGELOG): "
+                   + ", ".join(f"{old} -> {new}" for old, new in moved))
+            warnings.warn(msg, DeprecationWarning, stacklevel=2)
+            legacy_log.warning(msg)
+        return data
 
     @property
     def batch_items(self) -> int:
-        return self.max_batch_texts
+        """Items one model call takes: the autoscaler's default queue target per replica."""
+        raise NotImplementedError
+
+    @property
+    def in_flight_items(self) -> float:
+        """Work the router sends ahead to each replica (load.admission.in_flight_items; default two full batches)."""
+        return self.load.admission.in_flight_items or 2 * self.batch_items
+
+    @property
+    def admission_holds_max(self) -> int:
+        return self.load.holds_max(self.placement)
+
+
+class EmbeddingsModel(Strict):
+    id: str = Field(default="sentence-transformers/all-MiniLM-L6-v2",
+                    description="A hub id or a local directory of a sentence-transformers model.")
+    served_name: Optional[str] = Field(default=None, description="The name in responses; default: the id's last "
+                                                                 "path part.")
+    max_seq_length: Optional[int] = Field(default=None, ge=8, le=8192,
+                                          description="Cut texts to this many tokens; default: the model's own.")
+
+    @property
+    def name(self) -> str:
+        return self.served_name or self.id.rstrip("/").split("/")[-1]
+
+
+class EmbeddingsBatching(Strict):
+    """Texts of concurrent requests share forward passes. With a zero wait a lone request runs
+    at once; requests arriving during a pass form the next batch."""
+
+    max_batch_texts: int = Field(default=64, ge=1, le=4096)
+    chunk_tokens: Optional[int] = Field(
+        default=None, ge=16,
+        description="Padded tokens per forward chunk of a batch. Default: 512 on CPU (activations stay in cache; "
+                    "benchmarks/README.md), 16384 on GPU.")
+    batch_wait_timeout_s: float = Field(default=0.0, ge=0, le=1)
+
+
+class EmbeddingsLimits(Strict):
+    """Per request; over them, 422 naming the field."""
+
+    max_texts_per_request: int = Field(default=64, ge=1)
+    max_chars_per_text: int = Field(default=8192, ge=1)
+
+
+class EmbeddingsConfig(Workload):
+    workload = "embeddings"
+    model: EmbeddingsModel = EmbeddingsModel()
+    runtime: EmbeddingsRuntime = EmbeddingsRuntime()
+    batching: EmbeddingsBatching = EmbeddingsBatching()
+    limits: EmbeddingsLimits = EmbeddingsLimits()
+    placement: Placement = Placement()
+    load: Load = Load(max_ongoing_requests=128, max_queued_requests=256, admission=AdmissionConfig())
+    degraded: Optional[EmbeddingsDegradation] = EmbeddingsDegradation()
+
+    @model_validator(mode="after")
+    def _request_fits_a_batch(self) -> "EmbeddingsConfig":
+        if self.limits.max_texts_per_request > self.batching.max_batch_texts:
+            raise ValueError(
+                f"limits.max_texts_per_request ({self.limits.max_texts_per_request}) must not exceed "
+                f"batching.max_batch_texts ({self.batching.max_batch_texts}): one request must fit in one batch")
+        return self
+
+    @property
+    def batch_items(self) -> int:
+        return self.batching.max_batch_texts
 
 
 class DiffusionPreset(Strict):
@@ -457,61 +582,71 @@ TINY_DIFFUSION_PRESETS = {
 }
 
 
-class DiffusionConfig(Placement):
-    """Text-to-image through diffusers: presets, padded batches, a result cache."""
-
-    model: str = Field(default="torchrank/tiny-sd",
-                       description="A hub id or local path of a diffusers pipeline; torchrank/tiny-sd is built locally.")
+class DiffusionModel(Strict):
+    id: str = Field(default="torchrank/tiny-sd",
+                    description="A hub id or local path of a diffusers pipeline; torchrank/tiny-sd is built locally.")
     presets: dict[str, DiffusionPreset] = Field(default_factory=lambda: dict(TINY_DIFFUSION_PRESETS))
     default_preset: str = "balanced"
-    # Per-request limits -> 422. A request may ask for other steps or another size than its
-    # preset's, within these bounds; the preset keeps its guidance and scheduler.
-    max_steps: int = Field(default=50, ge=1, le=200)
-    min_side: int = Field(default=64, ge=8, multiple_of=8)
-    max_side: int = Field(default=1024, ge=8, le=4096, multiple_of=8)
-    max_prompt_chars: int = Field(default=1000, ge=1)
+
+    @model_validator(mode="after")
+    def _default_is_a_preset(self) -> "DiffusionModel":
+        if self.default_preset not in self.presets:
+            raise ValueError(f"default_preset {self.default_preset!r} is not one of the presets {sorted(self.presets)}")
+        return self
+
+
+class DiffusionBatching(Strict):
     max_batch_images: int = Field(
         default=4, ge=1, le=64,
         description="Images per pipeline call, and the most one request may ask for. Every call runs exactly this "
                     "many (padded): the same shapes every time, so a seeded image is the same bytes alone or batched.")
     batch_wait_timeout_s: float = Field(
         default=0.0, ge=0, le=1, description="Wait this long for more requests before an idle replica starts a call.")
+
+
+class DiffusionLimits(Strict):
+    """Per request; over them, 422 naming the field. A request may ask for other steps or another
+    size than its preset's, within these bounds; the preset keeps its guidance and scheduler."""
+
+    max_steps: int = Field(default=50, ge=1, le=200)
+    min_side: int = Field(default=64, ge=8, multiple_of=8)
+    max_side: int = Field(default=1024, ge=8, le=4096, multiple_of=8)
+    max_prompt_chars: int = Field(default=1000, ge=1)
+
+    @model_validator(mode="after")
+    def _sides(self) -> "DiffusionLimits":
+        if self.min_side > self.max_side:
+            raise ValueError(f"min_side ({self.min_side}) exceeds max_side ({self.max_side})")
+        return self
+
+
+class DiffusionConfig(Workload):
+    """Text-to-image through diffusers: presets, padded batches, a result cache."""
+
+    workload = "diffusion"
+
+    model: DiffusionModel = DiffusionModel()
+    runtime: DiffusionRuntime = DiffusionRuntime()
+    batching: DiffusionBatching = DiffusionBatching()
+    limits: DiffusionLimits = DiffusionLimits()
+    placement: Placement = Placement()
+    load: Load = Load()
     cache_bytes: int = Field(default=256 << 20, ge=0, description="Result cache (PNG bytes) per replica; 0 turns it off.")
-    device: Literal["auto", "cpu", "cuda"] = "auto"
-    fp16: bool = Field(default=True, description="Half precision on GPU (ignored on CPU).")
-    attention_slicing: bool = Field(default=False, description="Less GPU memory per call for some speed.")
-    vae_tiling: bool = Field(default=False, description="Decode large images tile by tile: less GPU memory.")
-    offline: bool = Field(default=False, description="Set HF_HUB_OFFLINE=1 in the replica: never contact a model hub.")
-    cache_dir: str = Field(default="~/.cache/torchrank-miner", description="Where locally built pipelines are saved.")
-    torch_threads: Optional[int] = Field(default=None, ge=1, description="Default: the replica's num_cpus, at least 1.")
-    cpu_nice: int = Field(default=10, ge=0, le=19, description="As for embeddings: the router stays responsive on CPU.")
-    stuck_call_s: float = Field(
-        default=600.0, gt=0, description="A pipeline call running longer than this fails the health check.")
-    engine_process: bool = Field(
-        default=True, description="Run the pipeline in a child process of the replica, with a GIL of its own: "
-                                  "Serve's request handling no longer slows it (benchmarks/README.md).")
-    # Placement (num_replicas, num_cpus, num_gpus, autoscaling...: Placement) and load.
-    max_ongoing_requests: int = Field(default=64, ge=1, le=4096)
-    max_queued_requests: int = Field(default=128, ge=1)
-    admission: AdmissionConfig = AdmissionConfig(max_in_flight=64, max_queued=256)
 
     @property
     def batch_items(self) -> int:
-        return self.max_batch_images
+        return self.batching.max_batch_images
 
     @model_validator(mode="after")
     def _presets_within_limits(self) -> "DiffusionConfig":
-        if self.default_preset not in self.presets:
-            raise ValueError(f"default_preset {self.default_preset!r} is not one of the presets {sorted(self.presets)}")
-        if self.min_side > self.max_side:
-            raise ValueError(f"min_side ({self.min_side}) exceeds max_side ({self.max_side})")
-        for name, preset in self.presets.items():
-            if preset.steps > self.max_steps:
-                raise ValueError(f"preset {name!r}: {preset.steps} steps, over max_steps ({self.max_steps})")
+        limits = self.limits
+        for name, preset in self.model.presets.items():
+            if preset.steps > limits.max_steps:
+                raise ValueError(f"preset {name!r}: {preset.steps} steps, over limits.max_steps ({limits.max_steps})")
             for side in (preset.width, preset.height):
-                if not self.min_side <= side <= self.max_side:
+                if not limits.min_side <= side <= limits.max_side:
                     raise ValueError(f"preset {name!r}: size {preset.width}x{preset.height} is outside "
-                                     f"min_side..max_side ({self.min_side}..{self.max_side})")
+                                     f"limits.min_side..max_side ({limits.min_side}..{limits.max_side})")
         return self
 
 
@@ -572,47 +707,56 @@ class AgentToolsConfig(Strict):
     http_fetch: FetchToolConfig = FetchToolConfig()
 
 
-class AgentsConfig(Placement):
-    """Multi-step tool use with a causal LM: many sessions' steps batched into shared passes."""
-
-    model: str = Field(default="torchrank/tiny-lm",
-                       description="A hub id or local path of a chat causal LM; torchrank/tiny-lm is built locally.")
-    offline: bool = False
-    cache_dir: str = Field(default="~/.cache/torchrank-miner", description="Where locally built models are saved.")
-    device: Literal["auto", "cpu", "cuda"] = "auto"
-    fp16: bool = True
-    torch_threads: Optional[int] = Field(default=None, ge=1)
-    cpu_nice: int = Field(default=10, ge=0, le=19)
-    engine_process: bool = Field(default=True, description="Run the model in a child process (its own GIL), as for diffusion.")
-    stuck_call_s: float = Field(default=300.0, gt=0, description="A model call running longer than this fails the health check.")
+class AgentsModel(Strict):
+    id: str = Field(default="torchrank/tiny-lm",
+                    description="A hub id or local path of a chat causal LM; torchrank/tiny-lm is built locally.")
     max_new_tokens: int = Field(default=96, ge=1, le=4096, description="Per model step.")
+
+
+class AgentsBatching(Strict):
     max_batch_sessions: int = Field(default=64, ge=1, le=1024, description="Sessions advanced by one batched model call.")
+
+
+class AgentsLimits(Strict):
+    """Per request; over them, 422 naming the field."""
+
     default_max_steps: int = Field(default=8, ge=1)
     max_steps: int = Field(default=16, ge=1, le=100, description="The most a request may ask for.")
     max_task_chars: int = Field(default=4000, ge=1)
     max_documents: int = Field(default=32, ge=0)
     max_document_chars: int = Field(default=4000, ge=1)
+
+    @model_validator(mode="after")
+    def _steps(self) -> "AgentsLimits":
+        if self.default_max_steps > self.max_steps:
+            raise ValueError(f"default_max_steps ({self.default_max_steps}) exceeds max_steps ({self.max_steps})")
+        return self
+
+
+class AgentsConfig(Workload):
+    """Multi-step tool use with a causal LM: many sessions' steps batched into shared passes.
+    A replica runs at most load.max_ongoing_requests sessions at once; Serve queues the next
+    load.max_queued_requests per caller, then refuses (503 shed)."""
+
+    workload = "agents"
+
+    model: AgentsModel = AgentsModel()
+    runtime: ProcessRuntime = ProcessRuntime()
+    batching: AgentsBatching = AgentsBatching()
+    limits: AgentsLimits = AgentsLimits()
+    placement: Placement = Placement()
+    load: Load = Load(max_ongoing_requests=64, max_queued_requests=64, admission=AdmissionConfig(max_in_flight=64,
+                                                                                                  max_queued=256))
     tools: AgentToolsConfig = AgentToolsConfig()
-    # Placement and load: a replica runs at most max_ongoing_requests sessions at once;
-    # Serve queues the next max_queued_requests per caller, then refuses (503 shed).
-    max_ongoing_requests: int = Field(default=64, ge=1, le=4096, description="Concurrent sessions per replica.")
-    max_queued_requests: int = Field(default=64, ge=1)
-    admission: AdmissionConfig = AdmissionConfig(max_in_flight=64, max_queued=256)
 
     @property
     def batch_items(self) -> int:
-        return self.max_batch_sessions
+        return self.batching.max_batch_sessions
 
     @property
     def in_flight_items(self) -> float:
         # A replica runs max_ongoing_requests sessions at once: more would only queue inside Serve.
-        return self.admission.in_flight_items or self.max_ongoing_requests
-
-    @model_validator(mode="after")
-    def _steps(self) -> "AgentsConfig":
-        if self.default_max_steps > self.max_steps:
-            raise ValueError(f"default_max_steps ({self.default_max_steps}) exceeds max_steps ({self.max_steps})")
-        return self
+        return self.load.admission.in_flight_items or self.load.max_ongoing_requests
 
 
 class WorkloadsConfig(Strict):
@@ -670,7 +814,7 @@ class MinerConfig(Strict):
     def latency_slo_s(self, workload: str) -> float:
         """The strictest latency SLO among the subnets with a route to `workload`."""
         return min((s.slo.latency_s for s in self.subnets
-                    if any(PROTOCOL_WORKLOAD[r.protocol] == workload for r in s.routes)), default=SLOConfig().latency_s)
+                    if any(PROTOCOLS[r.protocol].workload == workload for r in s.routes)), default=SLOConfig().latency_s)
 
     def _check_full_paths_unique(self) -> None:
         # The router keys its route table by prefix + path: a second subnet's route would replace the first's.
@@ -686,12 +830,12 @@ class MinerConfig(Strict):
 
     def _check_gate_holds_admission(self) -> None:
         # A gate below what admission may hold sheds at the door what admission would have ranked by stake.
-        used = dict.fromkeys(PROTOCOL_WORKLOAD[r.protocol] for s in self.subnets for r in s.routes)
+        used = dict.fromkeys(PROTOCOLS[r.protocol].workload for s in self.subnets for r in s.routes)
         parts, total = [], 0
         for name in used:
             workload = getattr(self.workloads, name)
-            caps = f"{workload.admission.max_in_flight}+{workload.admission.max_queued}"
-            scale = workload.admission_scale_max
+            caps = f"{workload.load.admission.max_in_flight}+{workload.load.admission.max_queued}"
+            scale = workload.placement.admission_scale_max
             parts.append(f"{name} {caps}" if scale == 1 else f"{name} ({caps}) x {scale:g}")
             total += workload.admission_holds_max
         # Bodies being read count at the gate too, before they reach admission.
@@ -700,7 +844,7 @@ class MinerConfig(Strict):
         if self.router.max_in_progress < total:
             raise ValueError(
                 f"router.max_in_progress ({self.router.max_in_progress}) is below the {total} requests admission "
-                f"and the body reads may hold per router replica (workloads.<name>.admission max_in_flight+"
+                f"and the body reads may hold per router replica (workloads.<name>.load.admission max_in_flight+"
                 f"max_queued, x max_replicas/min_replicas when autoscaled, + router.max_body_reads: "
                 f"{', '.join(parts)}): the entry gate would shed what admission "
                 f"ranks by stake. Raise router.max_in_progress to at least {total} (router.max_ongoing_requests, "
@@ -724,7 +868,7 @@ class MinerConfig(Strict):
                 )
         for subnet in self.subnets:
             for route in subnet.routes:
-                workload = PROTOCOL_WORKLOAD[route.protocol]
+                workload = PROTOCOLS[route.protocol].workload
                 if getattr(self.workloads, workload) is None:
                     raise ValueError(
                         f"subnet {subnet.netuid} route {route.path} needs workload {workload!r}, which is disabled"
@@ -732,11 +876,11 @@ class MinerConfig(Strict):
             diffusion, policy = self.workloads.diffusion, subnet.diffusion
             if diffusion is not None:
                 named = [p for p in (policy.default_preset, *policy.allowed_presets) if p is not None]
-                unknown = sorted(set(named) - set(diffusion.presets))
+                unknown = sorted(set(named) - set(diffusion.model.presets))
                 if unknown:
                     raise ValueError(f"subnet {subnet.netuid} diffusion: unknown presets {unknown}; "
-                                     f"the model has {sorted(diffusion.presets)}")
-                default = policy.default_preset or diffusion.default_preset
+                                     f"the model has {sorted(diffusion.model.presets)}")
+                default = policy.default_preset or diffusion.model.default_preset
                 if policy.allowed_presets and default not in policy.allowed_presets:
                     raise ValueError(f"subnet {subnet.netuid} diffusion: the default preset {default!r} "
                                      f"is not among allowed_presets {list(policy.allowed_presets)}")
@@ -748,18 +892,18 @@ class MinerConfig(Strict):
     def _check_subnet_diffusion_limits(netuid: int, policy: SubnetDiffusion, diffusion: DiffusionConfig,
                                        default: str) -> None:
         """A subnet may only lower the workload's limits, and the presets it names must fit its own."""
-        if policy.max_steps is not None and policy.max_steps > diffusion.max_steps:
+        if policy.max_steps is not None and policy.max_steps > diffusion.limits.max_steps:
             raise ValueError(f"subnet {netuid} diffusion: max_steps ({policy.max_steps}) is above the "
-                             f"workload's ({diffusion.max_steps})")
-        if policy.max_side is not None and policy.max_side > diffusion.max_side:
+                             f"workload's ({diffusion.limits.max_steps})")
+        if policy.max_side is not None and policy.max_side > diffusion.limits.max_side:
             raise ValueError(f"subnet {netuid} diffusion: max_side ({policy.max_side}) is above the "
-                             f"workload's ({diffusion.max_side})")
-        if policy.max_side is not None and policy.max_side < diffusion.min_side:
+                             f"workload's ({diffusion.limits.max_side})")
+        if policy.max_side is not None and policy.max_side < diffusion.limits.min_side:
             raise ValueError(f"subnet {netuid} diffusion: max_side ({policy.max_side}) is below the "
-                             f"workload's min_side ({diffusion.min_side}): no size would be allowed")
-        max_steps, max_side = policy.max_steps or diffusion.max_steps, policy.max_side or diffusion.max_side
+                             f"workload's min_side ({diffusion.limits.min_side}): no size would be allowed")
+        max_steps, max_side = policy.max_steps or diffusion.limits.max_steps, policy.max_side or diffusion.limits.max_side
         for name in dict.fromkeys((default, *policy.allowed_presets)):
-            preset = diffusion.presets[name]
+            preset = diffusion.model.presets[name]
             if preset.steps > max_steps:
                 raise ValueError(f"subnet {netuid} diffusion: preset {name!r}: {preset.steps} steps, over the "
                                  f"subnet's max_steps ({max_steps})")

@@ -25,7 +25,16 @@ def ss58(uri: str) -> str:
 
 
 MINER = ss58("//Bob")
-TEST_LIMITS = {"max_texts_per_request": 16, "max_batch_texts": 32, "max_chars_per_text": 2000}
+TEST_LIMITS = {"limits": {"max_texts_per_request": 16, "max_chars_per_text": 2000}, "batching": {"max_batch_texts": 32}}
+
+
+def deep_update(base: dict, update: dict) -> dict:
+    """`base` with `update` merged in, section by section (a None or a non-dict value replaces)."""
+    out = dict(base)
+    for key, value in update.items():
+        out[key] = (deep_update(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict)
+                    else value)
+    return out
 
 
 def snapshot_neurons():
@@ -71,15 +80,13 @@ def miner(tmp_path_factory):
             "subnets": (subnet,),
             "router": base.router.model_copy(update={"num_replicas": 2, "num_cpus": 0.25, "max_body_bytes": 65536,
                                                     "body_timeout_s": 2.0}),
-            "workloads": base.workloads.model_copy(
-                # The shipped runtime choice (auto: openvino bf16 on a bf16 CPU), converted into the session's cache.
-                update={"embeddings": base.workloads.embeddings.model_copy(
-                            update={**TEST_LIMITS, "torch_threads": 1, "cache_dir": models}),
-                        "diffusion": base.workloads.diffusion.model_copy(update={"cache_dir": models, "torch_threads": 1}),
-                        "agents": base.workloads.agents.model_copy(update={"cache_dir": models})}
-            ),
         }
     )
+    # The shipped runtime choice (auto: openvino bf16 on a bf16 CPU), converted into the session's cache.
+    runtime = {"runtime": {"cache_dir": models, "torch_threads": 1}}
+    cfg = type(cfg).model_validate(deep_update(cfg.model_dump(), {"workloads": {
+        "embeddings": deep_update(TEST_LIMITS, runtime), "diffusion": runtime,
+        "agents": {"runtime": {"cache_dir": models}}}}))
     port = free_port()
     # The miner's Ray environment for the cluster started below. This driver imported
     # ray.serve already (above), so its own handles keep their default event-loop mode.
@@ -105,7 +112,7 @@ def deploy_app(miner, tmp_path_factory, app: str, netuid: int, prefix: str, prot
     from ray import serve
 
     from serve_app.app import build_app
-    from serve_app.config import PROTOCOL_WORKLOAD
+    from serve_app.protocols.registry import PROTOCOLS
 
     snapshot = tmp_path_factory.mktemp(app) / "metagraph.json"
     neurons = neurons or [{"uid": 0, "hotkey": ss58("//Alice"), "validator_permit": True, "total_stake": 1000.0}]
@@ -113,14 +120,14 @@ def deploy_app(miner, tmp_path_factory, app: str, netuid: int, prefix: str, prot
     args = miner.cfg.model_dump()
     args["name"] = f"torchrank-{app}"
     for name, update in workloads.items():
-        args["workloads"][name] = None if update is None else {**args["workloads"][name], **update}
+        args["workloads"][name] = None if update is None else deep_update(args["workloads"][name], update)
     args["router"].update(router or {})
     first = args["subnets"][0]
     path = next(r["path"] for r in first["routes"] if r["protocol"] == protocol)
     first.update(netuid=netuid, prefix=prefix, routes=[{"path": path, "protocol": protocol}], **(subnet or {}))
     first["metagraph"]["path"] = str(snapshot)
     first["auth"].update(min_stake=0.0, allow_hotkeys=(), deny_hotkeys=())
-    assert args["workloads"][PROTOCOL_WORKLOAD[protocol]] is not None
+    assert args["workloads"][PROTOCOLS[protocol].workload] is not None
     cfg = type(miner.cfg).model_validate(args)
     serve.run(build_app(cfg), name=app, route_prefix=prefix)
     return cfg

@@ -91,7 +91,8 @@ class ToolProcess:
     cancellation) kills the child, and the next call starts a fresh one.
 
     The child speaks serve_app/engines/process.py's protocol; it starts at the first call
-    (about 30 ms) and serves one call at a time (others wait their turn, within their timeout).
+    (a fresh interpreter: cheap next to a tool's timeout; figure in benchmarks/README.md) and
+    serves one call at a time (others wait their turn, within their timeout).
     """
 
     def __init__(self, engine_cls: type):

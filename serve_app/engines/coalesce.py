@@ -3,8 +3,9 @@
 ray 2.60's `@serve.batch` forms the next batch as soon as an item arrives, before the
 running batch has finished (the `max_concurrent_batches` semaphore is taken after the
 batch is cut; upstream ray PR #64595 moves it). With `batch_wait_timeout_s: 0` a busy
-replica therefore queues a chain of one-item batches: measured here, 32 concurrent
-single-text requests ran 914 forward passes for 1,000 texts (benchmarks/README.md).
+replica therefore queues a chain of one-item batches, nearly one forward pass per text
+under concurrent single-text requests (figure: benchmarks/README.md, "Figures moved from
+module docstrings").
 `CoalescingRunner` restores opportunistic batching below it: one forward pass at a
 time on the engine thread, and when the engine frees up, everything that queued
 meanwhile (up to `max_items`) goes into the next pass.

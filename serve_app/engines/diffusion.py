@@ -3,8 +3,9 @@
 Determinism: every pipeline call runs exactly `max_batch_images` images, padding with
 blank prompts, and each image has its own seeded generator. With identical shapes each
 image's arithmetic is the same whatever shares its batch, so a seeded request gives the
-same PNG bytes alone or batched (measured on CPU: an unpadded batch of 4 differs from a
-lone image by ~2e-6, enough to flip some pixels after rounding; padded, 0.0).
+same PNG bytes alone or batched. Unpadded, a batch's shape changes the arithmetic a little,
+enough to flip some pixels after rounding (benchmarks/README.md, "Figures moved from
+module docstrings").
 """
 
 from __future__ import annotations
@@ -18,8 +19,9 @@ from pathlib import Path
 from typing import Optional
 
 from serve_app.config import DiffusionConfig, DiffusionPreset
+from serve_app.engines.base import GeneratingEngine
 from serve_app.engines.coalesce import DeadlinePassed
-from serve_app.engines.gpu import gpu_usage, torch_runtime
+from serve_app.engines.gpu import torch_runtime
 from serve_app.engines.tiny_diffusion import TINY_DIFFUSION_ID, build_tiny_pipeline
 from serve_app.engines.weights import weights_digest
 
@@ -53,14 +55,17 @@ class RenderSpec:
 
 
 def resolve_pipeline_path(cfg: DiffusionConfig) -> str:
-    if cfg.model == TINY_DIFFUSION_ID:
-        return str(build_tiny_pipeline(Path(cfg.cache_dir).expanduser() / "tiny-sd"))
-    return cfg.model  # a local directory or a hub id: from_pretrained takes both
+    if cfg.model.id == TINY_DIFFUSION_ID:
+        return str(build_tiny_pipeline(Path(cfg.runtime.cache_dir).expanduser() / "tiny-sd"))
+    return cfg.model.id  # a local directory or a hub id: from_pretrained takes both
 
 
-class DiffusionEngine:
+class DiffusionEngine(GeneratingEngine):
+    FREES = ("pipe", "pipes")
+
     def __init__(self, cfg: DiffusionConfig, num_threads: int = 1):
-        self.torch, self.device, dtype = torch_runtime(cfg, num_threads)
+        self.torch, self.device, dtype = torch_runtime(cfg.runtime, cfg.placement.memory_cap, num_threads,
+                                                       fp16=cfg.runtime.fp16)
         from diffusers import AutoPipelineForText2Image
 
         self.cfg = cfg
@@ -68,35 +73,31 @@ class DiffusionEngine:
         self.weights_sha256 = weights_digest(path)
         pipe = AutoPipelineForText2Image.from_pretrained(path, torch_dtype=dtype)
         pipe.set_progress_bar_config(disable=True)
-        if cfg.attention_slicing:
+        if cfg.runtime.attention_slicing:
             pipe.enable_attention_slicing()
-        if cfg.vae_tiling:
+        if cfg.runtime.vae_tiling:
             pipe.vae.enable_tiling()
         self.pipe = pipe.to(self.device)
         # One pipeline per preset, sharing the model weights: a preset may name its own scheduler.
-        self.pipes = {name: self._with_scheduler(preset.scheduler) for name, preset in cfg.presets.items()}
+        self.pipes = {name: self._with_scheduler(preset.scheduler) for name, preset in cfg.model.presets.items()}
         self.calls = 0
         self.dtype = str(dtype).removeprefix("torch.")
-        log.info("loaded %s on %s (%s)", cfg.model, self.device, self.dtype)
-        self.generate([ImageJob("warm up", 0)], self.preset_spec(cfg.default_preset))  # kernels, allocator, caches
+        log.info("loaded %s on %s (%s)", cfg.model.id, self.device, self.dtype)
+        self.generate([ImageJob("warm up", 0)], self.preset_spec(cfg.model.default_preset))  # kernels, allocator, caches
 
-    @property
     def info(self) -> dict:
-        return {"model": self.cfg.model, "weights_sha256": self.weights_sha256, "device": self.device, "dtype": self.dtype,
-                "gpu_memory_fraction": self.cfg.memory_cap if self.device == "cuda" else None,
-                "images_per_call": self.cfg.max_batch_images, "default_preset": self.cfg.default_preset,
-                "presets": {name: p.model_dump() for name, p in self.cfg.presets.items()}}
-
-    def gpu_usage(self) -> dict:
-        return gpu_usage(self.torch)
+        return {"model": self.cfg.model.id, "weights_sha256": self.weights_sha256, "device": self.device, "dtype": self.dtype,
+                "gpu_memory_fraction": self.cfg.placement.memory_cap if self.device == "cuda" else None,
+                "images_per_call": self.cfg.batching.max_batch_images, "default_preset": self.cfg.model.default_preset,
+                "presets": {name: p.model_dump() for name, p in self.cfg.model.presets.items()}}
 
     def preset_spec(self, name: str) -> RenderSpec:
-        preset = self.cfg.presets[name]
+        preset = self.cfg.model.presets[name]
         return RenderSpec(name, preset.steps, preset.width, preset.height)
 
     def probe(self) -> None:
         """The cheapest real call (one step at the smallest size): the health check."""
-        self.generate([ImageJob("health", 0)], RenderSpec(self.cfg.default_preset, 1, self.cfg.min_side, self.cfg.min_side))
+        self.generate([ImageJob("health", 0)], RenderSpec(self.cfg.model.default_preset, 1, self.cfg.limits.min_side, self.cfg.limits.min_side))
 
     def _with_scheduler(self, name: str):
         if name == "default":
@@ -108,8 +109,8 @@ class DiffusionEngine:
 
     def generate(self, jobs: list[ImageJob], spec: RenderSpec) -> list[bytes]:
         """PNG bytes per job, in order: one pipeline call; len(jobs) <= max_batch_images."""
-        preset: DiffusionPreset = self.cfg.presets[spec.preset]
-        size = self.cfg.max_batch_images
+        preset: DiffusionPreset = self.cfg.model.presets[spec.preset]
+        size = self.cfg.batching.max_batch_images
         if not 0 < len(jobs) <= size:
             raise ValueError(f"{len(jobs)} images in one call; 1 to {size} allowed")
         deadline = last_deadline(jobs)

@@ -128,7 +128,8 @@ _PARAGRAPH_SENTENCES = (2, 3, 5, 7, 10, 14, 19, 26)
 def probe_texts() -> list[str]:
     """40 fixed texts: 16 of 1-4 words (bf16 strays most on these), 16 single sentences and
     8 paragraphs of about 30 to 450 tokens (the longest cut at the model's max_seq_length,
-    as requests are). About 0.4 s per encode with fp32 torch on 2 threads here."""
+    as requests are). Few enough that the start-up check stays cheap next to loading the
+    model (figures: benchmarks/README.md, "Embeddings runtimes")."""
     long = [" ".join(_SENTENCES[(i * 7 + j) % len(_SENTENCES)] for j in range(count))
             for i, count in enumerate(_PARAGRAPH_SENTENCES)]
     return _SHORT + _SENTENCES[:16] + long

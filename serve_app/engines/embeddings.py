@@ -3,9 +3,9 @@ encode. Knows nothing of Serve.
 
 `encode` tokenizes the whole batch once, orders texts by length and runs them in chunks
 under a padded-token budget (text-embeddings-inference's idea), so one long text does
-not pad a batch of short ones. On CPU a small budget is also faster per text: measured
-here, 64 texts ran at 125 texts/s in one chunk and 184 texts/s in chunks of 512 padded
-tokens (benchmarks/README.md). Results come back in input order, L2-normalised, float32.
+not pad a batch of short ones. On CPU a small budget is also faster per text
+(benchmarks/README.md, "Chunk size of a forward pass"). Results come back in input order,
+L2-normalised, float32.
 
 The forward pass of each chunk runs on the configured runtime (serve_app/engines/
 embedding_runtimes.py): torch (fp32, bf16 autocast on CPU, fp16 on CUDA), ONNX Runtime
@@ -23,7 +23,6 @@ import gc
 import importlib
 import logging
 import time
-from types import SimpleNamespace
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -31,6 +30,7 @@ import numpy as np
 
 from serve_app.config import EmbeddingsConfig
 from serve_app.engines import embedding_runtimes as runtimes
+from serve_app.engines.base import EncodingEngine
 from serve_app.engines.gpu import torch_runtime
 from serve_app.engines.weights import weights_digest
 
@@ -62,43 +62,51 @@ def sentence_transformers_version() -> str:
     return sentence_transformers.__version__
 
 
-class SentenceEmbeddingEngine:
+class SentenceEmbeddingEngine(EncodingEngine):
+    FREES = ("model", "backend", "_tokenize")
+
     def __init__(self, cfg: EmbeddingsConfig, num_threads: int):
-        # torch_runtime's `fp16` is the other engines' switch; here `precision` decides (below).
-        self.torch, self.device, _ = torch_runtime(
-            SimpleNamespace(offline=cfg.offline, device=cfg.device, memory_cap=cfg.memory_cap, fp16=False), num_threads)
+        # runtime.precision decides the dtype (below), not torch_runtime's fp16.
+        self.torch, self.device, _ = torch_runtime(cfg.runtime, cfg.placement.memory_cap, num_threads)
         bf16_ok = self.torch.cuda.is_bf16_supported() if self.device == "cuda" else runtimes.cpu_supports_bf16()
         # Refuse before loading anything when the configuration cannot run here.
-        order, why = runtimes.candidates(cfg.runtime, cfg.precision, self.device, bf16_ok)
+        order, why = runtimes.candidates(cfg.runtime.backend, cfg.runtime.precision, self.device, bf16_ok)
         from sentence_transformers import SentenceTransformer
 
-        path = resolve_model_path(cfg.model)
+        path = resolve_model_path(cfg.model.id)
         self.model = SentenceTransformer(path, device=self.device)
-        if cfg.max_seq_length is not None:
-            self.model.max_seq_length = cfg.max_seq_length
+        if cfg.model.max_seq_length is not None:
+            self.model.max_seq_length = cfg.model.max_seq_length
         self.model.eval()
         self._bind_tokenizer()
         dimension = getattr(self.model, "get_embedding_dimension", None) or self.model.get_sentence_embedding_dimension
         self.dimension = dimension()
-        self.chunk_tokens = cfg.chunk_tokens or CHUNK_TOKENS.get(self.device, CHUNK_TOKENS["cuda"])
+        self.chunk_tokens = cfg.batching.chunk_tokens or CHUNK_TOKENS.get(self.device, CHUNK_TOKENS["cuda"])
         digest = weights_digest(path)
-        self.info = {
-            "model": cfg.model,
-            "served_as": cfg.model_name,
+        self._info = {
+            "model": cfg.model.id,
+            "served_as": cfg.model.name,
             "weights_sha256": digest,
             "dimension": self.dimension,
             "device": self.device,
-            "gpu_memory_fraction": cfg.memory_cap if self.device == "cuda" else None,
+            "gpu_memory_fraction": cfg.placement.memory_cap if self.device == "cuda" else None,
             "libraries": {"torch": self.torch.__version__, "sentence-transformers": sentence_transformers_version()},
         }
-        log.info("loaded %s from %s on %s (dim %d, %d threads)", cfg.model, path, self.device, self.dimension, num_threads)
+        log.info("loaded %s from %s on %s (dim %d, %d threads)", cfg.model.id, path, self.device, self.dimension, num_threads)
         self._select_runtime(cfg, num_threads, order, why, digest)
         self.encode(["warm up the kernels"])
         # The speed admission assumes until it has measured its own (serve_app/ops/admission.py):
         # the probe set holds texts up to past max_seq_length, so this is on the slow side.
         started = time.perf_counter()
         self.encode(runtimes.PROBE_TEXTS)
-        self.info["items_per_s_at_start"] = round(len(runtimes.PROBE_TEXTS) / (time.perf_counter() - started), 1)
+        self._info["items_per_s_at_start"] = round(len(runtimes.PROBE_TEXTS) / (time.perf_counter() - started), 1)
+
+    def info(self) -> dict:
+        return self._info
+
+    def probe(self) -> None:
+        """A real (tiny) forward pass: the health check."""
+        self.encode(["health"])
 
     def _bind_tokenizer(self) -> None:
         # sentence-transformers 6 renamed these; keep older releases working too.
@@ -117,7 +125,7 @@ class SentenceEmbeddingEngine:
                 if runtime in ("onnxruntime", "openvino"):
                     source = source or runtimes.source_digest(self.torch, self.model, digest)
                     sample = self._tokenize([runtimes.PROBE_TEXTS[0], runtimes.PROBE_TEXTS[-1]])
-                    directory = runtimes.converted(runtime, self.torch, self.model, sample, cfg.cache_dir, cfg.model, source)
+                    directory = runtimes.converted(runtime, self.torch, self.model, sample, cfg.runtime.cache_dir, cfg.model.id, source)
                     backend = (runtimes.OnnxRuntimeBackend(directory, num_threads) if runtime == "onnxruntime"
                                else runtimes.OpenVinoBackend(directory, num_threads, precision))
                 elif precision == "fp16":  # a half copy: the fp32 model stays for the next candidate
@@ -134,10 +142,10 @@ class SentenceEmbeddingEngine:
                             type(exc).__name__, exc)
                 skipped.append(f"{runtime} {precision}: {type(exc).__name__}")
                 continue
-            if cosine >= cfg.min_cosine:
+            if cosine >= cfg.runtime.min_cosine:
                 break
             message = (f"embeddings runtime {runtime} precision {precision}: lowest cosine to fp32 torch over "
-                       f"{len(runtimes.PROBE_TEXTS)} probe texts {cosine:.7f} is below min_cosine {cfg.min_cosine}")
+                       f"{len(runtimes.PROBE_TEXTS)} probe texts {cosine:.7f} is below min_cosine {cfg.runtime.min_cosine}")
             if why == "configured":
                 raise runtimes.RuntimeRefused(message + "; refusing to start (use another runtime or precision, "
                                               "or lower min_cosine)")
@@ -145,7 +153,7 @@ class SentenceEmbeddingEngine:
             skipped.append(f"{runtime} {precision}: cosine {cosine:.7f}")
         else:
             raise runtimes.RuntimeRefused(
-                f"no embeddings runtime passed on {self.device} with min_cosine {cfg.min_cosine}: {'; '.join(skipped)}")
+                f"no embeddings runtime passed on {self.device} with min_cosine {cfg.runtime.min_cosine}: {'; '.join(skipped)}")
         if isinstance(backend, runtimes.TorchBackend):
             if backend.model is not self.model:  # fp16: the half copy serves, the fp32 model goes
                 self.model = backend.model
@@ -161,19 +169,19 @@ class SentenceEmbeddingEngine:
         if self.device == "cuda":
             self.torch.cuda.empty_cache()  # the fp32 copy's blocks, back for this replica's share
         self.runtime, self.precision = runtime, precision
-        self.info.update(runtime=runtime, precision=precision, min_cosine_measured=cosine,
-                         min_cosine=cfg.min_cosine)
+        self._info.update(runtime=runtime, precision=precision, min_cosine_measured=cosine,
+                          min_cosine=cfg.runtime.min_cosine)
         if skipped:
-            self.info["runtimes_skipped"] = skipped
-        self.info["libraries"].update(backend.libraries)
+            self._info["runtimes_skipped"] = skipped
+        self._info["libraries"].update(backend.libraries)
         if runtime in ("onnxruntime", "openvino"):
             import onnx
 
-            self.info["libraries"]["onnx"] = onnx.__version__
+            self._info["libraries"]["onnx"] = onnx.__version__
         log.info("embeddings runtime %s %s (%s%s): lowest cosine to fp32 torch %.7f over %d probe texts "
                  "(min_cosine %s); chosen in %.1f s", runtime, precision, why,
                  f"; skipped {', '.join(skipped)}" if skipped else "", cosine, len(runtimes.PROBE_TEXTS),
-                 cfg.min_cosine, time.perf_counter() - checking)
+                 cfg.runtime.min_cosine, time.perf_counter() - checking)
 
     def encode(self, texts: list[str], caps: Optional[Sequence[Optional[int]]] = None) -> tuple[np.ndarray, np.ndarray]:
         """(float32 [n, dim] unit vectors, int [n] token counts), in input order.

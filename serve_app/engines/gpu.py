@@ -28,22 +28,22 @@ def pick_device(requested: str) -> str:
     return requested
 
 
-def torch_runtime(cfg, num_threads: int):
-    """(torch, device, dtype) for an engine's config (`offline`, `device`, `fp16`, `memory_cap`):
-    the hub switched off if asked, torch on `num_threads`, fp16 only on CUDA, and on CUDA
-    this process capped at its share of GPU memory."""
+def torch_runtime(runtime, memory_cap: Optional[float], num_threads: int, fp16: bool = False):
+    """(torch, device, dtype) for a workload's `runtime` section (offline, device): the hub switched
+    off if asked, torch on `num_threads`, fp16 only if asked and on CUDA, and on CUDA this process
+    capped at `memory_cap` of the GPU's memory (placement.memory_cap)."""
     import os
 
-    if cfg.offline:
+    if runtime.offline:
         # Before huggingface_hub / transformers are imported: they read these once.
         os.environ["HF_HUB_OFFLINE"] = "1"
         os.environ["TRANSFORMERS_OFFLINE"] = "1"
     import torch
 
     torch.set_num_threads(num_threads)
-    device = pick_device(cfg.device)
-    if device == "cuda" and cfg.memory_cap:
+    device = pick_device(runtime.device)
+    if device == "cuda" and memory_cap:
         # Fractional num_gpus is only bookkeeping: without the cap a replica could take its
         # neighbours' memory. Past it, this replica gets the OOM, not the others.
-        torch.cuda.set_per_process_memory_fraction(cfg.memory_cap)
-    return torch, device, torch.float16 if device == "cuda" and cfg.fp16 else torch.float32
+        torch.cuda.set_per_process_memory_fraction(memory_cap)
+    return torch, device, torch.float16 if device == "cuda" and fp16 else torch.float32

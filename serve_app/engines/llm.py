@@ -13,7 +13,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from serve_app.config import AgentsConfig
-from serve_app.engines.gpu import gpu_usage, torch_runtime
+from serve_app.engines.base import GeneratingEngine
+from serve_app.engines.gpu import torch_runtime
 from serve_app.engines.tiny_lm import TINY_LM_ID, build_tiny_lm
 from serve_app.engines.weights import weights_digest
 
@@ -33,24 +34,27 @@ def resolve_model_path(model: str, cache_dir: str) -> str:
     return model  # a local directory or a hub id: from_pretrained takes both
 
 
-class LLMEngine:
+class LLMEngine(GeneratingEngine):
+    FREES = ("model", "tokenizer")
+
     def __init__(self, cfg: AgentsConfig, num_threads: int = 1):
-        self.torch, self.device, dtype = torch_runtime(cfg, num_threads)
+        self.torch, self.device, dtype = torch_runtime(cfg.runtime, cfg.placement.memory_cap, num_threads,
+                                                       fp16=cfg.runtime.fp16)
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
-        path = resolve_model_path(cfg.model, cfg.cache_dir)
-        self.model_id = cfg.model
-        self.memory_cap = cfg.memory_cap if self.device == "cuda" else None
+        path = resolve_model_path(cfg.model.id, cfg.runtime.cache_dir)
+        self.model_id = cfg.model.id
+        self.memory_cap = cfg.placement.memory_cap if self.device == "cuda" else None
         self.weights_sha256 = weights_digest(path)
         self.tokenizer = AutoTokenizer.from_pretrained(path)
         self.tokenizer.padding_side = "left"  # generation continues every row from its last real token
         if self.tokenizer.pad_token is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
         self.model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(self.device).eval()
-        self.max_new_tokens = cfg.max_new_tokens
+        self.max_new_tokens = cfg.model.max_new_tokens
         self.forward_passes = 0
         self.model.register_forward_pre_hook(self._count_pass)
-        log.info("loaded %s on %s (%s)", cfg.model, self.device, dtype)
+        log.info("loaded %s on %s (%s)", cfg.model.id, self.device, dtype)
         self.generate([[{"role": "user", "content": "warm up"}]], max_new_tokens=2)
 
     def _count_pass(self, *_):
@@ -78,10 +82,10 @@ class LLMEngine:
             results.append(Generation(self.tokenizer.decode(row, skip_special_tokens=True), len(prompt), len(row)))
         return results
 
-    def gpu_usage(self) -> dict:
-        return gpu_usage(self.torch)
+    def probe(self) -> None:
+        """A real one-token call: the health check."""
+        self.generate([[{"role": "user", "content": "health"}]], max_new_tokens=1)
 
-    @property
     def info(self) -> dict:
         return {"model": self.model_id, "weights_sha256": self.weights_sha256, "device": self.device,
                 "gpu_memory_fraction": self.memory_cap,

@@ -2,10 +2,10 @@
 
 Each thread that calls into torch gets its own OpenMP thread team, and an idle team
 spin-waits. Loading a model on one thread and running it on another leaves two teams
-fighting for the cores: measured here, a MiniLM forward took 14-17 ms from a worker
-thread against 6.5 ms on the loading thread (benchmarks/README.md). So the engine is
-built, warmed up and run on the same single thread, which also keeps the replica's
-event loop free to queue the next batch.
+fighting for the cores, and a forward pass from another thread is much slower than one
+on the loading thread (benchmarks/README.md, "One thread for all torch work"). So the
+engine is built, warmed up and run on the same single thread, which also keeps the
+replica's event loop free to queue the next batch.
 """
 
 from __future__ import annotations
@@ -26,3 +26,7 @@ class EngineThread:
 
     async def run(self, fn: Callable[..., T], *args) -> T:
         return await asyncio.get_running_loop().run_in_executor(self._pool, fn, *args)
+
+    def close(self) -> None:
+        """No more work: what is queued is cancelled; a call running ends on its own (not waited for)."""
+        self._pool.shutdown(wait=False, cancel_futures=True)

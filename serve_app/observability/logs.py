@@ -12,8 +12,9 @@ writes them out at least every second so a quiet miner's log is never hours behi
 
 from __future__ import annotations
 
-import asyncio
 import logging
+
+from serve_app.ops.periodic import every
 
 # A child of Serve's logger: Serve's handlers (file, JSON encoding, request context) apply.
 log = logging.getLogger("ray.serve.torchrank")
@@ -29,8 +30,10 @@ def request_line(**fields) -> None:
     log.info("request", extra=fields)
 
 
+def flush() -> None:
+    for handler in logging.getLogger("ray.serve").handlers:
+        handler.flush()
+
+
 async def flush_every(seconds: float = 1.0) -> None:
-    while True:
-        await asyncio.sleep(seconds)
-        for handler in logging.getLogger("ray.serve").handlers:
-            handler.flush()
+    await every(seconds, flush, "flushing the logs")

@@ -9,7 +9,7 @@ SLO accounting happens here too: every admitted request (it passed authenticatio
 authorisation and validation) counts towards its subnet's availability SLO (failed if
 the miner answered 5xx) and, if it succeeded, its latency SLO (failed if slower than the
 threshold). The objectives are exported as gauges, so one set of Prometheus rules
-serves every subnet (monitoring/rules/slo.yml).
+serves every subnet (monitoring/rules/torchrank.yml).
 """
 
 from __future__ import annotations
@@ -17,6 +17,8 @@ from __future__ import annotations
 from typing import Optional
 
 from ray.serve import metrics
+
+from serve_app.errors import MINER_FAILURES
 
 # Ray exports a gauge value only for a while after it is set (2 export periods, 2 s at the
 # fastest): replicas set their gauges again this often.
@@ -26,8 +28,6 @@ GAUGE_PERIOD_S = 1.0
 LATENCY_BUCKETS = [0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0]
 BATCH_BUCKETS = [1, 2, 4, 8, 16, 32, 64, 128, 256, 512]
 
-# Outcomes that are the miner's failure, not the caller's.
-MINER_FAILURES = {"unavailable", "deadline_exceeded", "internal_error", "shed", "breaker_open"}
 
 
 class RouterMetrics:

@@ -145,19 +145,22 @@ def as_json(rows: list[dict], sample: Sample) -> str:
 
 def collect(urls: list[str], interval_s: float, warn=print) -> tuple[Sample, Sample]:
     """Two reads of every endpoint that answers; an endpoint that does not is skipped with a
-    warning (a node going away), and httpx.HTTPError is raised only when none answers."""
+    warning (a node going away), and httpx.HTTPError is raised, without warnings, only when
+    none answers (the caller says so once)."""
     import httpx
 
     def scrape() -> Sample:
-        at, texts, last_error = time.monotonic(), [], None
+        at, texts, skipped, last_error = time.monotonic(), [], [], None
         for url in urls:
             try:
                 texts.append(httpx.get(url, timeout=5).raise_for_status().text)
             except httpx.HTTPError as exc:
-                warn(f"skipping {url}: {exc}")
+                skipped.append(f"skipping {url}: {exc}")
                 last_error = exc
         if not texts:
             raise last_error
+        for line in skipped:
+            warn(line)
         return parse(texts, at)
 
     before = scrape()

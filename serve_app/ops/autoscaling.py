@@ -16,8 +16,9 @@ control-loop tick with those reports in an `AutoscalingContext`:
 The policy owns the delays (the deployment's Serve `upscale_delay_s`/`downscale_delay_s`
 are 0, see `serve_autoscaling_config`), so every decision it logs is the one taken.
 Each decision is one JSON line on the controller's log (`ray.serve` logger: the Serve
-controller's log in the dashboard) whenever the decision or its reason changes, and
-every evaluation counts in `torchrank_autoscaling_decisions{decision, reason}`.
+controller's log in the dashboard) whenever the decision or its reason changes, and again
+every `HEARTBEAT_S` while it does not; every evaluation counts in
+`torchrank_autoscaling_decisions{decision, reason}`. Replicas report every `REPORT_INTERVAL_S`.
 """
 
 from __future__ import annotations
@@ -30,6 +31,8 @@ import time
 from collections import deque
 from contextlib import contextmanager
 from typing import Any, Callable, Iterator, Optional
+
+from serve_app.config import ReplicaAutoscaling
 
 log = logging.getLogger("ray.serve")
 
@@ -48,8 +51,8 @@ AT_MIN = "at_min_replicas"
 NO_REPORTS = "no_reports"
 BELOW_MIN = "below_min_replicas"
 
-HEARTBEAT_S = 60.0
-REPORT_INTERVAL_S = 1.0  # an unchanged decision is logged again this often
+HEARTBEAT_S = 60.0  # an unchanged decision is logged again this often
+REPORT_INTERVAL_S = 1.0  # replicas and handles report their autoscaling metrics this often (metrics_interval_s)
 
 
 class LoadWindow:
@@ -110,6 +113,10 @@ def latest(series_by_replica: Optional[dict]) -> dict:
     return out
 
 
+# The policy's tuning fields of ReplicaAutoscaling, in its constructor's order.
+TUNING = ("up_at", "down_at", "quiet_period_s", "max_step_up")
+
+
 class LatencyQueuePolicy:
     """Serve custom autoscaling policy (a class: Serve builds it once with `policy_kwargs`).
 
@@ -117,10 +124,14 @@ class LatencyQueuePolicy:
     `target_queued`: scale up when waiting items per replica pass this.
     """
 
-    def __init__(self, latency_slo_s: float, target_queued: float, up_at: float = 0.8, down_at: float = 0.5,
-                 quiet_period_s: float = 30.0, max_step_up: float = 2.0, metrics: bool = True):
-        if not 0 < down_at < 1 or up_at <= 0 or latency_slo_s <= 0 or target_queued <= 0 or max_step_up < 1:
-            raise ValueError("need latency_slo_s > 0, target_queued > 0, up_at > 0, 0 < down_at < 1, max_step_up >= 1")
+    def __init__(self, latency_slo_s: float, target_queued: float, metrics: bool = True, **tuning):
+        # `tuning`: TUNING's fields, with ReplicaAutoscaling's defaults and checks (one place for both).
+        if set(tuning) - set(TUNING):
+            raise ValueError(f"policy tuning takes only {TUNING}, not {sorted(set(tuning) - set(TUNING))}")
+        tuned = ReplicaAutoscaling(**tuning)
+        if latency_slo_s <= 0 or target_queued <= 0:
+            raise ValueError("need latency_slo_s > 0 and target_queued > 0")
+        up_at, down_at, quiet_period_s, max_step_up = (getattr(tuned, name) for name in TUNING)
         self.latency_up_s = latency_slo_s * up_at
         self.target_queued = target_queued
         self.down_at = down_at
@@ -241,10 +252,7 @@ def serve_autoscaling_config(scaling, latency_slo_s: float, target_queued: int) 
             "policy_kwargs": {
                 "latency_slo_s": scaling.latency_slo_s or latency_slo_s,
                 "target_queued": scaling.target_queued or target_queued,
-                "up_at": scaling.up_at,
-                "down_at": scaling.down_at,
-                "quiet_period_s": scaling.quiet_period_s,
-                "max_step_up": scaling.max_step_up,
+                **{name: getattr(scaling, name) for name in TUNING},
             },
         },
     }

@@ -32,6 +32,10 @@ class AgentRuns:
     request_model = AgentRunRequest
     idempotent = True  # greedy decoding, session-local tools: a re-run gives the same answer
 
+    @classmethod
+    def for_subnet(cls, cfg, subnet) -> "AgentRuns":
+        return cls(cfg.workloads.agents, embeddings=cfg.workloads.embeddings is not None)
+
     def __init__(self, cfg: AgentsConfig, embeddings: bool):
         self.cfg = cfg
         self.tools = available_tools(cfg, embeddings)
@@ -41,19 +45,19 @@ class AgentRuns:
         cfg = self.cfg
         if not req.task.strip():
             raise limit_exceeded("task", "an empty task")
-        if len(req.task) > cfg.max_task_chars:
-            raise limit_exceeded("task", f"{len(req.task)} characters, at most {cfg.max_task_chars}")
+        if len(req.task) > cfg.limits.max_task_chars:
+            raise limit_exceeded("task", f"{len(req.task)} characters, at most {cfg.limits.max_task_chars}")
         unknown = [name for name in req.tools if name not in self.tools]
         if unknown:
             raise limit_exceeded("tools", f"{unknown} not offered here; available: {self.tools}")
-        steps = req.max_steps if req.max_steps is not None else cfg.default_max_steps
-        if steps > cfg.max_steps:
-            raise limit_exceeded("max_steps", f"{steps}, at most {cfg.max_steps}")
-        if len(req.documents) > cfg.max_documents:
-            raise limit_exceeded("documents", f"{len(req.documents)} documents, at most {cfg.max_documents}")
+        steps = req.max_steps if req.max_steps is not None else cfg.limits.default_max_steps
+        if steps > cfg.limits.max_steps:
+            raise limit_exceeded("max_steps", f"{steps}, at most {cfg.limits.max_steps}")
+        if len(req.documents) > cfg.limits.max_documents:
+            raise limit_exceeded("documents", f"{len(req.documents)} documents, at most {cfg.limits.max_documents}")
         for i, doc in enumerate(req.documents):
-            if len(doc) > cfg.max_document_chars:
-                raise limit_exceeded(f"documents[{i}]", f"{len(doc)} characters, at most {cfg.max_document_chars}")
+            if len(doc) > cfg.limits.max_document_chars:
+                raise limit_exceeded(f"documents[{i}]", f"{len(doc)} characters, at most {cfg.limits.max_document_chars}")
         return req.model_copy(update={"max_steps": steps, "tools": list(dict.fromkeys(req.tools))})
 
     def cost(self, req: AgentRunRequest) -> float:

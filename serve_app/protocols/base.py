@@ -8,7 +8,7 @@ from typing import Protocol, TypeVar
 import orjson
 from pydantic import BaseModel, ValidationError
 
-from serve_app.errors import ApiError
+from serve_app.errors import ApiError, ErrorCode
 
 M = TypeVar("M", bound=BaseModel)
 
@@ -24,19 +24,19 @@ def parse_json(body: bytes, model: type[M]) -> M:
     try:
         data = orjson.loads(body)
     except orjson.JSONDecodeError as exc:
-        raise ApiError(422, "invalid_json", f"body is not valid JSON: {exc.msg} at position {exc.pos}") from None
+        raise ApiError(ErrorCode.invalid_json, f"body is not valid JSON: {exc.msg} at position {exc.pos}") from None
     if not isinstance(data, dict):
-        raise ApiError(422, "invalid_request", "body: expected a JSON object")
+        raise ApiError(ErrorCode.invalid_request, "body: expected a JSON object")
     try:
         return model.model_validate(data)
     except ValidationError as exc:
         # Only location and message: pydantic's `input` would echo the caller's data.
         problems = "; ".join(f"{field_name(e['loc'])}: {e['msg']}" for e in exc.errors()[:5])
-        raise ApiError(422, "invalid_request", problems) from None
+        raise ApiError(ErrorCode.invalid_request, problems) from None
 
 
 def limit_exceeded(field: str, detail: str) -> ApiError:
-    return ApiError(422, "limit_exceeded", f"{field}: {detail}")
+    return ApiError(ErrorCode.limit_exceeded, f"{field}: {detail}")
 
 
 class Adapter(Protocol):

@@ -30,9 +30,13 @@ class OpenAIEmbeddings:
     request_model = EmbeddingsRequest
     idempotent = True
 
+    @classmethod
+    def for_subnet(cls, cfg, subnet) -> "OpenAIEmbeddings":
+        return cls(cfg.workloads.embeddings)
+
     def __init__(self, cfg: EmbeddingsConfig):
         self.cfg = cfg
-        self.accepted_models = {cfg.model_name, cfg.model}
+        self.accepted_models = {cfg.model.name, cfg.model.id}
         self._batchers: dict[str, CallBatcher] = {}
 
     def parse(self, body: bytes) -> EmbeddingsRequest:
@@ -40,14 +44,14 @@ class OpenAIEmbeddings:
         texts = req.texts
         if not texts:
             raise limit_exceeded("input", "at least one text is required")
-        if len(texts) > self.cfg.max_texts_per_request:
-            raise limit_exceeded("input", f"{len(texts)} texts, at most {self.cfg.max_texts_per_request} per request")
+        if len(texts) > self.cfg.limits.max_texts_per_request:
+            raise limit_exceeded("input", f"{len(texts)} texts, at most {self.cfg.limits.max_texts_per_request} per request")
         for i, text in enumerate(texts):
-            if len(text) > self.cfg.max_chars_per_text:
+            if len(text) > self.cfg.limits.max_chars_per_text:
                 field = "input" if isinstance(req.input, str) else f"input[{i}]"
-                raise limit_exceeded(field, f"{len(text)} characters, at most {self.cfg.max_chars_per_text}")
+                raise limit_exceeded(field, f"{len(text)} characters, at most {self.cfg.limits.max_chars_per_text}")
         if req.model is not None and req.model not in self.accepted_models:
-            raise limit_exceeded("model", f"{req.model!r} is not served here; this miner serves {self.cfg.model_name!r}")
+            raise limit_exceeded("model", f"{req.model!r} is not served here; this miner serves {self.cfg.model.name!r}")
         return req
 
     def cost(self, req: EmbeddingsRequest) -> float:
@@ -58,10 +62,11 @@ class OpenAIEmbeddings:
         batcher = self._batchers.get(handle.deployment_name)
         if batcher is None:
             cfg = self.cfg
-            replicas = cfg.autoscaling.max_replicas if cfg.autoscaling else cfg.num_replicas
+            scaling = cfg.placement.autoscaling
+            replicas = scaling.max_replicas if scaling else cfg.placement.num_replicas
             batcher = self._batchers[handle.deployment_name] = CallBatcher(
                 lambda requests: handle.embed_many.remote(requests), max_concurrent=2 * replicas,
-                max_items=cfg.max_batch_texts)
+                max_items=cfg.batching.max_batch_texts)
         return batcher
 
     async def run(self, req: EmbeddingsRequest, handle, deadline: float, degradable: bool) -> dict:
@@ -74,6 +79,6 @@ class OpenAIEmbeddings:
         return {
             "object": "list",
             "data": [{"object": "embedding", "index": i, "embedding": e} for i, e in enumerate(encoded)],
-            "model": self.cfg.model_name,
+            "model": self.cfg.model.name,
             "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
         }

@@ -41,13 +41,17 @@ class OpenAIImages:
     request_model = ImagesRequest
     idempotent = True  # a seeded image: the same bytes again, no side effect
 
+    @classmethod
+    def for_subnet(cls, cfg, subnet) -> "OpenAIImages":
+        return cls(cfg.workloads.diffusion, subnet.diffusion)
+
     def __init__(self, cfg: DiffusionConfig, policy: SubnetDiffusion = SubnetDiffusion()):
         self.cfg = cfg
-        self.default_preset = policy.default_preset or cfg.default_preset
-        self.allowed = policy.allowed_presets or tuple(cfg.presets)
+        self.default_preset = policy.default_preset or cfg.model.default_preset
+        self.allowed = policy.allowed_presets or tuple(cfg.model.presets)
         # The subnet's limits bound what one request costs (pixel-steps); config keeps them within the workload's.
-        self.max_steps = policy.max_steps or cfg.max_steps
-        self.max_side = policy.max_side or cfg.max_side
+        self.max_steps = policy.max_steps or cfg.limits.max_steps
+        self.max_side = policy.max_side or cfg.limits.max_side
 
     def parse(self, body: bytes) -> ImagesRequest:
         """The request with its preset, steps, size and seed filled in and checked (422 otherwise)."""
@@ -56,20 +60,20 @@ class OpenAIImages:
         preset_name = req.preset or self.default_preset
         if preset_name not in self.allowed:
             raise limit_exceeded("preset", f"{preset_name!r} is not offered on this subnet; choose from {list(self.allowed)}")
-        preset = cfg.presets[preset_name]
+        preset = cfg.model.presets[preset_name]
         steps = req.steps if req.steps is not None else preset.steps
         if steps > self.max_steps:
             raise limit_exceeded("steps", f"{steps}, at most {self.max_steps}")
         width, height = (int(side) for side in req.size.split("x")) if req.size else (preset.width, preset.height)
         for side in (width, height):
-            if not cfg.min_side <= side <= self.max_side or side % 8:
-                raise limit_exceeded("size", f"{width}x{height}: each side a multiple of 8 from {cfg.min_side} "
+            if not cfg.limits.min_side <= side <= self.max_side or side % 8:
+                raise limit_exceeded("size", f"{width}x{height}: each side a multiple of 8 from {cfg.limits.min_side} "
                                              f"to {self.max_side}")
-        if req.n > cfg.max_batch_images:
-            raise limit_exceeded("n", f"at most {cfg.max_batch_images} images per request")
+        if req.n > cfg.batching.max_batch_images:
+            raise limit_exceeded("n", f"at most {cfg.batching.max_batch_images} images per request")
         for field, text in (("prompt", req.prompt), ("negative_prompt", req.negative_prompt)):
-            if len(text) > cfg.max_prompt_chars:
-                raise limit_exceeded(field, f"{len(text)} characters, at most {cfg.max_prompt_chars}")
+            if len(text) > cfg.limits.max_prompt_chars:
+                raise limit_exceeded(field, f"{len(text)} characters, at most {cfg.limits.max_prompt_chars}")
         if not req.prompt.strip():
             raise limit_exceeded("prompt", "an empty prompt")
         seed = req.seed if req.seed is not None else secrets.randbelow(MAX_SEED - req.n)
@@ -89,7 +93,7 @@ class OpenAIImages:
     def cost(self, req: ImagesRequest) -> float:
         """Images weighted by pixel-steps against the default preset's: a 4-step 64x64 image costs
         half an 8-step one."""
-        default = self.cfg.presets[self.cfg.default_preset]
+        default = self.cfg.model.presets[self.cfg.model.default_preset]
         width, height = (int(side) for side in req.size.split("x"))
         return req.n * (req.steps * width * height) / (default.steps * default.width * default.height)
 

@@ -1,22 +1,33 @@
-"""Protocol name (as in a route's config) -> adapter."""
+"""The one table of wire protocols: a route's `protocol` in the config -> the workload that
+serves it and the adapter class that speaks it. The config's choices, the router's routes
+and the checks of which workloads a config needs all read it. Imports nothing heavy: the
+config module uses it."""
 
 from __future__ import annotations
 
-from serve_app.config import MinerConfig, SubnetConfig
-from serve_app.protocols.base import Adapter
+import importlib
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from serve_app.config import MinerConfig, SubnetConfig
+    from serve_app.protocols.base import Adapter
+
+
+@dataclass(frozen=True)
+class Protocol:
+    name: str
+    workload: str  # the field under `workloads:` and the Serve deployment it runs in
+    adapter: str  # "module:Class"; the class has for_subnet(cfg, subnet)
+
+
+PROTOCOLS = {p.name: p for p in (
+    Protocol("openai-embeddings", "embeddings", "serve_app.protocols.embeddings:OpenAIEmbeddings"),
+    Protocol("openai-images", "diffusion", "serve_app.protocols.images:OpenAIImages"),
+    Protocol("agent-runs", "agents", "serve_app.protocols.agents:AgentRuns"),
+)}
 
 
 def make_adapter(protocol: str, cfg: MinerConfig, subnet: SubnetConfig) -> Adapter:
-    if protocol == "openai-embeddings":
-        from serve_app.protocols.embeddings import OpenAIEmbeddings
-
-        return OpenAIEmbeddings(cfg.workloads.embeddings)
-    if protocol == "openai-images":
-        from serve_app.protocols.images import OpenAIImages
-
-        return OpenAIImages(cfg.workloads.diffusion, subnet.diffusion)
-    if protocol == "agent-runs":
-        from serve_app.protocols.agents import AgentRuns
-
-        return AgentRuns(cfg.workloads.agents, embeddings=cfg.workloads.embeddings is not None)
-    raise ValueError(f"unknown protocol {protocol!r}")
+    module, name = PROTOCOLS[protocol].adapter.split(":")
+    return getattr(importlib.import_module(module), name).for_subnet(cfg, subnet)

@@ -20,25 +20,25 @@ import ray
 from bittensor.http_auth import AuthError, BadSignature, MalformedAuth, ReplayedRequest, StaleRequest, WrongReceiver
 
 from serve_app.config import AuthPolicy
-from serve_app.errors import ApiError, unavailable
+from serve_app.errors import ApiError, ErrorCode, unavailable
 from serve_app.router.batching import CallBatcher
 
 # Every Ray cluster's head node offers this resource (amount 1).
 HEAD_NODE_RESOURCE = "node:__internal_head__"
 
 AUTH_ERROR_CODES = {
-    MalformedAuth: "malformed_auth",
-    WrongReceiver: "wrong_receiver",
-    StaleRequest: "stale_request",
-    ReplayedRequest: "replayed_request",
-    BadSignature: "bad_signature",
+    MalformedAuth: ErrorCode.malformed_auth,
+    WrongReceiver: ErrorCode.wrong_receiver,
+    StaleRequest: ErrorCode.stale_request,
+    ReplayedRequest: ErrorCode.replayed_request,
+    BadSignature: ErrorCode.bad_signature,
 }
 
 
 def auth_error(exc: AuthError) -> ApiError:
     # The SDK's messages never echo the signature or payload: safe for the caller.
-    code = next((c for cls, c in AUTH_ERROR_CODES.items() if isinstance(exc, cls)), "unauthenticated")
-    return ApiError(401, code, str(exc))
+    code = next((c for cls, c in AUTH_ERROR_CODES.items() if isinstance(exc, cls)), ErrorCode.unauthenticated)
+    return ApiError(code, str(exc))
 
 
 # The store's answers besides a claimant: a nonce signed before it started (it cannot know
@@ -149,7 +149,7 @@ class Authenticator:
         self._found_at = 0.0
         self.store_timeout_s = store_timeout_s
         self.claimant = claimant  # this router replica's actor name
-        self.store_answered_at = time.monotonic()  # the last time the shared store answered (check_health)
+        self.store_answered_at = time.monotonic()  # the last time the shared store answered (check_store)
         self.taken_over = 0
         # Concurrent requests' replay checks share one actor call (serve_app/router/batching.py).
         self._store_calls = CallBatcher(lambda items: self.nonces.apply_many.remote(items),
@@ -216,6 +216,26 @@ class Authenticator:
         self._found_at = time.monotonic()
         self.nonces = await asyncio.wait_for(asyncio.to_thread(self._find_store), self.store_timeout_s)
 
+    async def check_store(self) -> None:
+        """For the router's health check. A store quiet for STORE_QUIET_S is asked; one that does
+        not answer is looked up again (started anew if it is gone for good). Raises only when that
+        too has failed for STORE_UNREACHABLE_S: a store that is merely slow must not get every
+        router replaced at once."""
+        if time.monotonic() - self.store_answered_at < STORE_QUIET_S:
+            return
+        try:
+            await asyncio.wait_for(self.nonces.size.remote(), self.store_timeout_s)
+            self.store_answered_at = time.monotonic()
+            return
+        except Exception:
+            silent_s = time.monotonic() - self.store_answered_at
+        try:
+            await self.find_store()
+        except Exception:
+            if silent_s > STORE_UNREACHABLE_S:
+                raise RuntimeError(f"the shared replay store has not answered for {silent_s:.0f}s and cannot be "
+                                   f"found or started again") from None
+
     def settle(self, signed: Signed) -> None:
         """The claimed request was answered (whatever the answer): its nonce can no longer be taken
         over. Sent with the others every SETTLE_EVERY_S, in one store call; nothing waits for it."""
@@ -248,6 +268,9 @@ class Authenticator:
 
 
 STORE_REFIND_S = 2.0
+# The health check asks a store this long without an answer; one silent longer fails it.
+STORE_QUIET_S = 5.0
+STORE_UNREACHABLE_S = 30.0
 SETTLE_EVERY_S = 0.1  # answered nonces reach the store in one call this often (not one call per request)
 GONE_CHECK_S = 1.0
 GONE_RECHECK_S = 0.2

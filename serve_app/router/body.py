@@ -8,7 +8,7 @@ import time
 
 from starlette.requests import ClientDisconnect, Request
 
-from serve_app.errors import ApiError, shed
+from serve_app.errors import ApiError, ErrorCode, shed
 
 # A body timeout whose timer fired later than this: the router's lag, not the client's slowness.
 LOOP_LAG_S = 0.5
@@ -20,11 +20,11 @@ def check_content_type(value: str | None) -> None:
         return
     media = value.split(";", 1)[0].strip().lower()
     if media != "application/json" and not media.endswith("+json"):
-        raise ApiError(415, "unsupported_media_type", f"the body must be application/json, not {media[:80] or 'empty'}")
+        raise ApiError(ErrorCode.unsupported_media_type, f"the body must be application/json, not {media[:80] or 'empty'}")
 
 
 def too_large(limit: int) -> ApiError:
-    return ApiError(413, "body_too_large", f"request body is over the {limit}-byte limit")
+    return ApiError(ErrorCode.body_too_large, f"request body is over the {limit}-byte limit")
 
 
 class BodyReads:
@@ -63,10 +63,10 @@ class BodyReads:
                 # The timer itself ran late: the router is behind its event loop (overload), and the
                 # body may have been waiting for it rather than it for the body. Not the client's fault.
                 raise shed("the miner is overloaded and fell behind reading this request", retry_after_s=1) from None
-            raise ApiError(408, "body_timeout", f"the request body did not arrive within {self.timeout_s:g}s") from None
+            raise ApiError(ErrorCode.body_timeout, f"the request body did not arrive within {self.timeout_s:g}s") from None
         except asyncio.CancelledError:
             if reader in self._cut:
-                raise ApiError(408, "body_timeout", "the request body was arriving slower than the others when the "
+                raise ApiError(ErrorCode.body_timeout, "the request body was arriving slower than the others when the "
                                                     "miner needed the room for newer requests") from None
             raise
         finally:
@@ -95,10 +95,10 @@ class BodyReads:
                 if first is None:
                     first, first_size = time.monotonic(), size
                 elif time.monotonic() - first > self.grace_s + (size - first_size) / self.min_bytes_per_s:
-                    raise ApiError(408, "body_timeout", f"the request body is arriving slower than "
+                    raise ApiError(ErrorCode.body_timeout, f"the request body is arriving slower than "
                                                         f"{self.min_bytes_per_s:g} bytes/s")
         except ClientDisconnect:
-            raise ApiError(400, "client_disconnected", "the client went away before the body was complete") from None
+            raise ApiError(ErrorCode.client_disconnected, "the client went away before the body was complete") from None
         return b"".join(chunks)
 
 
@@ -107,6 +107,6 @@ def _check_declared_length(request: Request, limit: int) -> None:
     if declared is None:
         return
     if not declared.isdigit():
-        raise ApiError(400, "bad_request", "Content-Length is not a whole number")
+        raise ApiError(ErrorCode.bad_request, "Content-Length is not a whole number")
     if int(declared) > limit:
         raise too_large(limit)  # before reading a byte of it

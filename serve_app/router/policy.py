@@ -7,13 +7,13 @@ from typing import Optional
 
 from serve_app.chain.metagraph import MetagraphView
 from serve_app.config import AuthPolicy, SubnetConfig
-from serve_app.errors import ApiError, unavailable
+from serve_app.errors import ApiError, ErrorCode, unavailable
 
 
 def authorise(hotkey: str, view: Optional[MetagraphView], policy: AuthPolicy) -> None:
     """Return if admitted; raise ApiError (403, or 503 with no metagraph yet or one past its max age) otherwise."""
     if hotkey in policy.deny_hotkeys:
-        raise ApiError(403, "denied", "this hotkey is deny-listed by the miner")
+        raise ApiError(ErrorCode.denied, "this hotkey is deny-listed by the miner")
     if hotkey in policy.allow_hotkeys:
         return
     if view is None:
@@ -25,11 +25,11 @@ def authorise(hotkey: str, view: Optional[MetagraphView], policy: AuthPolicy) ->
                           f"are admitted", retry_after_s=30)
     neuron = view.neuron(hotkey)
     if neuron is None:
-        raise ApiError(403, "not_registered", f"hotkey is not registered on subnet {view.netuid}")
+        raise ApiError(ErrorCode.not_registered, f"hotkey is not registered on subnet {view.netuid}")
     if policy.require_validator_permit and not neuron.validator_permit:
-        raise ApiError(403, "no_validator_permit", f"hotkey has no validator permit on subnet {view.netuid}")
+        raise ApiError(ErrorCode.no_validator_permit, f"hotkey has no validator permit on subnet {view.netuid}")
     if neuron.stake < policy.min_stake:
-        raise ApiError(403, "insufficient_stake", f"stake {neuron.stake:g} is below the minimum {policy.min_stake:g}")
+        raise ApiError(ErrorCode.insufficient_stake, f"stake {neuron.stake:g} is below the minimum {policy.min_stake:g}")
 
 
 def caller_class(hotkey: str, view: Optional[MetagraphView], policy: AuthPolicy) -> str:
@@ -58,7 +58,7 @@ def request_timeout(headers, subnet: SubnetConfig) -> float:
     except ValueError:
         value = math.nan
     if not math.isfinite(value) or value <= 0:
-        raise ApiError(422, "invalid_timeout", f"{TIMEOUT_HEADER} must be a positive number of seconds")
+        raise ApiError(ErrorCode.invalid_timeout, f"{TIMEOUT_HEADER} must be a positive number of seconds")
     return min(value, subnet.max_timeout_s)
 
 

@@ -10,9 +10,7 @@ deadline) frees its slot and drops its queued step.
 
 from __future__ import annotations
 
-import asyncio
 import functools
-import logging
 import time
 from typing import Optional
 
@@ -23,13 +21,7 @@ from serve_app.agents.tools import (CalculatorArgs, FetchArgs, RetrieveArgs, Scr
                                     make_fetch, make_retrieve, scratchpad)
 from serve_app.config import AgentsConfig
 from serve_app.engines.coalesce import CoalescingRunner, DeadlinePassed
-from serve_app.observability import logs
-from serve_app.observability.metrics import GAUGE_PERIOD_S, WorkloadMetrics
-from serve_app.ops.autoscaling import LoadWindow
-from serve_app.workloads.common import start_engine
-
-log = logging.getLogger("ray.serve.torchrank.agents")
-PROBE_TIMEOUT_S = 20.0
+from serve_app.workloads.replica import WorkloadReplica
 
 
 def available_tools(cfg: AgentsConfig, embeddings: bool) -> list[str]:
@@ -44,24 +36,18 @@ def available_tools(cfg: AgentsConfig, embeddings: bool) -> list[str]:
 
 
 @serve.deployment(name="Agents")
-class Agents:
+class Agents(WorkloadReplica):
     def __init__(self, cfg: AgentsConfig, embeddings=None):
         from serve_app.engines.llm import LLMEngine
-        from serve_app.engines.process import EngineProcess, InProcessEngine
+        from serve_app.engines.process import EngineProcess
 
-        self.cfg = cfg
-        host = EngineProcess if cfg.engine_process else InProcessEngine
-        self.torch, self.engine = start_engine("agents", cfg, functools.partial(host, LLMEngine))
-        self.engine_info = self.engine.call("info")
-        self.metrics = WorkloadMetrics("agents")
-        self.runner = CoalescingRunner(self.torch, self._generate_pass, max_items=cfg.max_batch_sessions)
+        build = functools.partial(EngineProcess, LLMEngine) if cfg.runtime.engine_process else LLMEngine
+        super().__init__("agents", cfg, build, stuck_call_s=cfg.runtime.stuck_call_s)
+        self.runner = CoalescingRunner(self.engine_thread, self._generate_pass, max_items=cfg.batching.max_batch_sessions)
         self.embeddings = embeddings
         self.tools = self._tools(cfg)
         self.runs = 0
         self.steps = 0
-        self.load = LoadWindow()  # latencies and in-flight requests, for the autoscaler
-        self.call_started: Optional[float] = None
-        self._background = [asyncio.create_task(self._publish_gauges()), asyncio.create_task(logs.flush_every())]
 
     def _tools(self, cfg: AgentsConfig) -> dict[str, Tool]:
         t = cfg.tools
@@ -81,12 +67,8 @@ class Agents:
 
     def _generate_pass(self, conversations: list[list[dict]]):
         """One batched model call for the sessions waiting, on the engine thread, measured."""
-        self.call_started = started = time.perf_counter()
-        try:
-            generations = self.engine.call("generate", conversations)
-        finally:
-            self.call_started = None
-        self.metrics.record_pass(time.perf_counter() - started, len(conversations), sessions=len(conversations),
+        generations, seconds = self.model_call(self.engine.generate, conversations)
+        self.metrics.record_pass(seconds, len(conversations), sessions=len(conversations),
                                  tokens=sum(g.completion_tokens for g in generations))
         return (generations,)
 
@@ -120,35 +102,9 @@ class Agents:
         except ToolError as exc:
             return {"error": str(exc)}
 
-    async def _publish_gauges(self) -> None:
-        while True:
-            try:
-                self.metrics.in_flight.set(self.load.in_flight, self.metrics.tags)
-                self.metrics.queued.set(self.runner.queued_items, self.metrics.tags)
-                if self.engine_info["device"] == "cuda":
-                    self.metrics.record_gpu(await self.torch.run(self.engine.call, "gpu_usage"))
-            except Exception:
-                log.exception("publishing agents gauges failed")
-            await asyncio.sleep(GAUGE_PERIOD_S)
-
-    def record_autoscaling_stats(self) -> dict[str, float]:
-        """Serve calls this for the autoscaling policy (serve_app/ops/autoscaling.py)."""
-        return self.load.stats(queued=self.runner.queued_items)
-
     def stats(self) -> dict:
         return {"runs": self.runs, "in_flight": self.load.in_flight, "model_steps": self.steps, "model_calls": self.runner.passes,
                 "largest_batch": self.runner.largest_pass, "expired": self.runner.expired, "tools": sorted(self.tools)}
 
     def info(self) -> dict:
         return {**self.engine_info, "tools": sorted(self.tools)}
-
-    async def check_health(self) -> None:
-        # Busy: a call in progress shows the model works, unless it has run too long (wedged).
-        # Idle: a real one-token call.
-        started = self.call_started
-        if started is not None and time.perf_counter() - started > self.cfg.stuck_call_s:
-            raise RuntimeError(f"a model call has run for over {self.cfg.stuck_call_s:.0f}s")
-        if started is None and self.runner.idle:
-            await asyncio.wait_for(
-                self.torch.run(self.engine.call, "generate", [[{"role": "user", "content": "health"}]], 1),
-                timeout=PROBE_TIMEOUT_S)

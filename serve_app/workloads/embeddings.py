@@ -15,71 +15,51 @@ from ray import serve
 
 from serve_app.config import EmbeddingsConfig
 from serve_app.engines.coalesce import CoalescingRunner, DeadlinePassed
-from serve_app.engines.gpu import gpu_usage
-from serve_app.observability import logs
-from serve_app.observability.metrics import GAUGE_PERIOD_S, WorkloadMetrics
-from serve_app.ops.autoscaling import LoadWindow
 from serve_app.ops.watchdog import Hysteresis
-from serve_app.workloads.common import SERVE_BATCHES_IN_FLIGHT, start_engine
+from serve_app.workloads.replica import PROBE_TIMEOUT_S, SERVE_BATCHES_IN_FLIGHT, WorkloadReplica, serve_batch_size
 
 log = logging.getLogger("ray.serve.torchrank.embeddings")
-def texts_in(batch: list) -> int:
-    """Batch size in texts for @serve.batch (items are (texts, deadline, cap)).
-    Must never raise: an exception kills the batch loop."""
-    try:
-        return sum(len(request[0]) for request in batch)
-    except Exception:
-        return len(batch)
+# EmbeddingsConfig has no stuck_call_s: a forward pass (well under a second) running this
+# long fails the health check.
+STUCK_PASS_S = PROBE_TIMEOUT_S
+texts_in = serve_batch_size(lambda request: len(request[0]))  # items are (texts, deadline, cap)
 
 
 @serve.deployment(name="Embeddings")
-class Embeddings:
+class Embeddings(WorkloadReplica):
     def __init__(self, cfg: EmbeddingsConfig):
         from serve_app.engines.embeddings import SentenceEmbeddingEngine
 
-        self.cfg = cfg
-        self.torch, self.engine = start_engine("embeddings", cfg, SentenceEmbeddingEngine)
-        self.metrics = WorkloadMetrics("embeddings")
-        self.runner = CoalescingRunner(self.torch, self._encode_pass, max_items=cfg.max_batch_texts)
-        self._embed_batch.set_max_batch_size(cfg.max_batch_texts)
-        self._embed_batch.set_batch_wait_timeout_s(cfg.batch_wait_timeout_s)
-        self.load = LoadWindow()  # latencies and in-flight requests, for the autoscaler
+        super().__init__("embeddings", cfg, SentenceEmbeddingEngine, stuck_call_s=STUCK_PASS_S)
+        self.runner = CoalescingRunner(self.engine_thread, self._encode_pass, max_items=cfg.batching.max_batch_texts)
+        self._embed_batch.set_max_batch_size(cfg.batching.max_batch_texts)
+        self._embed_batch.set_batch_wait_timeout_s(cfg.batching.batch_wait_timeout_s)
         # The cheaper preset (shorter texts) for subnets that allow it, under sustained overload.
         self.degrade = Hysteresis(cfg.degraded.on_after_s, cfg.degraded.off_after_s) if cfg.degraded else None
         # (when, runner.busy_s, runner.items_waited) at the last gauge period: load over the period
         self._load_seen = (time.perf_counter(), 0.0, 0)
-        self._background = [asyncio.create_task(self._publish_gauges()), asyncio.create_task(logs.flush_every())]
 
     def _encode_pass(self, items: list[tuple[str, int | None]]):
         """One forward pass over (text, token cap) items, on the engine thread, measured."""
-        started = time.perf_counter()
         caps = [cap for _, cap in items]
-        vectors, tokens = self.engine.encode([text for text, _ in items], caps if any(caps) else None)
-        self.metrics.record_pass(time.perf_counter() - started, len(items), texts=len(items), tokens=int(tokens.sum()))
+        (vectors, tokens), seconds = self.model_call(self.engine.encode, [text for text, _ in items],
+                                                     caps if any(caps) else None)
+        self.metrics.record_pass(seconds, len(items), texts=len(items), tokens=int(tokens.sum()))
         return vectors, tokens
 
-    async def _publish_gauges(self) -> None:
-        # Gauges are sampled here, off the request path; Ray exports them every few seconds anyway.
-        while True:
-            try:
-                self.metrics.in_flight.set(self.load.in_flight, self.metrics.tags)
-                queued = self.runner.queued_items
-                self.metrics.queued.set(queued, self.metrics.tags)
-                now, busy_s, waited = time.perf_counter(), self.runner.busy_s, self.runner.items_waited
-                seen_at, seen_busy, seen_waited = self._load_seen
-                period = max(1e-3, now - seen_at)
-                busy, waited_per_s = (busy_s - seen_busy) / period, (waited - seen_waited) / period
-                self._load_seen = (now, busy_s, waited)
-                if self.degrade is not None:
-                    was, wanted = self.degrade.on, self.cfg.degraded
-                    if self.degrade.update(busy >= wanted.busy_fraction and waited_per_s >= wanted.waited_items) != was:
-                        log.warning("degraded preset %s (model busy %.0f%%, %.0f texts/s waited for it)",
-                                    "on" if self.degrade.on else "off", busy * 100, waited_per_s)
-                    self.metrics.degraded.set(int(self.degrade.on), self.metrics.tags)
-                self.metrics.record_gpu(gpu_usage(self.engine.torch))
-            except Exception:  # the GPU-idle alert depends on this loop: never let it die
-                log.exception("publishing embeddings gauges failed")
-            await asyncio.sleep(GAUGE_PERIOD_S)
+    def publish_workload_gauges(self) -> None:
+        """The degraded preset follows the model's load over the last gauge period."""
+        now, busy_s, waited = time.perf_counter(), self.runner.busy_s, self.runner.items_waited
+        seen_at, seen_busy, seen_waited = self._load_seen
+        period = max(1e-3, now - seen_at)
+        busy, waited_per_s = (busy_s - seen_busy) / period, (waited - seen_waited) / period
+        self._load_seen = (now, busy_s, waited)
+        if self.degrade is not None:
+            was, wanted = self.degrade.on, self.cfg.degraded
+            if self.degrade.update(busy >= wanted.busy_fraction and waited_per_s >= wanted.waited_items) != was:
+                log.warning("degraded preset %s (model busy %.0f%%, %.0f texts/s waited for it)",
+                            "on" if self.degrade.on else "off", busy * 100, waited_per_s)
+            self.metrics.degraded.set(int(self.degrade.on), self.metrics.tags)
 
     @property
     def degraded(self) -> bool:
@@ -117,10 +97,6 @@ class Embeddings:
             *(self.runner.run([(text, cap) for text in texts], deadline) for texts, deadline, cap in requests),
             return_exceptions=True)
 
-    def record_autoscaling_stats(self) -> dict[str, float]:
-        """Serve calls this for the autoscaling policy (serve_app/ops/autoscaling.py)."""
-        return self.load.stats(queued=self.runner.queued_items)
-
     def stats(self) -> dict:
         return {
             "forward_calls": self.runner.passes,
@@ -129,10 +105,3 @@ class Embeddings:
             "expired": self.runner.expired,
             "degraded": self.degraded,
         }
-
-    def info(self) -> dict:
-        return self.engine.info
-
-    async def check_health(self) -> None:
-        # A real (tiny) forward pass: a wedged model fails this and Serve replaces the replica.
-        await asyncio.wait_for(self.torch.run(self.engine.encode, ["health"]), timeout=20)

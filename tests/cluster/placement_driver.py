@@ -61,7 +61,7 @@ def main(address: str) -> None:
         "subnets": [{"netuid": 1, "metagraph": {"source": "snapshot", "path": "deployments/local-metagraph.json"}}]})
 
     # Not preemption-safe, 3 replicas at half a GPU: two on-demand GPU nodes come up.
-    unsafe = EmbeddingsConfig(num_replicas=3, num_cpus=0.5, num_gpus=0.5)
+    unsafe = EmbeddingsConfig(placement={"num_replicas": 3, "num_cpus": 0.5, "num_gpus": 0.5})
     started = time.monotonic()
     serve.run(placed(Probe, unsafe, "embeddings", miner).bind(unsafe), name="unsafe", route_prefix=None)
     report(phase="unsafe", seconds=round(time.monotonic() - started, 1), nodes=nodes_of("unsafe", 3),
@@ -69,7 +69,7 @@ def main(address: str) -> None:
 
     # Preemption-safe, 2 replicas of a whole GPU: the on-demand type is at its max with half a GPU
     # free on one node, so spot nodes come up for them.
-    safe = EmbeddingsConfig(num_replicas=2, num_cpus=0.5, num_gpus=1.0, preemption_safe=True)
+    safe = EmbeddingsConfig(placement={"num_replicas": 2, "num_cpus": 0.5, "num_gpus": 1.0, "preemption_safe": True})
     started = time.monotonic()
     serve.run(placed(Probe, safe, "embeddings", miner).bind(safe), name="safe", route_prefix=None)
     report(phase="safe", seconds=round(time.monotonic() - started, 1), nodes=nodes_of("safe", 2),

@@ -13,7 +13,7 @@ from serve_app.engines.diffusion import DiffusionEngine, ImageJob, RenderSpec
 
 @pytest.fixture(scope="module")
 def engine(tmp_path_factory):
-    return DiffusionEngine(DiffusionConfig(cache_dir=str(tmp_path_factory.mktemp("cache")), device="cpu"))
+    return DiffusionEngine(DiffusionConfig(runtime={"cache_dir": str(tmp_path_factory.mktemp("cache")), "device": "cpu"}))
 
 
 def spec(engine, preset, **change):

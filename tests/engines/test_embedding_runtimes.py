@@ -41,9 +41,9 @@ TEXTS = [
 CAPS = [None, 16, None, 24, 8, None, 32]
 
 
-def config(runtime, precision, cache_dir, **over):
-    return EmbeddingsConfig(offline=True, device="cpu", runtime=runtime, precision=precision,
-                            cache_dir=str(cache_dir), **over)
+def config(backend, precision, cache_dir, **runtime):
+    return EmbeddingsConfig(runtime={"offline": True, "device": "cpu", "backend": backend, "precision": precision,
+                                     "cache_dir": str(cache_dir), **runtime})
 
 
 @pytest.fixture(scope="module")
@@ -76,11 +76,12 @@ def cosines(a, b):
 @pytest.mark.parametrize("runtime, precision", RUNTIMES)
 def test_parity_with_fp32_torch(engines, reference, runtime, precision):
     engine = engines(runtime, precision)
-    assert (engine.info["runtime"], engine.info["precision"]) == (runtime, precision)
-    assert engine.info["min_cosine_measured"] >= engine.info["min_cosine"] == 0.9999
-    assert {"torch", "sentence-transformers"} <= set(engine.info["libraries"])
+    info = engine.info()
+    assert (info["runtime"], info["precision"]) == (runtime, precision)
+    assert info["min_cosine_measured"] >= info["min_cosine"] == 0.9999
+    assert {"torch", "sentence-transformers"} <= set(info["libraries"])
     if runtime != "torch":
-        assert {runtime, "onnx"} <= set(engine.info["libraries"])
+        assert {runtime, "onnx"} <= set(info["libraries"])
     for caps, (want, want_tokens) in ((None, reference[0]), (CAPS, reference[1])):
         got, tokens = engine.encode(TEXTS, caps)
         assert got.dtype == np.float32 and got.shape == (len(TEXTS), engine.dimension)
@@ -114,7 +115,7 @@ def test_second_start_reuses_the_converted_models(engines, cache_dir, monkeypatc
     monkeypatch.setattr(runtimes, "export_onnx", no_conversion)
     monkeypatch.setattr(runtimes, "convert_openvino", no_conversion)
     again = SentenceEmbeddingEngine(config("openvino", "fp32", cache_dir), num_threads=2)
-    assert again.info["runtime"] == "openvino"
+    assert again.info()["runtime"] == "openvino"
     assert [p.stat().st_mtime_ns for p in files] == stamps
     assert not [p for p in Path(cache_dir).iterdir() if ".partial-" in p.name]
 
@@ -178,8 +179,9 @@ def test_auto_moves_past_candidates_that_fail(cache_dir, engines, monkeypatch):
 
     monkeypatch.setattr(runtimes, "OpenVinoBackend", broken)
     engine = SentenceEmbeddingEngine(config("auto", "auto", cache_dir, min_cosine=0.99999), num_threads=2)
-    assert (engine.info["runtime"], engine.info["precision"]) == ("onnxruntime", "fp32")
-    skipped = engine.info["runtimes_skipped"]
+    info = engine.info()
+    assert (info["runtime"], info["precision"]) == ("onnxruntime", "fp32")
+    skipped = info["runtimes_skipped"]
     if BF16:
         assert len(skipped) == 3 and skipped[0] == "openvino bf16: RuntimeError"
         assert skipped[1].startswith("torch bf16: cosine 0.9999")
@@ -194,14 +196,15 @@ def test_fp16_that_misses_min_cosine_leaves_the_fp32_model_intact(cache_dir, ref
     after it misses min_cosine the fp32 model still serves, unchanged."""
     monkeypatch.setattr(runtimes, "candidates", lambda *args: ([("torch", "fp16"), ("torch", "fp32")], "auto: test"))
     engine = SentenceEmbeddingEngine(config("auto", "auto", cache_dir, min_cosine=0.999999), num_threads=2)
-    assert (engine.info["runtime"], engine.info["precision"], engine.info["min_cosine_measured"]) == ("torch", "fp32", 1.0)
-    assert engine.info["runtimes_skipped"][0].startswith("torch fp16: cosine 0.9999")
+    info = engine.info()
+    assert (info["runtime"], info["precision"], info["min_cosine_measured"]) == ("torch", "fp32", 1.0)
+    assert info["runtimes_skipped"][0].startswith("torch fp16: cosine 0.9999")
     assert next(engine.model.parameters()).dtype == engine.torch.float32
     assert cosines(engine.encode(TEXTS)[0], reference[0][0]).min() >= 0.9999999
 
 
 def test_fp16_on_a_cpu_replica_refuses_to_start():
-    cfg = EmbeddingsConfig(offline=True, device="auto", precision="fp16")
+    cfg = EmbeddingsConfig(runtime={"offline": True, "device": "auto", "precision": "fp16"})
     with pytest.raises(runtimes.RuntimeRefused, match="fp16 needs CUDA, and this replica's device resolved to cpu"):
         SentenceEmbeddingEngine(cfg, num_threads=1)
 

@@ -17,7 +17,7 @@ TEXTS = [
 
 @pytest.fixture(scope="module")
 def engine():
-    return SentenceEmbeddingEngine(EmbeddingsConfig(offline=True, device="cpu", runtime="torch", precision="fp32"),
+    return SentenceEmbeddingEngine(EmbeddingsConfig(runtime={"offline": True, "device": "cpu", "backend": "torch", "precision": "fp32"}),
                                    num_threads=1)
 
 

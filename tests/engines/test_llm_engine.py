@@ -9,7 +9,8 @@ from serve_app.engines.tiny_lm import build_tiny_lm
 
 @pytest.fixture(scope="module")
 def engine(tmp_path_factory):
-    return LLMEngine(AgentsConfig(cache_dir=str(tmp_path_factory.mktemp("models")), device="cpu", max_new_tokens=8))
+    return LLMEngine(AgentsConfig(runtime={"cache_dir": str(tmp_path_factory.mktemp("models")), "device": "cpu"},
+                                  model={"max_new_tokens": 8}))
 
 
 def test_build_is_idempotent_and_deterministic(tmp_path, engine):
@@ -41,3 +42,10 @@ def test_sessions_share_forward_passes(engine):
 def test_greedy_generation_is_repeatable(engine):
     conversation = [[{"role": "user", "content": "the same task"}]]
     assert engine.generate(conversation) == engine.generate(conversation)
+
+
+def test_probe_is_one_real_token_and_info_is_a_method(engine):
+    before = engine.forward_passes
+    engine.probe()
+    assert engine.forward_passes - before == 1
+    assert engine.info()["model"] == engine.model_id and engine.info()["device"] == "cpu"

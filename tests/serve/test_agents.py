@@ -22,7 +22,7 @@ def cut(miner, tmp_path_factory):
     # Two sessions at once per replica: the router holds the rest and admits what makes its deadline.
     deploy_app(miner, tmp_path_factory, CUT_APP, netuid=4, prefix=CUT, protocol="agent-runs",
                workloads={"embeddings": None, "diffusion": None,
-                          "agents": {"num_cpus": 0.25, "max_ongoing_requests": 2, "max_queued_requests": 2}},
+                          "agents": {"placement": {"num_cpus": 0.25}, "load": {"max_ongoing_requests": 2, "max_queued_requests": 2}}},
                router={"num_replicas": 1, "num_cpus": 0.25},
                # A breaker that would open on two counted failures, and an SLO under the deadlines below.
                subnet={"breaker": {"consecutive_failures": 2, "open_s": 30.0}, "slo": {"latency_s": 0.2}})

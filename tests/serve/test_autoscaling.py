@@ -16,7 +16,7 @@ import ray
 from bittensor.sp_core import Keypair
 from ray import serve
 
-from serve_app.loadgen import Load
+from benchmarks.loadgen import Load
 from tests.conftest import MINER, deploy_app, wait_until
 
 APP = "autoscale"
@@ -29,9 +29,9 @@ def scaled(miner, tmp_path_factory):
     cfg = deploy_app(
         miner, tmp_path_factory, APP, netuid=5, prefix=PREFIX, protocol="openai-embeddings",
         workloads={"diffusion": None, "agents": None, "embeddings": dict(
-            num_cpus=0.25, torch_threads=1, degraded=None,
-            autoscaling={"min_replicas": 1, "max_replicas": 2, "latency_slo_s": 1.0, "target_queued": 16,
-                         "quiet_period_s": 3.0})},
+            runtime={"torch_threads": 1}, degraded=None,
+            placement={"num_cpus": 0.25, "autoscaling": {"min_replicas": 1, "max_replicas": 2, "latency_slo_s": 1.0,
+                                                         "target_queued": 16, "quiet_period_s": 3.0}})},
         router={"num_replicas": 1})
     yield cfg
     serve.delete(APP)
@@ -79,14 +79,14 @@ def test_a_load_step_scales_up_and_quiet_scales_down(miner, scaled):
         wait_for(lambda: replicas()[1] == 2, 15, "a second replica starts under load")
         wait_for(lambda: replicas()[0] == 2, 30, "the second replica runs")
         # The router's admission bounds follow: twice the configured in-flight slots.
-        wait_for(lambda: admission_slots(miner) == 2 * scaled.workloads.embeddings.admission.max_in_flight, 10,
+        wait_for(lambda: admission_slots(miner) == 2 * scaled.workloads.embeddings.load.admission.max_in_flight, 10,
                  "admission bounds grow with the replicas")
     finally:
         caller.join()
     assert outcomes and all(o.status == 200 for o in outcomes), {o.status for o in outcomes}
     # Quiet for 3 s (and the replicas' 10 s latency window emptied): back to one.
     wait_for(lambda: replicas() == (1, 1), 60, "back to one replica after the load")
-    wait_for(lambda: admission_slots(miner) == scaled.workloads.embeddings.admission.max_in_flight, 10,
+    wait_for(lambda: admission_slots(miner) == scaled.workloads.embeddings.load.admission.max_in_flight, 10,
              "admission bounds shrink back")
     decisions = controller_decisions()
     ups = [d for d in decisions if d["decision"] == "up"]

@@ -22,7 +22,7 @@ NOCACHE_APP, NOCACHE = "images-nocache", "/nc"
 @pytest.fixture(scope="module")
 def nocache(miner, tmp_path_factory):
     deploy_app(miner, tmp_path_factory, NOCACHE_APP, netuid=3, prefix=NOCACHE, protocol="openai-images",
-               workloads={"embeddings": None, "agents": None, "diffusion": {"cache_bytes": 0, "num_cpus": 0.25}},
+               workloads={"embeddings": None, "agents": None, "diffusion": {"cache_bytes": 0, "placement": {"num_cpus": 0.25}}},
                router={"num_replicas": 1, "num_cpus": 0.25})
     yield miner
     serve.delete(NOCACHE_APP)

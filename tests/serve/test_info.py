@@ -31,7 +31,7 @@ def test_info_publishes_version_uptime_subnets_models_and_changes(miner):
 
     expected = ("openvino", "bf16") if cpu_supports_bf16() else ("openvino", "fp32")
     assert (emb["runtime"], emb["precision"]) == expected
-    assert miner.cfg.workloads.embeddings.min_cosine <= emb["min_cosine_measured"] <= 1.0
+    assert miner.cfg.workloads.embeddings.runtime.min_cosine <= emb["min_cosine_measured"] <= 1.0
     assert "openvino" in emb["libraries"]
     assert emb["placement"] == {"num_replicas": 1, "num_cpus": 0.5, "num_gpus": 0.0, "gpu_memory_cap": None,
                                 "preemption_safe": False}

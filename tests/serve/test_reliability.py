@@ -14,7 +14,7 @@ import ray
 from bittensor.sp_core import Keypair
 from ray import serve
 
-from serve_app.loadgen import Load, percentile, summary
+from benchmarks.loadgen import Load, percentile, summary
 from tests.conftest import MINER, deploy_app, ss58, wait_until
 
 APP = "reliability"
@@ -35,7 +35,7 @@ def rel(miner, tmp_path_factory):
         miner, tmp_path_factory, APP, netuid=2, prefix=PREFIX, protocol="openai-embeddings", neurons=neurons,
         # Embeddings only: the faults below are injected there.
         workloads={"diffusion": None, "agents": None, "embeddings": dict(
-            num_replicas=2, num_cpus=0.5, torch_threads=1, max_queued_requests=64,
+            placement={"num_replicas": 2, "num_cpus": 0.5}, runtime={"torch_threads": 1}, load={"max_queued_requests": 64},
             degraded={"max_seq_length": 16, "busy_fraction": 0.5, "on_after_s": 1.0, "off_after_s": 2.0})},
         # max_age_s 60: the overload test signs its requests ahead (its client shares the 2 cores).
         subnet=dict(breaker={"consecutive_failures": 3, "open_s": 3.0}, allow_degraded=True, auth={"max_age_s": 60.0},

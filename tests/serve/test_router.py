@@ -240,7 +240,7 @@ def test_thirty_two_concurrent_callers_are_all_answered(miner):
     admission refuses only work that cannot, so nothing here is refused."""
     import asyncio
 
-    from serve_app.loadgen import Load, summary
+    from benchmarks.loadgen import Load, summary
 
     texts = ["validators score accuracy, reliability and latency", "stake", "a miner answers inside the deadline"]
     load = Load(miner.url, ALICE, MINER, lambda i: ("/v1/embeddings", {"input": f"{texts[i % 3]} {i}"}), timeout_s=12)

@@ -18,7 +18,7 @@ def test_available_tools_follow_the_config():
 
 def test_defaults_and_dedup():
     req = AgentRuns(AgentsConfig(), embeddings=True).parse(b'{"task": "t", "tools": ["calculator", "calculator"]}')
-    assert req.max_steps == AgentsConfig().default_max_steps and req.tools == ["calculator"]
+    assert req.max_steps == AgentsConfig().limits.default_max_steps and req.tools == ["calculator"]
 
 
 @pytest.mark.parametrize("body, field", [
@@ -34,4 +34,4 @@ def test_limits(body, field):
 
 def test_default_steps_within_the_limit():
     with pytest.raises(ValueError, match="default_max_steps"):
-        AgentsConfig(default_max_steps=20, max_steps=10)
+        AgentsConfig(limits={"default_max_steps": 20, "max_steps": 10})

@@ -19,7 +19,7 @@ def test_embedded_default_is_valid():
     cfg = load_config("deployments/local.yaml")
     assert cfg.wallet.hotkey_ss58() == "5FHneW46xGXgs5mUiveU4sbTyGBzmstUspZC92UhjJM694ty"
     assert cfg.subnets[0].netuid == 1 and cfg.subnets[0].auth.require_receiver
-    assert cfg.workloads.embeddings.offline
+    assert cfg.workloads.embeddings.runtime.offline
 
 
 def test_dev_key_refused_with_a_live_chain():
@@ -78,22 +78,22 @@ def test_images_route_needs_the_diffusion_workload():
         MinerConfig.model_validate(args(subnets=[{"netuid": 1, "metagraph": SNAPSHOT, "routes": [IMAGES]}]))
     cfg = MinerConfig.model_validate(args(subnets=[{"netuid": 1, "metagraph": SNAPSHOT, "routes": [IMAGES]}],
                                           workloads={"diffusion": {}}))
-    assert cfg.workloads.diffusion.default_preset in cfg.workloads.diffusion.presets
+    assert cfg.workloads.diffusion.model.default_preset in cfg.workloads.diffusion.model.presets
 
 
 @pytest.mark.parametrize("diffusion, subnet_policy, match", [
-    ({"default_preset": "ultra"}, {}, "default_preset 'ultra'"),
-    ({"max_steps": 4}, {}, "preset 'quality': 8 steps, over max_steps"),
-    ({"max_side": 32, "min_side": 16}, {}, "outside min_side..max_side"),
+    ({"model": {"default_preset": "ultra"}}, {}, "default_preset 'ultra'"),
+    ({"limits": {"max_steps": 4}}, {}, "preset 'quality': 8 steps, over limits.max_steps"),
+    ({"limits": {"max_side": 32, "min_side": 16}}, {}, "outside limits.min_side..max_side"),
     ({}, {"allowed_presets": ["fast", "turbo"]}, r"unknown presets \['turbo'\]"),
     ({}, {"allowed_presets": ["fast"]}, "default preset 'balanced' is not among allowed_presets"),
-    ({"max_steps": 16}, {"max_steps": 17}, r"max_steps \(17\) is above the workload's \(16\)"),
-    ({"max_side": 512}, {"max_side": 520}, r"max_side \(520\) is above the workload's \(512\)"),
-    ({"min_side": 64}, {"max_side": 56}, r"max_side \(56\) is below the workload's min_side \(64\)"),
+    ({"limits": {"max_steps": 16}}, {"max_steps": 17}, r"max_steps \(17\) is above the workload's \(16\)"),
+    ({"limits": {"max_side": 512}}, {"max_side": 520}, r"max_side \(520\) is above the workload's \(512\)"),
+    ({"limits": {"min_side": 64}}, {"max_side": 56}, r"max_side \(56\) is below the workload's min_side \(64\)"),
     ({}, {"max_steps": 3}, r"preset 'balanced': 4 steps, over the subnet's max_steps \(3\)"),
     ({}, {"default_preset": "quality", "max_steps": 6}, r"preset 'quality': 8 steps, over the subnet's max_steps"),
     ({}, {"allowed_presets": ["balanced", "quality"], "max_steps": 6}, r"preset 'quality': 8 steps"),
-    ({"min_side": 16}, {"max_side": 32}, r"preset 'balanced': size 64x64 is over the subnet's max_side \(32\)"),
+    ({"limits": {"min_side": 16}}, {"max_side": 32}, r"preset 'balanced': size 64x64 is over the subnet's max_side \(32\)"),
 ])
 def test_diffusion_presets_are_checked_against_limits_and_subnets(diffusion, subnet_policy, match):
     subnet = {"netuid": 1, "metagraph": SNAPSHOT, "routes": [IMAGES], "diffusion": subnet_policy}
@@ -136,20 +136,20 @@ def test_slo_objectives_are_validated_with_their_field():
 def test_embeddings_runtime_defaults():
     from serve_app.config import EmbeddingsConfig
 
-    cfg = EmbeddingsConfig()
-    assert (cfg.runtime, cfg.precision, cfg.min_cosine, cfg.cache_dir) == ("auto", "auto", 0.9999, "~/.cache/torchrank-miner")
+    cfg = EmbeddingsConfig().runtime
+    assert (cfg.backend, cfg.precision, cfg.min_cosine, cfg.cache_dir) == ("auto", "auto", 0.9999, "~/.cache/torchrank-miner")
     with pytest.raises(ValidationError, match="fp16"):  # replaced by precision: one way to say it
-        EmbeddingsConfig(fp16=True)
+        EmbeddingsConfig(runtime={"fp16": True})
 
 
 @pytest.mark.parametrize("fields, match", [
     ({"device": "cpu", "precision": "fp16"}, "fp16 runs on CUDA only"),
-    ({"runtime": "onnxruntime", "precision": "fp16"}, "fp16 runs on torch"),
-    ({"runtime": "openvino", "precision": "fp16"}, "fp16 runs on torch"),
-    ({"runtime": "onnxruntime", "precision": "bf16"}, "onnxruntime runs fp32 only"),
-    ({"runtime": "openvino", "device": "cuda"}, "openvino runs on CPU only"),
-    ({"runtime": "onnxruntime", "device": "cuda"}, "onnxruntime runs on CPU only"),
-    ({"runtime": "tensorrt"}, "runtime"),
+    ({"backend": "onnxruntime", "precision": "fp16"}, "fp16 runs on torch"),
+    ({"backend": "openvino", "precision": "fp16"}, "fp16 runs on torch"),
+    ({"backend": "onnxruntime", "precision": "bf16"}, "onnxruntime runs fp32 only"),
+    ({"backend": "openvino", "device": "cuda"}, "openvino runs on CPU only"),
+    ({"backend": "onnxruntime", "device": "cuda"}, "onnxruntime runs on CPU only"),
+    ({"backend": "tensorrt"}, "backend"),
     ({"precision": "int8"}, "precision"),
     ({"min_cosine": 0}, "min_cosine"),
     ({"min_cosine": 1.0001}, "min_cosine"),
@@ -158,18 +158,18 @@ def test_embeddings_runtime_choices_that_cannot_run_are_refused(fields, match):
     from serve_app.config import EmbeddingsConfig
 
     with pytest.raises(ValidationError, match=match):
-        EmbeddingsConfig(**fields)
+        EmbeddingsConfig(runtime=fields)
 
 
 @pytest.mark.parametrize("fields", [
     {"device": "cuda", "precision": "fp16"}, {"device": "auto", "precision": "fp16"},  # auto -> cpu: refused at start
-    {"device": "cpu", "runtime": "openvino", "precision": "bf16"}, {"runtime": "onnxruntime", "precision": "fp32"},
-    {"runtime": "torch", "precision": "bf16"}, {"min_cosine": 1.0},
+    {"device": "cpu", "backend": "openvino", "precision": "bf16"}, {"backend": "onnxruntime", "precision": "fp32"},
+    {"backend": "torch", "precision": "bf16"}, {"min_cosine": 1.0},
 ])
 def test_embeddings_runtime_choices_accepted(fields):
     from serve_app.config import EmbeddingsConfig
 
-    assert EmbeddingsConfig(**fields).model_dump(include=set(fields)) == fields
+    assert EmbeddingsConfig(runtime=fields).runtime.model_dump(include=set(fields)) == fields
 
 
 def test_router_gate_must_see_every_request_serve_lets_in():
@@ -183,11 +183,12 @@ def test_admission_counts_are_safety_caps_above_the_embedded_default_load():
     """The deadline decides, not the counts: a 32-caller load (issue 14) is far inside every cap."""
     cfg = load_config("deployments/local.yaml")
     emb = cfg.workloads.embeddings
-    assert emb.admission.max_wait_s is None
-    assert emb.admission.max_in_flight >= 128 and emb.admission.max_queued >= 512
-    assert emb.in_flight_items == 2 * emb.max_batch_texts
-    assert cfg.router.max_in_progress >= emb.admission.max_in_flight + emb.admission.max_queued
-    assert cfg.workloads.agents.in_flight_items == cfg.workloads.agents.max_ongoing_requests
+    admission = emb.load.admission
+    assert admission.max_wait_s is None
+    assert admission.max_in_flight >= 128 and admission.max_queued >= 512
+    assert emb.in_flight_items == 2 * emb.batching.max_batch_texts
+    assert cfg.router.max_in_progress >= admission.max_in_flight + admission.max_queued
+    assert cfg.workloads.agents.in_flight_items == cfg.workloads.agents.load.max_ongoing_requests
 
 
 def test_full_route_paths_must_not_collide_across_subnets(tmp_path):
@@ -237,7 +238,7 @@ def test_router_gate_must_hold_what_admission_may_hold():
     assert MinerConfig.model_validate({**both, "router": {"max_in_progress": 1216}}).router.max_in_progress == 1216
     # Autoscaled, the caps grow with the replicas to max_replicas / min_replicas times (Admission.resize).
     scaled = {**both, "router": {"max_in_progress": 1216},
-              "workloads": {"diffusion": {}, "embeddings": {"autoscaling": {"min_replicas": 2, "max_replicas": 5}}}}
+              "workloads": {"diffusion": {}, "embeddings": {"placement": {"autoscaling": {"min_replicas": 2, "max_replicas": 5}}}}}
     with pytest.raises(ValidationError, match=r"below the 2368 requests .*embeddings \(256\+512\) x 2.5"):
         MinerConfig.model_validate(scaled)
     # A workload no route uses holds nothing at the router.

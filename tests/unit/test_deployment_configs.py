@@ -19,7 +19,8 @@ def test_config_is_valid_for_serve_and_the_miner(path):
 
 
 def enabled(cfg):
-    return {name: wl for name in ("embeddings", "diffusion", "agents") if (wl := getattr(cfg.workloads, name))}
+    """Each enabled workload's placement."""
+    return {name: wl.placement for name in ("embeddings", "diffusion", "agents") if (wl := getattr(cfg.workloads, name))}
 
 
 def test_gpu_configs_fit_one_gpu_with_capped_memory():

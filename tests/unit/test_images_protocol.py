@@ -5,7 +5,7 @@ from serve_app.engines.diffusion import RenderSpec
 from serve_app.errors import ApiError
 from serve_app.protocols.images import MAX_SEED, OpenAIImages
 
-CFG = DiffusionConfig(max_steps=16, max_side=128)
+CFG = DiffusionConfig(limits={"max_steps": 16, "max_side": 128})
 ADAPTER = OpenAIImages(CFG)
 
 

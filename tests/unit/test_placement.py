@@ -8,7 +8,7 @@ from pydantic import ValidationError
 from ray.serve._private.build_app import build_app as built
 
 from serve_app.app import build_app
-from serve_app.config import EmbeddingsConfig, MinerConfig
+from serve_app.config import MinerConfig, Placement
 
 SNAPSHOT = {"source": "snapshot", "path": "deployments/local-metagraph.json"}
 EMBED = {"path": "/v1/embeddings", "protocol": "openai-embeddings"}
@@ -71,13 +71,13 @@ def test_only_preemption_safe_workloads_may_land_on_spot_nodes():
 
 def test_sizing_is_fixed_or_autoscaled_not_both():
     with pytest.raises(ValidationError, match="num_replicas or autoscaling"):
-        EmbeddingsConfig(num_replicas=3, autoscaling={})
+        Placement(num_replicas=3, autoscaling={})
     with pytest.raises(ValidationError, match="below min_replicas"):
-        EmbeddingsConfig(autoscaling={"min_replicas": 3, "max_replicas": 2})
+        Placement(autoscaling={"min_replicas": 3, "max_replicas": 2})
 
 
 def test_gpu_memory_cap_follows_the_fraction():
-    assert EmbeddingsConfig(num_gpus=0.25).memory_cap == 0.25
-    assert EmbeddingsConfig(num_gpus=1).memory_cap is None  # a whole GPU: no cap
-    assert EmbeddingsConfig(num_gpus=0.5, gpu_memory_fraction=0.3).memory_cap == 0.3
-    assert EmbeddingsConfig().memory_cap is None
+    assert Placement(num_gpus=0.25).memory_cap == 0.25
+    assert Placement(num_gpus=1).memory_cap is None  # a whole GPU: no cap
+    assert Placement(num_gpus=0.5, gpu_memory_fraction=0.3).memory_cap == 0.3
+    assert Placement().memory_cap is None

@@ -9,7 +9,7 @@ from serve_app.config import EmbeddingsConfig
 from serve_app.errors import ApiError
 from serve_app.protocols.embeddings import OpenAIEmbeddings
 
-ADAPTER = OpenAIEmbeddings(EmbeddingsConfig(max_texts_per_request=3, max_batch_texts=8, max_chars_per_text=10))
+ADAPTER = OpenAIEmbeddings(EmbeddingsConfig(limits={"max_texts_per_request": 3, "max_chars_per_text": 10}, batching={"max_batch_texts": 8}))
 
 
 def refusal(body: bytes):

@@ -77,3 +77,76 @@ def test_autoscaled_replicas_are_shown_per_deployment():
     assert json.loads(as_json([], sample))["autoscaled_replicas"] == {"miner/Embeddings": 3}
     # Without autoscaling the line is left out.
     assert "autoscaled" not in render([], parse([exposition(1, 0, 1, 0, 0, 0, 0)], at=1.0))
+
+
+def metrics_server(text: str):
+    """A local /metrics endpoint answering `text`; (url, stop)."""
+    import http.server
+    import threading
+
+    class Metrics(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):  # noqa: N802
+            body = text.encode()
+            self.send_response(200)
+            self.send_header("Content-Type", "text/plain")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Metrics)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+
+    def stop():
+        server.shutdown()
+        server.server_close()
+
+    return f"http://127.0.0.1:{server.server_address[1]}/metrics", stop
+
+
+def closed_url() -> str:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return f"http://127.0.0.1:{s.getsockname()[1]}/metrics"
+
+
+def test_collect_skips_a_dead_endpoint_with_a_warning_and_says_nothing_when_all_are_dead():
+    import httpx
+    import pytest
+
+    from serve_app.observability.status import collect
+
+    url, stop = metrics_server(exposition(ok=1, refused=0, fast=1, slow=0, slo_errors=0, in_flight=0, queued=0))
+    dead, warnings = closed_url(), []
+    try:
+        before, after = collect([dead, url], 0, warn=warnings.append)
+    finally:
+        stop()
+    assert before.requests[("1", "ok")] == after.requests[("1", "ok")] == 1
+    assert len(warnings) == 2 and all(w.startswith(f"skipping {dead}") for w in warnings)
+    warnings.clear()
+    with pytest.raises(httpx.HTTPError):
+        collect([dead, closed_url()], 0, warn=warnings.append)
+    assert warnings == []  # the command says it once
+
+
+def test_status_command_without_a_miner_is_one_line(tmp_path, capsys, monkeypatch):
+    from serve_app import cli
+    from serve_app.observability import status
+
+    # A discovery file left by a Ray that has stopped: its endpoints refuse.
+    stale = tmp_path / "discovery.json"
+    stale.write_text(json.dumps([{"labels": {}, "targets": [closed_url()[len("http://"):-len("/metrics")]] * 2}]))
+    monkeypatch.setattr(status.ray_metrics_urls, "__defaults__", (stale,))
+    assert cli.main(["status", "--interval", "0"]) == 2
+    [line] = capsys.readouterr().err.splitlines()
+    assert line.startswith("torchrank-miner: cannot read the miner's metrics at http://127.0.0.1:") and "refused" in line
+    # No Ray at all: no discovery file.
+    monkeypatch.setattr(status.ray_metrics_urls, "__defaults__", (tmp_path / "absent.json",))
+    assert cli.main(["status", "--interval", "0"]) == 2
+    [line] = capsys.readouterr().err.splitlines()
+    assert "no local Ray cluster found" in line and "--metrics" in line

@@ -1,9 +1,18 @@
-"""GPU gauges: set per device where CUDA is present, never set (absent) on CPU; item counts."""
+"""The workload skeleton without Ray: GPU gauges set per device where CUDA is present, never
+set (absent) on CPU; item counts; the gauges each period; health checks; a real stop."""
 
+import asyncio
+import threading
+import time
 from types import SimpleNamespace
 
+import pytest
+
+from serve_app.engines.base import GeneratingEngine
+from serve_app.engines.coalesce import CoalescingRunner
 from serve_app.engines.gpu import gpu_usage
 from serve_app.observability.metrics import WorkloadMetrics
+from serve_app.workloads.replica import WorkloadReplica
 
 
 class FakeGauge:
@@ -63,3 +72,103 @@ def test_a_request_whose_caller_hung_up_is_recorded_without_egress():
     from serve_app.observability.metrics import RouterMetrics
 
     RouterMetrics().record("1", "/v1/embeddings", "embeddings", "client_closed", "validator", 0.1, 0, True, 1.0)
+
+
+class FakeEngine(GeneratingEngine):
+    FREES = ("model",)
+
+    def __init__(self, cfg, threads: int):
+        self.model, self.device = object(), "cpu"
+        self.built_on = threading.current_thread().name
+        self.probes, self.closed = [], False
+
+    def info(self) -> dict:
+        return {"model": "fake", "device": self.device}
+
+    def probe(self) -> None:
+        self.probes.append(threading.current_thread().name)
+
+    def generate(self, items: list) -> list:
+        return [item * 2 for item in items]
+
+    def close(self) -> None:
+        super().close()
+        self.closed = True
+
+
+class FakeWorkload(WorkloadReplica):
+    def __init__(self):
+        super().__init__("fake", SimpleNamespace(runtime=SimpleNamespace(cpu_nice=0, torch_threads=1), placement=SimpleNamespace(num_cpus=1)), FakeEngine, stuck_call_s=5.0)
+        self.runner = CoalescingRunner(self.engine_thread, self._pass, max_items=8)
+
+    def _pass(self, items: list):
+        outputs, _ = self.model_call(self.engine.generate, items)
+        return (outputs,)
+
+
+def test_the_engine_is_built_and_probed_on_its_thread_and_serves_through_a_runner():
+    async def scenario():
+        workload = FakeWorkload()
+        try:
+            (doubled,) = await workload.runner.run([1, 2])
+            await workload.check_health()  # idle: a real probe
+            return workload.engine, doubled, workload.info(), workload.record_autoscaling_stats()
+        finally:
+            workload.close()
+
+    engine, doubled, info, stats = asyncio.run(scenario())
+    assert engine.built_on.startswith("fake") and engine.probes == [engine.built_on]
+    assert doubled == [2, 4] and info == {"model": "fake", "device": "cpu"} and stats["queued"] == 0
+
+
+def test_a_call_running_past_stuck_call_s_fails_the_health_check_and_a_busy_one_is_not_probed():
+    async def scenario():
+        workload = FakeWorkload()
+        try:
+            workload.call_started = time.perf_counter() - 1  # busy, not stuck: no probe
+            await workload.check_health()
+            workload.call_started = time.perf_counter() - 6
+            with pytest.raises(RuntimeError, match="a model call has run for over 5s"):
+                await workload.check_health()
+            return workload.engine.probes
+        finally:
+            workload.close()
+
+    assert asyncio.run(scenario()) == []
+
+
+def test_the_replica_stop_closes_the_engine_thread_and_loops():
+    async def scenario():
+        workload = FakeWorkload()
+        engine, tasks = workload.engine, list(workload._background)
+        workload.__del__()  # what Serve calls when it stops the replica
+        await asyncio.sleep(0)
+        workload.close()  # again: nothing more to do
+        return workload, engine, tasks
+
+    workload, engine, tasks = asyncio.run(scenario())
+    assert engine.closed and "model" not in vars(engine) and workload.engine is None
+    assert all(task.cancelled() for task in tasks)
+    with pytest.raises(RuntimeError):  # the engine thread takes no more work
+        workload.engine_thread.run_sync(print)
+
+
+def test_gauges_are_in_flight_queued_the_workloads_own_and_no_gpu_on_cpu():
+    published = []
+
+    class Workload(FakeWorkload):
+        def publish_workload_gauges(self):
+            published.append("own")
+
+    async def scenario():
+        workload = Workload()
+        try:
+            workload.metrics.in_flight = SimpleNamespace(set=lambda value, tags: published.append(("in_flight", value)))
+            workload.metrics.queued = SimpleNamespace(set=lambda value, tags: published.append(("queued", value)))
+            workload.metrics.record_gpu = lambda usage: published.append("gpu")
+            await workload._publish_gauges()
+        finally:
+            workload.close()
+
+    asyncio.run(scenario())
+    assert published == [("in_flight", 0), ("queued", 0), "own"]

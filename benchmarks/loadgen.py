@@ -1,8 +1,9 @@
 """Signed load against a miner, as validators make it: open loop (a fixed arrival rate, the
 way overload really arrives) or closed loop (N callers, each waiting for its answer).
 
-Used by the reliability tests and benchmarks. Every request is signed fresh, just
-before it is sent, so nonces never go stale however long the run.
+Test and benchmark tooling, not part of the miner: the reliability tests and the benchmarks
+use it. Every request is signed fresh, just before it is sent, so nonces never go stale
+however long the run.
 """
 
 from __future__ import annotations
@@ -16,12 +17,12 @@ import aiohttp
 import orjson
 
 from serve_app.client import signed_request
+from serve_app.errors import REFUSALS
 
 # (path, payload) for request number i.
 MakeRequest = Callable[[int], tuple[str, object]]
-# Fast refusals for load: the validator may retry elsewhere at once. Anything else >= 500
-# (or no answer at all) is a failure.
-REFUSALS = {"rate_limited", "shed", "breaker_open"}
+# Fast refusals of load (the validator may send the work elsewhere at once) are counted apart;
+# anything else >= 500, or no answer at all, is a failure.
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,133 @@
+"""What a router replica knows about the miner beyond one request: whether each workload
+answers (its readiness probe, whose answer is also the /info cache and admission's prior
+speed), each subnet's watchdog, admission bounds that follow autoscaled replicas, and the
+gauges. It also records how each request ended (metrics, watchdog, JSON log line)."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Optional
+
+from ray import serve
+
+from serve_app.config import MinerConfig
+from serve_app.errors import MINER_FAILURES
+from serve_app.observability import logs
+from serve_app.observability.info import BuildInfo
+from serve_app.observability.metrics import GAUGE_PERIOD_S, RouterMetrics
+from serve_app.ops.breaker import STATE_VALUE
+from serve_app.ops.periodic import every
+from serve_app.ops.watchdog import SubnetWatchdog
+from serve_app.router.pipeline import Ended
+from serve_app.router.routes import RouteTable
+
+log = logging.getLogger("ray.serve.torchrank.router")
+WATCH_PERIOD_S = 2.0
+WATCH_PERIOD_UNTIL_READY_S = 0.2
+INFO_TIMEOUT_S = 2.0  # a workload's info(): the readiness probe, and the /info cache
+
+
+class RouterMonitor:
+    def __init__(self, cfg: MinerConfig, table: RouteTable, workloads: dict, build: BuildInfo):
+        self.cfg = cfg
+        self.table = table
+        self.workloads = workloads  # name -> DeploymentHandle
+        self.build = build
+        self.metrics = RouterMetrics()
+        self.watchdogs = {subnet.netuid: SubnetWatchdog(subnet) for subnet in cfg.subnets}
+        self.workload_ready = {name: False for name in workloads}
+        self.workload_info: dict[str, dict] = {}  # model identity does not change while a deployment lives
+        # Autoscaled workloads -> their min_replicas: the size their admission bounds are set for.
+        self.autoscaled = {name: scaling.min_replicas for name in workloads
+                           if (scaling := getattr(cfg.workloads, name).placement.autoscaling) is not None}
+        self.model_ids = ",".join(f"{name}={getattr(cfg.workloads, name).model.id}" for name in workloads)
+        self._tasks: list[asyncio.Task] = []
+
+    def start(self, in_flight: dict[int, int]) -> None:
+        """The background loops; `in_flight`: the pipeline's per-subnet count, for its gauge."""
+        self._tasks = [asyncio.create_task(every(GAUGE_PERIOD_S, lambda: self.publish_gauges(in_flight),
+                                                 "publishing router gauges")),
+                       asyncio.create_task(every(WATCH_PERIOD_S, self.resize_admission,
+                                                 "reading the workloads' replica counts")),
+                       asyncio.create_task(every(self._watch_period, self.watch, "the watchdog pass")),
+                       asyncio.create_task(logs.flush_every())]
+
+    def _watch_period(self) -> float:
+        # Until every workload has answered once, probe again soon: its info carries the speed
+        # admission estimates with before it has measured its own.
+        return WATCH_PERIOD_S if all(self.workload_ready.values()) else WATCH_PERIOD_UNTIL_READY_S
+
+    def record(self, ended: Ended) -> None:
+        route = ended.route
+        if route is not None:
+            netuid, path, workload, slo_s = (str(route.subnet.netuid), route.path, route.adapter.workload,
+                                             route.subnet.slo.latency_s)
+        else:
+            netuid, path, workload, slo_s = "-", "unmatched", "-", None
+        self.metrics.record(netuid, path, workload, ended.outcome, ended.who, ended.seconds, ended.response_bytes,
+                            ended.admitted, slo_s)
+        if ended.admitted:
+            self.watchdogs[route.subnet.netuid].observe(ended.seconds, ended.outcome in MINER_FAILURES)
+        logs.request_line(netuid=netuid, caller=ended.caller, caller_class=ended.who, path=ended.path,
+                          status=ended.status, outcome=ended.outcome, admitted=ended.admitted,
+                          ms=round(ended.seconds * 1000, 2))
+
+    def publish_gauges(self, in_flight: dict[int, int]) -> None:
+        # Ray exports a gauge value only for a while after it is set: publish them all again each period.
+        m = self.metrics
+        m.publish_slos(self.cfg.subnets)
+        m.build.set(1, {"version": self.build.version, "git_sha": self.build.git_sha, "models": self.model_ids})
+        for netuid, count in in_flight.items():
+            m.in_flight.set(count, {"netuid": str(netuid)})
+        for netuid, cache in self.table.metagraphs.items():
+            if cache.view is not None:  # absent, not zero, until the first read
+                m.metagraph_age.set(cache.age_s, {"netuid": str(netuid)})
+                m.metagraph_block.set(cache.view.block, {"netuid": str(netuid)})
+        for (netuid, workload), breaker in self.table.breakers.items():
+            m.breaker_state.set(STATE_VALUE[breaker.state], {"netuid": str(netuid), "workload": workload})
+        for netuid, watchdog in self.watchdogs.items():
+            m.degraded.set(int(bool(watchdog.reasons)), {"netuid": str(netuid)})
+        for workload, admission in self.table.admission.items():
+            m.admission_queue.set(len(admission.waiting), {"workload": workload})
+
+    def _running_replicas(self, names) -> dict[str, int]:
+        """Running replicas of these workloads, from the Serve controller (blocking)."""
+        deployments = serve.status().applications[serve.get_replica_context().app_name].deployments
+        return {name: deployments[self.workloads[name].deployment_name].replica_states.get("RUNNING", 0)
+                for name in names}
+
+    async def resize_admission(self) -> None:
+        """Autoscaled workloads: admission bounds follow the running replicas (see Admission.resize)."""
+        if self.autoscaled:
+            running = await asyncio.to_thread(self._running_replicas, self.autoscaled)
+            for name, count in running.items():
+                if count:  # none running (restarting): keep the last bounds
+                    self.table.admission[name].resize(count / self.autoscaled[name])
+
+    async def watch(self) -> None:
+        """The readiness probe of each workload, then each subnet's watchdog verdict."""
+        for name in self.workloads:
+            self.workload_ready[name] = await self.fetch_info(name) is not None
+        for netuid, watchdog in self.watchdogs.items():
+            before = watchdog.reasons
+            reasons = watchdog.verdict(self.table.metagraphs[netuid].age_s)
+            if reasons and reasons != before:
+                log.warning("subnet %d degraded: %s", netuid, "; ".join(reasons))
+            elif before and not reasons:
+                log.info("subnet %d healthy again", netuid)
+
+    async def fetch_info(self, name: str) -> Optional[dict]:
+        """The workload's info() (None if it does not answer in time), kept for /info and for
+        admission's speed before it has measured its own."""
+        try:
+            info = await asyncio.wait_for(self.workloads[name].info.remote(), INFO_TIMEOUT_S)
+        except Exception:
+            return None
+        self.workload_info[name] = info
+        self.table.admission[name].prior_rate = info.get("items_per_s_at_start")
+        return info
+
+    async def info_of(self, name: str) -> dict:
+        """For /info: the kept answer, else one asked now."""
+        return self.workload_info.get(name) or await self.fetch_info(name) or {"status": "unavailable"}

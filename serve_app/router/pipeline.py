@@ -1,0 +1,231 @@
+"""The request path of the subnet axon, as a plain class: no Serve, no FastAPI state. The
+Router deployment (serve_app/router/deployment.py) hands it each request.
+
+In order; a request refused at any step stops there and never reaches a workload:
+  route (404; 405 unless POST) -> the entry gate, before any work on it (503 shed)
+  -> JSON content type (415) -> deadline from X-Bittensor-Timeout (422)
+  -> early shed by the claimed hotkey's stake when admission could not finish it in time
+     (503 shed: no body read, no signature work) -> body under the cap, at the minimum rate,
+     among the body reads (413, 408) -> authorisation of the claimed hotkey from the subnet's
+     metagraph (403, or 503 without a usable metagraph) -> btauth/1 signature (401)
+  -> shared replay check (401, 503) -> per-hotkey rate limit (429) -> schema and limits (422)
+  -> circuit breaker (503) -> admission by deadline and stake (503 shed, 504) -> workload call
+     under the deadline, once more on another replica if one died mid-call (503, 504)
+  -> the answer, encoded; then the outcome is recorded (metrics, watchdog, log line).
+Codes: serve_app/errors.py.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import time
+from dataclasses import dataclass
+from typing import Callable, Mapping, Optional
+
+import ray
+from ray.serve.exceptions import BackPressureError
+from starlette.requests import Request
+from starlette.responses import Response
+
+from serve_app.engines.coalesce import DeadlinePassed
+from serve_app.errors import (ApiError, ErrorCode, deadline_exceeded, error_response, json_response, not_found,
+                              retry_after, shed, unavailable)
+from serve_app.ops.admission import QueueDeadline, Shed
+from serve_app.ops.breaker import OPEN
+from serve_app.router.body import check_content_type
+from serve_app.router.policy import authorise, caller_class, priority, request_timeout
+from serve_app.router.routes import Route
+
+log = logging.getLogger("ray.serve.torchrank.router")
+# A claimed nonce may be taken over from a dead router this long past the longest deadline.
+CLAIM_MARGIN_S = 5.0
+# A replica that died mid-call: try another this many times (idempotent workloads only).
+DEAD_REPLICA_RETRIES = 2
+RETRY_BACKOFF_S = 0.05  # doubled per attempt, with full jitter
+# Workload errors that mean "this replica is gone", not "this request is bad".
+REPLICA_GONE = (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError)
+
+
+def signed_target(request: Request) -> str:
+    """The request target exactly as the client sent it (path and query): what btauth/1 signs."""
+    scope = request.scope
+    target = (scope.get("raw_path") or scope["path"].encode()).decode("latin-1")
+    query = scope.get("query_string") or b""
+    return f"{target}?{query.decode('latin-1')}" if query else target
+
+
+@dataclass
+class Ended:
+    """How one request ended: what the router records (metrics, watchdog, log line). Never the
+    body, signature or headers."""
+
+    path: str
+    route: Optional[Route] = None
+    caller: str = "-"  # the hotkey, once its signature verified
+    who: str = "unauthenticated"  # caller_class: a bounded label
+    outcome: str = ErrorCode.internal_error.value  # "ok" or the error code
+    status: int = 500
+    admitted: bool = False  # passed authentication, authorisation and validation: counts for the SLOs
+    seconds: float = 0.0
+    response_bytes: int = 0
+
+
+class RequestPipeline:
+    """`handle(request, request_id)` -> the response, always (refusals are JSON errors).
+
+    `routes`: full path -> Route. `auth`: the Authenticator (verify, claim, settle).
+    `body_reads`: the BodyReads budget. `workload_ready`: workload -> answers its readiness
+    probe (read, not owned). `record`: called once per request with its Ended. `clock`:
+    monotonic seconds, the base of admission's deadlines."""
+
+    def __init__(self, routes: Mapping[str, Route], auth, body_reads, *, max_in_progress: int,
+                 workload_ready: Mapping[str, bool], record: Callable[[Ended], None],
+                 clock: Callable[[], float] = time.monotonic, replica: str = "local"):
+        self.routes = routes
+        self.auth = auth
+        self.body_reads = body_reads
+        self.max_in_progress = max_in_progress
+        self.workload_ready = workload_ready
+        self.record = record
+        self.clock = clock
+        self.headers = {"X-Miner-Replica": replica}
+        self.in_progress = 0  # all routes: the entry gate's count
+        self.in_flight = {route.subnet.netuid: 0 for route in routes.values()}
+
+    async def handle(self, request: Request, request_id: str = "-") -> Response:
+        started = self.clock()
+        route = self.routes.get(request.url.path)
+        ended = Ended(path=request.url.path, route=route)
+        response = None
+        self.in_progress += 1
+        if route is not None:
+            self.in_flight[route.subnet.netuid] += 1
+        try:
+            result = await self._answer(request, route, ended)
+            response = json_response(result, headers=self.headers)
+            ended.outcome, ended.status = "ok", 200  # only once the answer is encoded
+        except ApiError as err:
+            ended.outcome, ended.status = err.code.value, err.status
+            response = error_response(err, self.headers)
+        except asyncio.CancelledError:
+            # The caller went away (or Serve cancelled the request): not the miner's failure.
+            ended.outcome, ended.status = ErrorCode.client_closed.value, ErrorCode.client_closed.status
+            raise
+        except Exception:
+            log.exception("request %s failed inside the miner", request_id)
+            response = error_response(ApiError(ErrorCode.internal_error,
+                                               f"the miner failed this request (id {request_id})"), self.headers)
+        finally:
+            self.in_progress -= 1
+            if route is not None:
+                self.in_flight[route.subnet.netuid] -= 1
+            ended.seconds = self.clock() - started
+            ended.response_bytes = len(response.body) if response is not None else 0
+            self.record(ended)
+        return response
+
+    async def _answer(self, request: Request, route: Optional[Route], ended: Ended) -> dict:
+        """The steps of the module docstring, in order."""
+        if route is None:
+            raise not_found(request.url.path)
+        if request.method != "POST":
+            raise ApiError(ErrorCode.method_not_allowed, f"{route.path} accepts POST", {"Allow": "POST"})
+        if self.in_progress > self.max_in_progress:
+            # Before any work on it (body, signature, replay store): past this point even
+            # refusing costs CPU the admitted requests need.
+            raise shed("the miner is at capacity", retry_after_s=1)
+        check_content_type(request.headers.get("content-type"))
+        timeout = request_timeout(request.headers, route.subnet)
+        deadline = self.clock() + timeout
+        view, policy = route.metagraph.view, route.subnet.auth
+        claimed = request.headers.get("X-Bittensor-Hotkey", "")  # not verified yet: only used to refuse
+        if route.admission.would_shed(priority(claimed, view, policy), deadline):
+            raise shed(f"the {route.adapter.workload} workload is at capacity", retry_after_s=1)
+        body = await self.body_reads.read(request)
+        view = route.metagraph.view  # a refresh may have landed while the body arrived
+        if claimed:  # (none: verify refuses it, 401)
+            # Before the signature and the replay store: a stranger's key costs neither.
+            try:
+                authorise(claimed, view, policy)
+            except ApiError:
+                ended.who = caller_class(claimed, view, policy)
+                raise
+        signed = self.auth.verify(request.headers, body, method=request.method, path=signed_target(request),
+                                  policy=policy)
+        ended.caller = caller = signed.hotkey  # the signature proves the caller holds it
+        ended.who = caller_class(caller, view, policy)
+        if caller != claimed:
+            authorise(caller, view, policy)
+        await self.auth.claim(signed, max_open_s=route.subnet.max_timeout_s + CLAIM_MARGIN_S)
+        try:
+            if route.subnet.rate_limit.enabled:
+                wait = route.rate_limit.check(caller, view, allow_listed=caller in policy.allow_hotkeys)
+                if wait is not None:
+                    raise ApiError(ErrorCode.rate_limited, "this hotkey is over its request rate; see Retry-After",
+                                   retry_after(min(wait, 3600)))
+            parsed = route.adapter.parse(body)
+            ended.admitted = True
+            return await self._admit_and_call(route, parsed, priority(caller, view, policy), deadline, timeout)
+        finally:
+            self.auth.settle(signed)  # answered, whatever the answer: its nonce can no longer be taken over
+
+    async def _admit_and_call(self, route: Route, parsed, prio: float, deadline: float, timeout: float) -> dict:
+        """Breaker, then a slot by deadline and stake, then the call; the breaker hears how the call went."""
+        breaker, workload = route.breaker, route.adapter.workload
+        if breaker.state == OPEN:  # fail fast, before queueing
+            raise ApiError(ErrorCode.breaker_open, f"the {workload} workload is failing; refusing fast while it "
+                           f"recovers", retry_after(breaker.retry_after_s()))
+        try:
+            async with route.admission.slot(prio, deadline, route.adapter.cost(parsed)):
+                if not breaker.allow():  # half-open and its probe is already out
+                    raise ApiError(ErrorCode.breaker_open, f"the {workload} workload is being probed after failures",
+                                   retry_after(1))
+                verdict = True  # failed, unless shown otherwise
+                try:
+                    result = await self._call_workload(route, parsed, deadline, timeout)
+                    verdict = False
+                    return result
+                except ApiError as err:
+                    # No verdict for load (Serve's queue bound), nor for a deadline while the workload
+                    # answers its readiness probe: whoever sends heavy work with short deadlines must not
+                    # open the breaker for every validator. A deadline while it does not answer (its
+                    # replicas gone) is its fault. One that hangs fails its health check (stuck_call_s)
+                    # and Serve replaces it; one that is slow is shed by admission.
+                    if err.code is ErrorCode.shed or (err.code is ErrorCode.deadline_exceeded
+                                                      and self.workload_ready.get(workload, False)):
+                        verdict = None
+                    raise
+                except asyncio.CancelledError:  # the caller went away
+                    verdict = None
+                    raise
+                finally:
+                    if verdict is None:
+                        breaker.abandon()
+                    else:
+                        breaker.record(verdict)
+        except Shed as exc:
+            raise shed(f"the {workload} workload is at capacity: {exc.reason}", retry_after_s=1) from None
+        except QueueDeadline:
+            raise deadline_exceeded(timeout) from None
+
+    async def _call_workload(self, route: Route, parsed, deadline: float, timeout: float) -> dict:
+        workload = route.adapter.workload
+        for attempt in range(DEAD_REPLICA_RETRIES + 1):
+            remaining = deadline - self.clock()
+            if remaining <= 0:
+                raise deadline_exceeded(timeout)
+            try:
+                call = route.adapter.run(parsed, route.workload, time.time() + remaining, route.subnet.allow_degraded)
+                return await asyncio.wait_for(call, remaining)
+            except (asyncio.TimeoutError, DeadlinePassed):
+                raise deadline_exceeded(timeout) from None
+            except BackPressureError:
+                raise shed(f"the {workload} workload's queue is full", retry_after_s=1) from None
+            except REPLICA_GONE:
+                if not route.adapter.idempotent or attempt == DEAD_REPLICA_RETRIES:
+                    raise unavailable(f"the {workload} workload is restarting", retry_after_s=2) from None
+                log.warning("a %s replica went away mid-call; trying another", workload)
+                await asyncio.sleep(random.uniform(0, RETRY_BACKOFF_S * 2**attempt))
+        raise AssertionError("unreachable")
