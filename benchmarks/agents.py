@@ -30,10 +30,11 @@ from pydantic import BaseModel  # noqa: E402
 from serve_app.agents.loop import run_agent, system_prompt  # noqa: E402
 from serve_app.agents.tools import Session, Tool  # noqa: E402
 from serve_app.app import load_config  # noqa: E402
-from serve_app.engines.coalesce import CoalescingRunner  # noqa: E402
-from serve_app.engines.llm import Generation, LLMEngine  # noqa: E402
-from serve_app.engines.process import EngineProcess  # noqa: E402
-from serve_app.engines.thread import EngineThread  # noqa: E402
+from serve_app.contracts import Generation  # noqa: E402
+from serve_app.engines.llm import LLMEngine  # noqa: E402
+from serve_app.inference.coalesce import CoalescingRunner  # noqa: E402
+from serve_app.inference.process import EngineProcess  # noqa: E402
+from serve_app.inference.thread import EngineThread  # noqa: E402
 
 TOOL_S = 0.2
 TOOL_CALLS = 3

@@ -44,8 +44,8 @@ def make_deployment():
         """A replica whose model is a device with a fixed time per batch."""
 
         def __init__(self, batch: int, batch_s: float):
-            from serve_app.engines.coalesce import CoalescingRunner
-            from serve_app.engines.thread import EngineThread
+            from serve_app.inference.coalesce import CoalescingRunner
+            from serve_app.inference.thread import EngineThread
             from serve_app.ops.autoscaling import LoadWindow
 
             self.batch_s = batch_s

@@ -29,6 +29,7 @@ sys.path.insert(0, str(ROOT))
 from serve_app import rayenv  # noqa: E402
 from serve_app.app import build_app, load_config  # noqa: E402
 from serve_app.client import signer_for  # noqa: E402
+from serve_app.contracts import ImageJob  # noqa: E402
 from loadgen import Load, summary  # noqa: E402
 
 APP = "miner"
@@ -39,19 +40,19 @@ PRESET = "balanced"
 def config(cache_dir: str):
     args = load_config(ROOT / "deployments/local.yaml").model_dump()
     args["subnets"][0]["metagraph"]["path"] = str(ROOT / "deployments/local-metagraph.json")
-    args["workloads"]["diffusion"]["cache_dir"] = cache_dir
+    args["workloads"]["diffusion"]["runtime"]["cache_dir"] = cache_dir
     # Requests are signed before each phase (see Load.presign): valid for the whole phase.
     args["subnets"][0]["auth"]["max_age_s"] = 300.0
     return type(load_config(ROOT / "deployments/local.yaml")).model_validate(args)
 
 
 def raw(cfg, seconds: float) -> dict:
-    from serve_app.engines.diffusion import DiffusionEngine, ImageJob
+    from serve_app.engines.diffusion import DiffusionEngine
 
     diffusion = cfg.workloads.diffusion
-    engine = DiffusionEngine(diffusion, diffusion.torch_threads)
+    engine = DiffusionEngine(diffusion, diffusion.runtime.torch_threads)
     spec = engine.preset_spec(PRESET)
-    size = diffusion.max_batch_images
+    size = diffusion.batching.max_batch_images
     out = {}
     for name, n in (("raw_batched", size), ("raw_one_image", 1)):
         times, seed, end = [], 0, time.perf_counter() + seconds / 2

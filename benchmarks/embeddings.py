@@ -60,7 +60,7 @@ def pct(values, q):
 def raw_model(cfg, texts, seconds):
     from serve_app.engines.embeddings import SentenceEmbeddingEngine
 
-    engine = SentenceEmbeddingEngine(cfg, num_threads=cfg.torch_threads or 2)
+    engine = SentenceEmbeddingEngine(cfg, num_threads=cfg.runtime.torch_threads or 2)
     info = engine.info()
     out = {"runtime": info.get("runtime"), "precision": info.get("precision")}
     for name, size in (("batched_32", 32), ("single", 1)):

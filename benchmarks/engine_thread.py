@@ -1,4 +1,4 @@
-"""Why all torch work runs on one thread (serve_app/engines/thread.py).
+"""Why all torch work runs on one thread (serve_app/inference/thread.py).
 
     .venv/bin/python benchmarks/engine_thread.py
 
@@ -21,7 +21,7 @@ sys.path.insert(0, str(ROOT))
 
 from serve_app.app import load_config  # noqa: E402
 from serve_app.engines.embeddings import SentenceEmbeddingEngine  # noqa: E402
-from serve_app.engines.thread import EngineThread  # noqa: E402
+from serve_app.inference.thread import EngineThread  # noqa: E402
 
 TEXT = ["the miner serves embeddings quickly"]
 

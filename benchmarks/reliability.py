@@ -47,8 +47,10 @@ def config():
     args["subnets"][0]["metagraph"]["path"] = str(ROOT / "deployments/local-metagraph.json")
     args["subnets"][0]["breaker"] = {"consecutive_failures": 3, "open_s": 3.0}
     args["router"].update(num_replicas=2, num_cpus=0.25)
-    args["workloads"]["embeddings"].update(
-        num_replicas=2, num_cpus=0.5, torch_threads=1, max_queued_requests=64)
+    embeddings = args["workloads"]["embeddings"]
+    embeddings["placement"].update(num_replicas=2, num_cpus=0.5)
+    embeddings["runtime"]["torch_threads"] = 1
+    embeddings["load"]["max_queued_requests"] = 64
     return type(load_config(ROOT / "deployments/local.yaml")).model_validate(args)
 
 

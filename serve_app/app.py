@@ -55,7 +55,7 @@ def on_demand_only(cfg: MinerConfig) -> dict:
     return {name: 0.001} if name else {}
 
 
-def placed(deployment, wl, name: str, cfg: MinerConfig):
+def with_placement(deployment, wl, name: str, cfg: MinerConfig):
     """A workload deployment with its config's placement, sizing and load bounds."""
     where = wl.placement
     sizing = ({"autoscaling_config": serve_autoscaling_config(where.autoscaling, cfg.latency_slo_s(name), wl.batch_items)}
@@ -77,11 +77,11 @@ def build_app(args: MinerConfig) -> Application:
     for name, deployment in (("embeddings", Embeddings), ("diffusion", Diffusion)):
         wl = getattr(cfg.workloads, name)
         if wl is not None:
-            workloads[name] = placed(deployment, wl, name, cfg).bind(wl)
+            workloads[name] = with_placement(deployment, wl, name, cfg).bind(wl)
     agents = cfg.workloads.agents
     if agents is not None:
         # The retrieve tool calls the embeddings deployment directly, beside the router's calls.
-        workloads["agents"] = placed(Agents, agents, "agents", cfg).bind(agents, workloads.get("embeddings"))
+        workloads["agents"] = with_placement(Agents, agents, "agents", cfg).bind(agents, workloads.get("embeddings"))
     return Router.options(
         num_replicas=cfg.router.num_replicas,
         ray_actor_options={"num_cpus": cfg.router.num_cpus, "resources": on_demand_only(cfg)},
@@ -123,17 +123,10 @@ def field_path(loc: tuple, data: object = None) -> str:
 def validation_problems(exc: ValidationError, data: object = None) -> list[str]:
     """One line per real problem of a pydantic ValidationError of `data`.
 
-    A tuple field with min_length whose items fail reports, besides each item's error, a
-    length error counting only the items that validated ("Tuple should have at least 1 item
-    after validation, not 0" for `subnets` whose one subnet has a typo): dropped when the
-    input itself was long enough. pydantic's "Value error, " prefix on our validators'
-    messages is dropped too."""
+    pydantic's "Value error, " prefix on our validators' messages is dropped."""
     problems = []
     for err in exc.errors():
         kind, msg, value = err["type"], err["msg"], err.get("input")
-        if (kind == "too_short" and isinstance(value, (list, tuple))
-                and len(value) >= (err.get("ctx") or {}).get("min_length", 0)):
-            continue
         if kind == "value_error" and msg.startswith("Value error, "):
             msg = msg[len("Value error, "):]
         elif (kind not in ("extra_forbidden", "missing", "assertion_error")

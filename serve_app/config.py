@@ -31,6 +31,13 @@ DEV_HOTKEYS = {
 }
 
 
+def not_above(model, low: str, high: str):
+    """`model` if its field `low` is at most its field `high` (a validator's check), else ValueError."""
+    if getattr(model, low) > getattr(model, high):
+        raise ValueError(f"{low} ({getattr(model, low)}) exceeds {high} ({getattr(model, high)})")
+    return model
+
+
 class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -405,8 +412,9 @@ class EmbeddingsRuntime(Runtime):
         default=0.9999, gt=0, le=1,
         description="At start the replica encodes a fixed probe set with its backend and with fp32 torch and "
                     "refuses to start when the lowest cosine between the two is below this.")
-    stuck_call_s: float = Field(default=60.0, gt=0, description="A forward pass running longer than this fails the "
-                                                                "health check, and Serve replaces the replica.")
+    stuck_call_s: float = Field(default=20.0, gt=0, description="A forward pass (well under a second) running longer "
+                                                                "than this fails the health check, and Serve "
+                                                                "replaces the replica.")
 
     @model_validator(mode="after")
     def _backend_can_run(self) -> "EmbeddingsRuntime":
@@ -457,7 +465,7 @@ LEGACY_FIELDS = {
 }
 # Embeddings' `runtime` was the backend's name: a string there is read as runtime.backend.
 LEGACY_RUNTIME_STRING = ("runtime", "backend")
-legacy_log = logging.getLogger("torchrank.config")
+legacy_log = logging.getLogger("ray.serve.torchrank.config")
 
 
 class Workload(Strict):
@@ -465,6 +473,7 @@ class Workload(Strict):
     where its replicas run, and how much load they take. Each workload narrows the sections."""
 
     workload: ClassVar[str]  # its field under `workloads:`
+    placement: Placement = Placement()  # the same for every workload; the other sections are narrowed per workload
 
     @model_validator(mode="before")
     @classmethod
@@ -548,7 +557,6 @@ class EmbeddingsConfig(Workload):
     runtime: EmbeddingsRuntime = EmbeddingsRuntime()
     batching: EmbeddingsBatching = EmbeddingsBatching()
     limits: EmbeddingsLimits = EmbeddingsLimits()
-    placement: Placement = Placement()
     load: Load = Load(max_ongoing_requests=128, max_queued_requests=256, admission=AdmissionConfig())
     degraded: Optional[EmbeddingsDegradation] = EmbeddingsDegradation()
 
@@ -613,11 +621,7 @@ class DiffusionLimits(Strict):
     max_side: int = Field(default=1024, ge=8, le=4096, multiple_of=8)
     max_prompt_chars: int = Field(default=1000, ge=1)
 
-    @model_validator(mode="after")
-    def _sides(self) -> "DiffusionLimits":
-        if self.min_side > self.max_side:
-            raise ValueError(f"min_side ({self.min_side}) exceeds max_side ({self.max_side})")
-        return self
+    _sides = model_validator(mode="after")(lambda self: not_above(self, "min_side", "max_side"))
 
 
 class DiffusionConfig(Workload):
@@ -629,7 +633,6 @@ class DiffusionConfig(Workload):
     runtime: DiffusionRuntime = DiffusionRuntime()
     batching: DiffusionBatching = DiffusionBatching()
     limits: DiffusionLimits = DiffusionLimits()
-    placement: Placement = Placement()
     load: Load = Load()
     cache_bytes: int = Field(default=256 << 20, ge=0, description="Result cache (PNG bytes) per replica; 0 turns it off.")
 
@@ -706,6 +709,15 @@ class AgentToolsConfig(Strict):
     retrieve: ToolConfig = ToolConfig(timeout_s=5.0, retries=1)
     http_fetch: FetchToolConfig = FetchToolConfig()
 
+    def offered(self, embeddings: bool) -> list[str]:
+        """The tool names this miner offers (retrieve needs the embeddings workload)."""
+        names = [name for name in ("calculator", "scratchpad") if getattr(self, name).enabled]
+        if self.retrieve.enabled and embeddings:
+            names.append("retrieve")
+        if self.http_fetch.enabled and self.http_fetch.allowed_hosts:
+            names.append("http_fetch")
+        return names
+
 
 class AgentsModel(Strict):
     id: str = Field(default="torchrank/tiny-lm",
@@ -726,11 +738,7 @@ class AgentsLimits(Strict):
     max_documents: int = Field(default=32, ge=0)
     max_document_chars: int = Field(default=4000, ge=1)
 
-    @model_validator(mode="after")
-    def _steps(self) -> "AgentsLimits":
-        if self.default_max_steps > self.max_steps:
-            raise ValueError(f"default_max_steps ({self.default_max_steps}) exceeds max_steps ({self.max_steps})")
-        return self
+    _steps = model_validator(mode="after")(lambda self: not_above(self, "default_max_steps", "max_steps"))
 
 
 class AgentsConfig(Workload):
@@ -744,7 +752,6 @@ class AgentsConfig(Workload):
     runtime: ProcessRuntime = ProcessRuntime()
     batching: AgentsBatching = AgentsBatching()
     limits: AgentsLimits = AgentsLimits()
-    placement: Placement = Placement()
     load: Load = Load(max_ongoing_requests=64, max_queued_requests=64, admission=AdmissionConfig(max_in_flight=64,
                                                                                                   max_queued=256))
     tools: AgentToolsConfig = AgentToolsConfig()
@@ -806,7 +813,7 @@ class ClusterConfig(Strict):
 class MinerConfig(Strict):
     name: str = Field(default="torchrank-miner", description="Used for the shared replay store's actor name.")
     wallet: WalletConfig
-    subnets: tuple[SubnetConfig, ...] = Field(min_length=1)
+    subnets: tuple[SubnetConfig, ...]
     workloads: WorkloadsConfig = WorkloadsConfig()
     router: RouterConfig = RouterConfig()
     cluster: ClusterConfig = ClusterConfig()
@@ -849,6 +856,15 @@ class MinerConfig(Strict):
                 f"{', '.join(parts)}): the entry gate would shed what admission "
                 f"ranks by stake. Raise router.max_in_progress to at least {total} (router.max_ongoing_requests, "
                 f"{self.router.max_ongoing_requests}, must stay at least it) or lower those caps")
+
+    @field_validator("subnets")
+    @classmethod
+    def _at_least_one_subnet(cls, subnets: tuple[SubnetConfig, ...]) -> tuple[SubnetConfig, ...]:
+        # Not Field(min_length=1): pydantic counts only the items that validated, so one subnet with a
+        # typo would also report "Tuple should have at least 1 item" beside the real error.
+        if not subnets:
+            raise ValueError("at least one subnet is required")
+        return subnets
 
     @model_validator(mode="after")
     def _consistent(self) -> "MinerConfig":

@@ -16,8 +16,8 @@ from typing import Awaitable, Callable, Optional
 
 from serve_app.agents.calls import Answer, InvalidAction, parse_action
 from serve_app.agents.tools import Session, Tool, ToolError, run_tool
-from serve_app.engines.coalesce import DeadlinePassed
-from serve_app.engines.llm import Generation
+from serve_app.contracts import DeadlinePassed, Generation
+
 
 Generate = Callable[[list[dict]], Awaitable[Generation]]
 MAX_RESULT_CHARS = 2000  # of a tool result fed back to the model

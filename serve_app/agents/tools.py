@@ -30,8 +30,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from serve_app.agents.calculator import CalcError, Calculator
 from serve_app.config import FETCH_DEFAULT_PORTS, FetchToolConfig
-from serve_app.engines import process
 from serve_app.errors import json_safe
+from serve_app.inference import process
 
 RETRY_BASE_S = 0.05  # doubled per attempt, full jitter
 
@@ -90,7 +90,7 @@ class ToolProcess:
     timeout really stops them: a call that does not finish (its timeout, the run's
     cancellation) kills the child, and the next call starts a fresh one.
 
-    The child speaks serve_app/engines/process.py's protocol; it starts at the first call
+    The child speaks serve_app/inference/process.py's protocol; it starts at the first call
     (a fresh interpreter: cheap next to a tool's timeout; figure in benchmarks/README.md) and
     serves one call at a time (others wait their turn, within their timeout).
     """

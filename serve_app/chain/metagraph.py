@@ -22,8 +22,9 @@ from typing import Mapping, Optional, Protocol, Union
 from pydantic import BaseModel, ConfigDict, Field
 
 from serve_app.config import ChainMetagraph, SnapshotMetagraph
+from serve_app.ops.periodic import every
 
-log = logging.getLogger("torchrank.metagraph")
+log = logging.getLogger("ray.serve.torchrank.metagraph")
 
 # With no view loaded every request but the allow-list's is refused: retry from this soon, doubling.
 FIRST_RETRY_S = 1.0
@@ -194,7 +195,9 @@ class MetagraphCache:
 
     def start(self) -> None:
         if self._task is None:
-            self._task = asyncio.get_running_loop().create_task(self._run())
+            self._task = asyncio.get_running_loop().create_task(
+                every(self.next_delay_s, self.refresh, "refreshing the metagraph",
+                      wait_first=True))
 
     async def stop(self) -> None:
         if self._task is not None:
@@ -209,11 +212,6 @@ class MetagraphCache:
         doublings = min(max(0, self.failures - 1), 30)  # bounded: 2 ** a day's failures overflows a float
         backoff = min(self.refresh_s, FIRST_RETRY_S * 2 ** doublings)
         return backoff * random.uniform(0.5, 1.0)
-
-    async def _run(self) -> None:
-        while True:
-            await asyncio.sleep(self.next_delay_s())
-            await self.refresh()
 
     @property
     def age_s(self) -> Optional[float]:

@@ -1,5 +1,5 @@
 """What a workload replica needs of its model: one small interface, whether the engine runs
-in the replica's process or in a child process (serve_app/engines/process.py).
+in the replica's process or in a child process (serve_app/inference/process.py).
 
 Lifecycle: the constructor builds the engine (loads, checks and warms up the model) on
 the replica's engine thread; then `probe()` is the health check's cheapest real call,
@@ -15,7 +15,7 @@ import gc
 from abc import ABC, abstractmethod
 from typing import Any
 
-from serve_app.engines.gpu import gpu_usage
+from serve_app.inference.gpu import gpu_usage
 
 
 class Engine(ABC):

@@ -14,44 +14,21 @@ import functools
 import io
 import logging
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
 from serve_app.config import DiffusionConfig, DiffusionPreset
+from serve_app.contracts import DeadlinePassed, ImageJob, RenderSpec
 from serve_app.engines.base import GeneratingEngine
-from serve_app.engines.coalesce import DeadlinePassed
-from serve_app.engines.gpu import torch_runtime
+
 from serve_app.engines.tiny_diffusion import TINY_DIFFUSION_ID, build_tiny_pipeline
 from serve_app.engines.weights import weights_digest
+from serve_app.inference.gpu import torch_runtime
 
 log = logging.getLogger("ray.serve.torchrank.diffusion")
 
 SCHEDULERS = {"ddim": "DDIMScheduler", "euler": "EulerDiscreteScheduler",
               "euler_a": "EulerAncestralDiscreteScheduler", "dpm": "DPMSolverMultistepScheduler"}
-
-
-@dataclass(frozen=True)
-class ImageJob:
-    prompt: str
-    seed: int
-    negative_prompt: str = ""
-    deadline: Optional[float] = None  # time.time(); None: no deadline (warm-up, health probe)
-
-
-@dataclass(frozen=True)
-class RenderSpec:
-    """What one pipeline call shares: only images with equal specs are batched together."""
-
-    preset: str
-    steps: int
-    width: int
-    height: int
-
-    @property
-    def work(self) -> int:
-        """Pixel-steps of one image: what an image of this spec costs, roughly."""
-        return self.width * self.height * self.steps
 
 
 def resolve_pipeline_path(cfg: DiffusionConfig) -> str:

@@ -23,7 +23,7 @@ import numpy as np
 
 from serve_app.engines.weights import build_once
 
-log = logging.getLogger("torchrank.embeddings")
+log = logging.getLogger("ray.serve.torchrank.embeddings")
 
 OPSET = 17
 

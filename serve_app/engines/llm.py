@@ -9,23 +9,16 @@ so one forward pass advances every session in the batch by a token.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
 from pathlib import Path
 
 from serve_app.config import AgentsConfig
+from serve_app.contracts import Generation
 from serve_app.engines.base import GeneratingEngine
-from serve_app.engines.gpu import torch_runtime
 from serve_app.engines.tiny_lm import TINY_LM_ID, build_tiny_lm
 from serve_app.engines.weights import weights_digest
+from serve_app.inference.gpu import torch_runtime
 
 log = logging.getLogger("ray.serve.torchrank.llm")
-
-
-@dataclass(frozen=True)
-class Generation:
-    text: str
-    prompt_tokens: int
-    completion_tokens: int
 
 
 def resolve_model_path(model: str, cache_dir: str) -> str:

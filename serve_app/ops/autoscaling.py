@@ -34,7 +34,7 @@ from typing import Any, Callable, Iterator, Optional
 
 from serve_app.config import ReplicaAutoscaling
 
-log = logging.getLogger("ray.serve")
+log = logging.getLogger("ray.serve.torchrank.autoscaling")  # a child of Serve's logger: the controller's log
 
 P95_KEY = "p95_latency_s"
 QUEUED_KEY = "queued"

@@ -16,9 +16,12 @@ log = logging.getLogger("ray.serve.torchrank")
 Period = Union[float, Callable[[], float]]
 
 
-async def every(period_s: Period, fn: Callable[[], object], what: str) -> None:
-    """Call `fn` (plain or async) now and then every `period_s` seconds (a number, or a function
-    giving the next wait) until cancelled. A failed call is logged as "`what` failed"."""
+async def every(period_s: Period, fn: Callable[[], object], what: str, wait_first: bool = False) -> None:
+    """Call `fn` (plain or async) now (after one period with `wait_first`) and then every `period_s`
+    seconds (a number, or a function giving the next wait) until cancelled. A failed call is
+    logged as "`what` failed"."""
+    if wait_first:
+        await asyncio.sleep(period_s() if callable(period_s) else period_s)
     while True:
         try:
             result = fn()

@@ -16,7 +16,6 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from serve_app.config import AgentsConfig
 from serve_app.protocols.base import limit_exceeded, parse_json
-from serve_app.workloads.agents import available_tools
 
 
 class AgentRunRequest(BaseModel):
@@ -38,7 +37,7 @@ class AgentRuns:
 
     def __init__(self, cfg: AgentsConfig, embeddings: bool):
         self.cfg = cfg
-        self.tools = available_tools(cfg, embeddings)
+        self.tools = cfg.tools.offered(embeddings)
 
     def parse(self, body: bytes) -> AgentRunRequest:
         req = parse_json(body, AgentRunRequest)

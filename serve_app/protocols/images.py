@@ -16,7 +16,8 @@ from typing import Literal, Optional
 from pydantic import BaseModel, ConfigDict, Field
 
 from serve_app.config import DiffusionConfig, SubnetDiffusion
-from serve_app.engines.diffusion import RenderSpec
+
+from serve_app.contracts import RenderSpec
 from serve_app.protocols.base import limit_exceeded, parse_json
 
 MAX_SEED = 2**63 - 1

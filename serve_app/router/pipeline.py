@@ -29,7 +29,8 @@ from ray.serve.exceptions import BackPressureError
 from starlette.requests import Request
 from starlette.responses import Response
 
-from serve_app.engines.coalesce import DeadlinePassed
+
+from serve_app.contracts import DeadlinePassed
 from serve_app.errors import (ApiError, ErrorCode, deadline_exceeded, error_response, json_response, not_found,
                               retry_after, shed, unavailable)
 from serve_app.ops.admission import QueueDeadline, Shed

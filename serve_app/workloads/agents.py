@@ -20,29 +20,19 @@ from serve_app.agents.loop import run_agent
 from serve_app.agents.tools import (CalculatorArgs, FetchArgs, RetrieveArgs, ScratchpadArgs, Session, Tool, calculator,
                                     make_fetch, make_retrieve, scratchpad)
 from serve_app.config import AgentsConfig
-from serve_app.engines.coalesce import CoalescingRunner, DeadlinePassed
+from serve_app.contracts import DeadlinePassed
+from serve_app.inference.coalesce import CoalescingRunner
 from serve_app.workloads.replica import WorkloadReplica
-
-
-def available_tools(cfg: AgentsConfig, embeddings: bool) -> list[str]:
-    """The tool names this miner offers with this config (retrieve needs the embeddings workload)."""
-    tools = cfg.tools
-    names = [name for name in ("calculator", "scratchpad") if getattr(tools, name).enabled]
-    if tools.retrieve.enabled and embeddings:
-        names.append("retrieve")
-    if tools.http_fetch.enabled and tools.http_fetch.allowed_hosts:
-        names.append("http_fetch")
-    return names
 
 
 @serve.deployment(name="Agents")
 class Agents(WorkloadReplica):
     def __init__(self, cfg: AgentsConfig, embeddings=None):
         from serve_app.engines.llm import LLMEngine
-        from serve_app.engines.process import EngineProcess
+        from serve_app.inference.process import EngineProcess
 
         build = functools.partial(EngineProcess, LLMEngine) if cfg.runtime.engine_process else LLMEngine
-        super().__init__("agents", cfg, build, stuck_call_s=cfg.runtime.stuck_call_s)
+        super().__init__("agents", cfg, build)
         self.runner = CoalescingRunner(self.engine_thread, self._generate_pass, max_items=cfg.batching.max_batch_sessions)
         self.embeddings = embeddings
         self.tools = self._tools(cfg)
@@ -63,7 +53,7 @@ class Agents(WorkloadReplica):
         fetch = t.http_fetch
         tools["http_fetch"] = Tool("http_fetch", FetchArgs, make_fetch(fetch.allowed_hosts, fetch.max_bytes),
                                    fetch.timeout_s, fetch.retries)
-        return {name: tools[name] for name in available_tools(cfg, self.embeddings is not None)}
+        return {name: tools[name] for name in cfg.tools.offered(embeddings=self.embeddings is not None)}
 
     def _generate_pass(self, conversations: list[list[dict]]):
         """One batched model call for the sessions waiting, on the engine thread, measured."""

@@ -16,9 +16,10 @@ import time
 from ray import serve
 
 from serve_app.config import DiffusionConfig
-from serve_app.engines.coalesce import CoalescingRunner, DeadlinePassed
-from serve_app.engines.diffusion import ImageJob, RenderSpec
-from serve_app.engines.result_cache import ByteLRU
+from serve_app.contracts import DeadlinePassed, ImageJob, RenderSpec
+from serve_app.inference.coalesce import CoalescingRunner
+
+from serve_app.inference.result_cache import ByteLRU
 from serve_app.workloads.replica import SERVE_BATCHES_IN_FLIGHT, WorkloadReplica, serve_batch_size
 
 work_in = serve_batch_size(lambda item: item[3])  # in pixel-steps: items are (spec, jobs, deadline, work)
@@ -35,10 +36,10 @@ class Diffusion(WorkloadReplica):
 
     def __init__(self, cfg: DiffusionConfig):
         from serve_app.engines.diffusion import DiffusionEngine
-        from serve_app.engines.process import EngineProcess
+        from serve_app.inference.process import EngineProcess
 
         build = functools.partial(EngineProcess, DiffusionEngine) if cfg.runtime.engine_process else DiffusionEngine
-        super().__init__("diffusion", cfg, build, stuck_call_s=cfg.runtime.stuck_call_s)
+        super().__init__("diffusion", cfg, build)
         self.cache = ByteLRU(cfg.cache_bytes)
         self.runners: dict[RenderSpec, CoalescingRunner] = {}
         self.max_work = max_batch_work(cfg)

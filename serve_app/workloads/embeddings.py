@@ -14,14 +14,12 @@ import time
 from ray import serve
 
 from serve_app.config import EmbeddingsConfig
-from serve_app.engines.coalesce import CoalescingRunner, DeadlinePassed
-from serve_app.ops.watchdog import Hysteresis
-from serve_app.workloads.replica import PROBE_TIMEOUT_S, SERVE_BATCHES_IN_FLIGHT, WorkloadReplica, serve_batch_size
+from serve_app.contracts import DeadlinePassed
+from serve_app.inference.coalesce import CoalescingRunner
+from serve_app.ops.hysteresis import Hysteresis
+from serve_app.workloads.replica import SERVE_BATCHES_IN_FLIGHT, WorkloadReplica, serve_batch_size
 
 log = logging.getLogger("ray.serve.torchrank.embeddings")
-# EmbeddingsConfig has no stuck_call_s: a forward pass (well under a second) running this
-# long fails the health check.
-STUCK_PASS_S = PROBE_TIMEOUT_S
 texts_in = serve_batch_size(lambda request: len(request[0]))  # items are (texts, deadline, cap)
 
 
@@ -30,7 +28,7 @@ class Embeddings(WorkloadReplica):
     def __init__(self, cfg: EmbeddingsConfig):
         from serve_app.engines.embeddings import SentenceEmbeddingEngine
 
-        super().__init__("embeddings", cfg, SentenceEmbeddingEngine, stuck_call_s=STUCK_PASS_S)
+        super().__init__("embeddings", cfg, SentenceEmbeddingEngine)
         self.runner = CoalescingRunner(self.engine_thread, self._encode_pass, max_items=cfg.batching.max_batch_texts)
         self._embed_batch.set_max_batch_size(cfg.batching.max_batch_texts)
         self._embed_batch.set_batch_wait_timeout_s(cfg.batching.batch_wait_timeout_s)

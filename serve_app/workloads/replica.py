@@ -17,8 +17,8 @@ import time
 from typing import Callable, Iterable, Optional, TypeVar
 
 from serve_app.engines.base import Engine
-from serve_app.engines.coalesce import CoalescingRunner
-from serve_app.engines.thread import EngineThread
+from serve_app.inference.coalesce import CoalescingRunner
+from serve_app.inference.thread import EngineThread
 from serve_app.observability import logs
 from serve_app.observability.metrics import GAUGE_PERIOD_S, WorkloadMetrics
 from serve_app.ops.autoscaling import LoadWindow
@@ -27,7 +27,7 @@ from serve_app.ops.periodic import every
 log = logging.getLogger("ray.serve.torchrank")
 T = TypeVar("T")
 
-# See serve_app/engines/coalesce.py: a CoalescingRunner under each @serve.batch merges the batches Serve cuts, so
+# See serve_app/inference/coalesce.py: a CoalescingRunner under each @serve.batch merges the batches Serve cuts, so
 # Serve's batch semaphore must never hold one back. Each cut batch holds at least one
 # request, so this bound (the config's ceiling on max_ongoing_requests) never binds.
 SERVE_BATCHES_IN_FLIGHT = 4096
@@ -61,16 +61,17 @@ class WorkloadReplica:
     and defines `stats`.
 
     `build(cfg, threads)` makes the engine (an Engine: in process, or an EngineProcess via
-    functools.partial); `cfg` gives runtime.cpu_nice, runtime.torch_threads and placement.num_cpus. A model call
-    running longer than `stuck_call_s` fails the health check (None: never).
+    functools.partial); `cfg` is the workload's config: runtime.cpu_nice, runtime.torch_threads
+    and placement.num_cpus size it, and a model call running longer than runtime.stuck_call_s
+    fails the health check.
     """
 
     call_noun = "model call"  # for the health check's message
 
-    def __init__(self, name: str, cfg, build: Callable[..., Engine], stuck_call_s: Optional[float]):
+    def __init__(self, name: str, cfg, build: Callable[..., Engine]):
         logging.getLogger("ray.serve").addFilter(_DropInapplicableBatchWarning())
         os.nice(cfg.runtime.cpu_nice)  # before the engine, its threads and processes exist: they inherit it
-        self.name, self.cfg, self.stuck_call_s = name, cfg, stuck_call_s
+        self.name, self.cfg, self.stuck_call_s = name, cfg, cfg.runtime.stuck_call_s
         self.engine_thread = EngineThread(name)
         threads = cfg.runtime.torch_threads or max(1, int(cfg.placement.num_cpus))
         self.engine = self.engine_thread.run_sync(build, cfg, threads)  # loaded and warmed up on its thread
@@ -129,7 +130,7 @@ class WorkloadReplica:
         # Idle: a real, cheap call (the engine's probe).
         started = self.call_started
         if started is not None:
-            if self.stuck_call_s is not None and time.perf_counter() - started > self.stuck_call_s:
+            if time.perf_counter() - started > self.stuck_call_s:
                 raise RuntimeError(f"a {self.call_noun} has run for over {self.stuck_call_s:.0f}s")
         elif self.idle:
             await asyncio.wait_for(self.engine_thread.run(self.engine.probe), timeout=PROBE_TIMEOUT_S)

@@ -1,6 +1,6 @@
 """The driver of the fake multi-node cluster test (its own process: the test session may
 already be connected to another Ray cluster). Places replicas with the miner's own
-`placed()` and prints what happened as one JSON line per phase.
+`with_placement()` and prints what happened as one JSON line per phase.
 
     python -m tests.cluster.placement_driver GCS_ADDRESS
 """
@@ -12,7 +12,7 @@ import time
 import ray
 from ray import serve
 
-from serve_app.app import placed
+from serve_app.app import with_placement
 from serve_app.config import EmbeddingsConfig, MinerConfig
 
 
@@ -63,7 +63,7 @@ def main(address: str) -> None:
     # Not preemption-safe, 3 replicas at half a GPU: two on-demand GPU nodes come up.
     unsafe = EmbeddingsConfig(placement={"num_replicas": 3, "num_cpus": 0.5, "num_gpus": 0.5})
     started = time.monotonic()
-    serve.run(placed(Probe, unsafe, "embeddings", miner).bind(unsafe), name="unsafe", route_prefix=None)
+    serve.run(with_placement(Probe, unsafe, "embeddings", miner).bind(unsafe), name="unsafe", route_prefix=None)
     report(phase="unsafe", seconds=round(time.monotonic() - started, 1), nodes=nodes_of("unsafe", 3),
            workers=list(worker_nodes().values()))
 
@@ -71,7 +71,7 @@ def main(address: str) -> None:
     # free on one node, so spot nodes come up for them.
     safe = EmbeddingsConfig(placement={"num_replicas": 2, "num_cpus": 0.5, "num_gpus": 1.0, "preemption_safe": True})
     started = time.monotonic()
-    serve.run(placed(Probe, safe, "embeddings", miner).bind(safe), name="safe", route_prefix=None)
+    serve.run(with_placement(Probe, safe, "embeddings", miner).bind(safe), name="safe", route_prefix=None)
     report(phase="safe", seconds=round(time.monotonic() - started, 1), nodes=nodes_of("safe", 2),
            workers=list(worker_nodes().values()))
 

@@ -1,5 +1,5 @@
 """Node autoscaling on a fake multi-node cluster (Ray's fake_multinode provider): fractional
--GPU replicas placed by the miner's `placed()` make the cluster autoscaler add GPU worker
+-GPU replicas placed by the miner's `with_placement()` make the cluster autoscaler add GPU worker
 nodes of the right type, work that is not preemption-safe never lands on a spot node, and
 idle nodes are removed. Runs in under a minute; `make test-cluster` runs it alone.
 """

@@ -7,8 +7,9 @@ import pytest
 from PIL import Image
 
 from serve_app.config import DiffusionConfig
-from serve_app.engines.coalesce import DeadlinePassed
-from serve_app.engines.diffusion import DiffusionEngine, ImageJob, RenderSpec
+
+from serve_app.contracts import DeadlinePassed, ImageJob, RenderSpec
+from serve_app.engines.diffusion import DiffusionEngine
 
 
 @pytest.fixture(scope="module")
@@ -41,7 +42,7 @@ def test_one_call_per_batch_with_the_specs_steps_and_size(engine):
         before = engine.calls
         engine.generate([ImageJob(f"p{i}", i) for i in range(4)], spec(engine, "fast"))
         assert engine.calls == before + 1
-        assert len(calls) == engine.cfg.presets["fast"].steps  # each step: one UNet pass for the whole batch
+        assert len(calls) == engine.cfg.model.presets["fast"].steps  # each step: one UNet pass for the whole batch
         calls.clear()
         wide = engine.generate([ImageJob("p", 1)], spec(engine, "fast", steps=3, width=128))[0]
         assert len(calls) == 3 and Image.open(io.BytesIO(wide)).size == (128, 64)

@@ -200,7 +200,7 @@ def test_batched_embeddings_equal_unbatched(miner):
 
 def test_requests_queued_behind_a_busy_model_share_its_next_pass(miner):
     """Sustained single-text load: most requests wait for a running pass and join the next one
-    (ray 2.60's @serve.batch alone ran one pass per text here: see serve_app/engines/coalesce.py)."""
+    (ray 2.60's @serve.batch alone ran one pass per text here: see serve_app/inference/coalesce.py)."""
     before = miner.workload_stats()
     texts = [f"{TEXTS[i % len(TEXTS)]} {i}" for i in range(96)]
     with ThreadPoolExecutor(16) as pool:

@@ -9,8 +9,8 @@ import pytest
 from serve_app.agents.loop import run_agent
 from serve_app.agents.tools import (CalculatorArgs, RetrieveArgs, ScratchpadArgs, Session, Tool, ToolError, calculator,
                                     make_retrieve, run_tool, scratchpad)
-from serve_app.engines.coalesce import DeadlinePassed
-from serve_app.engines.llm import Generation
+from serve_app.contracts import DeadlinePassed, Generation
+
 
 CALC = Tool("calculator", CalculatorArgs, calculator)
 PAD = Tool("scratchpad", ScratchpadArgs, scratchpad)

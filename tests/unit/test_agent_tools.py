@@ -15,7 +15,8 @@ from serve_app.agents.loop import run_agent
 from serve_app.agents.tools import (CalculatorArgs, FetchArgs, Session, Tool, ToolError, ToolProcess, calculator,
                                     is_public_address, make_fetch, run_tool)
 from serve_app.config import FetchToolConfig
-from serve_app.engines.llm import Generation
+from serve_app.contracts import Generation
+
 
 CALC = Tool("calculator", CalculatorArgs, calculator)
 

@@ -3,17 +3,16 @@ import pytest
 from serve_app.config import AgentsConfig
 from serve_app.errors import ApiError
 from serve_app.protocols.agents import AgentRuns
-from serve_app.workloads.agents import available_tools
 
 
 def test_available_tools_follow_the_config():
     cfg = AgentsConfig()
-    assert available_tools(cfg, embeddings=True) == ["calculator", "scratchpad", "retrieve"]
-    assert available_tools(cfg, embeddings=False) == ["calculator", "scratchpad"]
+    assert cfg.tools.offered(embeddings=True) == ["calculator", "scratchpad", "retrieve"]
+    assert cfg.tools.offered(embeddings=False) == ["calculator", "scratchpad"]
     fetch_on = AgentsConfig(tools={"http_fetch": {"enabled": True, "allowed_hosts": ["docs.example.org"]}})
-    assert "http_fetch" in available_tools(fetch_on, embeddings=False)
+    assert "http_fetch" in fetch_on.tools.offered(embeddings=False)
     # Enabled with no host allowed is still off: it could fetch nothing.
-    assert "http_fetch" not in available_tools(AgentsConfig(tools={"http_fetch": {"enabled": True}}), False)
+    assert "http_fetch" not in AgentsConfig(tools={"http_fetch": {"enabled": True}}).tools.offered(False)
 
 
 def test_defaults_and_dedup():

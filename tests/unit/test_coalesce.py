@@ -6,8 +6,9 @@ import threading
 import numpy as np
 import pytest
 
-from serve_app.engines.coalesce import CoalescingRunner
-from serve_app.engines.thread import EngineThread
+from serve_app.contracts import DeadlinePassed
+from serve_app.inference.coalesce import CoalescingRunner
+from serve_app.inference.thread import EngineThread
 
 
 class Engine:
@@ -97,7 +98,6 @@ def test_a_cancelled_caller_is_skipped():
 def test_work_whose_deadline_passed_while_queued_is_dropped_not_computed():
     import time
 
-    from serve_app.engines.coalesce import DeadlinePassed
 
     engine = Engine()
     runner = CoalescingRunner(EngineThread("t"), engine, max_items=64)

@@ -1,4 +1,7 @@
+from pathlib import Path
+
 import pytest
+import yaml
 from bittensor.sp_core import Keypair
 from pydantic import ValidationError
 from ray.serve._private.api import call_user_app_builder_with_args_if_necessary
@@ -252,3 +255,26 @@ def test_readiness_fails_before_the_metagraph_stops_authorising():
         MinerConfig.model_validate(args(subnets=[subnet]))
     subnet["watchdog"]["max_metagraph_age_s"] = 600
     MinerConfig.model_validate(args(subnets=[subnet]))
+
+
+def test_release_0_1_flat_workload_fields_are_read_into_their_sections_with_a_warning():
+    from serve_app.config import EmbeddingsConfig
+
+    with pytest.warns(DeprecationWarning, match=r"workloads.embeddings: .*offline -> runtime.offline, "
+                                                r"max_batch_texts -> batching.max_batch_texts"):
+        old = EmbeddingsConfig(model="some/model", runtime="torch", offline=True, max_batch_texts=128,
+                               num_gpus=0.5, admission={"max_queued": 7})
+    new = EmbeddingsConfig(model={"id": "some/model"}, runtime={"backend": "torch", "offline": True},
+                           batching={"max_batch_texts": 128}, placement={"num_gpus": 0.5},
+                           load={"admission": {"max_queued": 7}})
+    assert old == new
+    with pytest.raises(ValidationError, match="offline and runtime.offline are the same field"):
+        EmbeddingsConfig(offline=True, runtime={"offline": False})
+
+
+def test_the_shipped_configs_use_no_deprecated_field(recwarn):
+    for path in Path("deployments").glob("*.yaml"):
+        doc = yaml.safe_load(path.read_text())
+        for app in doc.get("applications", []):
+            MinerConfig.model_validate(app["args"])
+    assert not [w for w in recwarn if "deprecated field names" in str(w.message)]

@@ -6,9 +6,10 @@ import time
 
 import pytest
 
+from serve_app.contracts import DeadlinePassed
 from serve_app.engines.base import GeneratingEngine
-from serve_app.engines.coalesce import DeadlinePassed
-from serve_app.engines.process import EngineProcess, EngineProcessError
+
+from serve_app.inference.process import EngineProcess, EngineProcessError
 
 
 class FakeEngine(GeneratingEngine):

@@ -1,7 +1,8 @@
 import pytest
 
 from serve_app.config import DiffusionConfig, SubnetDiffusion
-from serve_app.engines.diffusion import RenderSpec
+
+from serve_app.contracts import RenderSpec
 from serve_app.errors import ApiError
 from serve_app.protocols.images import MAX_SEED, OpenAIImages
 

@@ -218,7 +218,7 @@ def test_a_view_from_an_older_block_is_refused(caplog):
         cache = MetagraphCache(ScriptedSource(view_at(10), view_at(9), view_at(8), view_at(11)), refresh_s=60,
                                max_age_s=600)
         assert await cache.refresh()
-        with caplog.at_level("WARNING", logger="torchrank.metagraph"):
+        with caplog.at_level("WARNING", logger="ray.serve.torchrank.metagraph"):
             assert not await cache.refresh()
             assert not await cache.refresh()
         assert cache.view.block == 10 and cache.behind_refused == 2

@@ -1,4 +1,4 @@
-from serve_app.engines.result_cache import ByteLRU
+from serve_app.inference.result_cache import ByteLRU
 
 
 def test_bounded_in_bytes_and_least_recently_used_goes_first():

@@ -2,7 +2,8 @@ import pytest
 
 from serve_app.config import SubnetConfig
 from serve_app.errors import ApiError
-from serve_app.ops.watchdog import Hysteresis, SubnetWatchdog
+from serve_app.ops.hysteresis import Hysteresis
+from serve_app.ops.watchdog import SubnetWatchdog
 from serve_app.router.policy import priority, request_timeout
 
 

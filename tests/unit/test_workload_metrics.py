@@ -9,8 +9,8 @@ from types import SimpleNamespace
 import pytest
 
 from serve_app.engines.base import GeneratingEngine
-from serve_app.engines.coalesce import CoalescingRunner
-from serve_app.engines.gpu import gpu_usage
+from serve_app.inference.coalesce import CoalescingRunner
+from serve_app.inference.gpu import gpu_usage
 from serve_app.observability.metrics import WorkloadMetrics
 from serve_app.workloads.replica import WorkloadReplica
 
@@ -98,7 +98,9 @@ class FakeEngine(GeneratingEngine):
 
 class FakeWorkload(WorkloadReplica):
     def __init__(self):
-        super().__init__("fake", SimpleNamespace(runtime=SimpleNamespace(cpu_nice=0, torch_threads=1), placement=SimpleNamespace(num_cpus=1)), FakeEngine, stuck_call_s=5.0)
+        cfg = SimpleNamespace(runtime=SimpleNamespace(cpu_nice=0, torch_threads=1, stuck_call_s=5.0),
+                              placement=SimpleNamespace(num_cpus=1))
+        super().__init__("fake", cfg, FakeEngine)
         self.runner = CoalescingRunner(self.engine_thread, self._pass, max_items=8)
 
     def _pass(self, items: list):

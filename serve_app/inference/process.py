@@ -45,7 +45,7 @@ def read_message(stream):
 
 def spawn() -> subprocess.Popen:
     """A child process serving this module's protocol on its stdin/stdout (see _serve)."""
-    return subprocess.Popen([sys.executable, "-m", "serve_app.engines.process"],
+    return subprocess.Popen([sys.executable, "-m", "serve_app.inference.process"],
                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=dict(os.environ))
 
 

@@ -18,15 +18,11 @@ import time
 from collections import deque
 from typing import Callable, Optional, Sequence
 
-from serve_app.engines.thread import EngineThread
+from serve_app.contracts import DeadlinePassed
+from serve_app.inference.thread import EngineThread
 
 # fn(flat items) -> a tuple of arrays (or lists) whose first axis follows the items.
 BatchFn = Callable[[list], tuple]
-
-
-class DeadlinePassed(Exception):
-    """The caller's deadline passed before its work was done: it was dropped before it reached the model,
-    or the model stopped it part way (the diffusion engine, between steps)."""
 
 
 class CoalescingRunner:
