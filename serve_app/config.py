@@ -38,8 +38,31 @@ def not_above(model, low: str, high: str):
     return model
 
 
+def over(default: BaseModel, given: dict) -> dict:
+    """The fields of `default` with those `given` in their place; a section (a model) given as a
+    dict is merged the same way, one level down. A dict-valued field (presets) is replaced whole."""
+    out = {name: getattr(default, name) for name in type(default).model_fields}
+    for key, value in given.items():
+        current = out.get(key)
+        out[key] = over(current, value) if isinstance(current, BaseModel) and isinstance(value, dict) else value
+    return out
+
+
 class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _partial_sections_keep_their_defaults(cls, data):
+        """A section given in part keeps the rest of its field's default, not its class's: with
+        embeddings' `load: {max_ongoing_requests: 256}` the admission caps stay embeddings' own."""
+        if not isinstance(data, dict):
+            return data
+        out = dict(data)
+        for name, field in cls.model_fields.items():
+            if isinstance(field.default, BaseModel) and isinstance(out.get(name), dict):
+                out[name] = over(field.default, out[name])
+        return out
 
 
 class WalletConfig(Strict):
@@ -502,6 +525,7 @@ class Workload(Strict):
                    + ", ".join(f"{old} -> {new}" for old, new in moved))
             warnings.warn(msg, DeprecationWarning, stacklevel=2)
             legacy_log.warning(msg)
+            data = cls._partial_sections_keep_their_defaults(data)  # the sections the flat names made
         return data
 
     @property

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import asyncio
 from concurrent.futures import ThreadPoolExecutor
-from typing import Callable, TypeVar
+from typing import Callable, Optional, TypeVar
 
 T = TypeVar("T")
 
@@ -21,8 +21,9 @@ class EngineThread:
     def __init__(self, name: str):
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix=name)
 
-    def run_sync(self, fn: Callable[..., T], *args) -> T:
-        return self._pool.submit(fn, *args).result()
+    def run_sync(self, fn: Callable[..., T], *args, timeout: Optional[float] = None) -> T:
+        """fn(*args) on the thread; concurrent.futures.TimeoutError after `timeout` (it still runs)."""
+        return self._pool.submit(fn, *args).result(timeout)
 
     async def run(self, fn: Callable[..., T], *args) -> T:
         return await asyncio.get_running_loop().run_in_executor(self._pool, fn, *args)

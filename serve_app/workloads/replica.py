@@ -11,6 +11,7 @@ knows one is running and for how long.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import logging
 import os
 import time
@@ -32,6 +33,7 @@ T = TypeVar("T")
 # request, so this bound (the config's ceiling on max_ongoing_requests) never binds.
 SERVE_BATCHES_IN_FLIGHT = 4096
 PROBE_TIMEOUT_S = 20.0  # the idle health probe (Serve allows a check 30 s)
+ENGINE_CLOSE_WAIT_S = 5.0  # a call still running on the engine thread when the replica stops
 
 
 class _DropInapplicableBatchWarning(logging.Filter):
@@ -79,6 +81,8 @@ class WorkloadReplica:
         self.metrics = WorkloadMetrics(name)
         self.load = LoadWindow()  # latencies and in-flight requests, for the autoscaler
         self.call_started: Optional[float] = None  # perf_counter at the start of the running model call
+        self.calls_started = 0
+        self._waiting_since: Optional[tuple[int, float]] = None  # (calls_started, when) work was seen waiting
         gauges = every(GAUGE_PERIOD_S, self._publish_gauges, f"publishing {name} gauges")
         self._background = [asyncio.create_task(gauges), asyncio.create_task(logs.flush_every())]
 
@@ -104,6 +108,7 @@ class WorkloadReplica:
     def model_call(self, fn: Callable[..., T], *args) -> tuple[T, float]:
         """(fn(*args), seconds): one model call, on the engine thread, seen by the health check."""
         self.call_started = started = time.perf_counter()
+        self.calls_started += 1
         try:
             result = fn(*args)
         finally:
@@ -127,13 +132,22 @@ class WorkloadReplica:
 
     async def check_health(self) -> None:
         # Busy: a call in progress shows the model works, unless it has run too long (wedged).
-        # Idle: a real, cheap call (the engine's probe).
-        started = self.call_started
+        # Idle: a real, cheap call (the engine's probe). Work waiting with no call running (the
+        # engine thread held by something else): fails once no call has started for stuck_call_s.
+        started, now = self.call_started, time.perf_counter()
         if started is not None:
-            if time.perf_counter() - started > self.stuck_call_s:
+            self._waiting_since = None
+            if now - started > self.stuck_call_s:
                 raise RuntimeError(f"a {self.call_noun} has run for over {self.stuck_call_s:.0f}s")
         elif self.idle:
+            self._waiting_since = None
             await asyncio.wait_for(self.engine_thread.run(self.engine.probe), timeout=PROBE_TIMEOUT_S)
+        else:
+            if self._waiting_since is None or self._waiting_since[0] != self.calls_started:
+                self._waiting_since = (self.calls_started, now)
+            if now - self._waiting_since[1] > self.stuck_call_s:
+                raise RuntimeError(f"work has waited {now - self._waiting_since[1]:.0f}s with no {self.call_noun} "
+                                   f"started")
 
     def close(self) -> None:
         """Stop the loops, free the model (a child process is killed and reaped) and stop the
@@ -147,7 +161,11 @@ class WorkloadReplica:
         engine, self.engine = getattr(self, "engine", None), None
         if engine is not None:
             try:
-                engine.close()
+                try:
+                    # On its thread, after the call running there: an in-process model is not freed under it.
+                    self.engine_thread.run_sync(engine.close, timeout=ENGINE_CLOSE_WAIT_S)
+                except (concurrent.futures.TimeoutError, RuntimeError):  # wedged, or the thread is shut down
+                    engine.close()
             except Exception:
                 log.exception("closing the %s engine failed", getattr(self, "name", "workload"))
         if getattr(self, "engine_thread", None) is not None:

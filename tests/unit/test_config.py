@@ -278,3 +278,16 @@ def test_the_shipped_configs_use_no_deprecated_field(recwarn):
         for app in doc.get("applications", []):
             MinerConfig.model_validate(app["args"])
     assert not [w for w in recwarn if "deprecated field names" in str(w.message)]
+
+
+def test_a_section_given_in_part_keeps_the_rest_of_its_workloads_defaults():
+    from serve_app.config import AgentToolsConfig, DiffusionConfig, EmbeddingsConfig
+
+    load = EmbeddingsConfig(load={"max_ongoing_requests": 256}).load  # embeddings' own: 256 queued, admission 256+512
+    assert (load.max_queued_requests, load.admission.max_in_flight, load.admission.max_queued) == (256, 256, 512)
+    admission = EmbeddingsConfig(load={"admission": {"deadline_share": 0.7}}).load.admission
+    assert (admission.max_in_flight, admission.max_queued, admission.deadline_share) == (256, 512, 0.7)
+    assert AgentToolsConfig(calculator={"retries": 1}).calculator.timeout_s == 1.0  # the calculator's 1 s, not 5 s
+    # A dict-valued field is replaced whole: the presets given are the presets.
+    presets = DiffusionConfig(model={"presets": {"x": {"steps": 2, "width": 64, "height": 64}}, "default_preset": "x"})
+    assert list(presets.model.presets) == ["x"]

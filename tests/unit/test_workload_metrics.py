@@ -139,6 +139,51 @@ def test_a_call_running_past_stuck_call_s_fails_the_health_check_and_a_busy_one_
     assert asyncio.run(scenario()) == []
 
 
+def test_work_waiting_with_no_model_call_started_for_stuck_call_s_fails_the_health_check():
+    """The engine thread held by something else (a hung GPU read) while work waits: no call runs,
+    so neither the stuck-call check nor the idle probe would ever fire."""
+
+    class Waiting(FakeWorkload):
+        idle = False  # work queued
+
+    async def scenario():
+        workload = Waiting()
+        try:
+            workload.stuck_call_s = 0.05
+            await workload.check_health()  # first seen waiting
+            await asyncio.sleep(0.1)
+            with pytest.raises(RuntimeError, match="work has waited 0s with no model call started"):
+                await workload.check_health()
+            workload.model_call(lambda: None)  # a call started since: waiting afresh
+            await workload.check_health()
+            return workload.engine.probes
+        finally:
+            workload.close()
+
+    assert asyncio.run(scenario()) == []
+
+
+def test_the_engine_is_closed_on_its_thread_after_the_call_running_there():
+    async def scenario():
+        workload = FakeWorkload()
+        engine, order = workload.engine, []
+        release = threading.Event()
+        workload.engine_thread.run_sync(lambda: None)
+        running = asyncio.get_running_loop().run_in_executor(None, workload.engine_thread.run_sync,
+                                                             lambda: (release.wait(5), order.append("call")))
+        await asyncio.sleep(0.05)
+        closing = asyncio.get_running_loop().run_in_executor(None, workload.close)
+        await asyncio.sleep(0.05)
+        order.append(f"closed before the call ended: {engine.closed}")
+        release.set()
+        await running
+        await closing
+        return engine, order
+
+    engine, order = asyncio.run(scenario())
+    assert order == ["closed before the call ended: False", "call"] and engine.closed
+
+
 def test_the_replica_stop_closes_the_engine_thread_and_loops():
     async def scenario():
         workload = FakeWorkload()
