@@ -1,8 +1,8 @@
 """One remote call for many concurrent requests: the router's calls to the replay store
 and to the Embeddings workload.
 
-Every call costs both ends a fixed ~1 ms of CPU (serialisation, gRPC, the event loop),
-as much as a small forward pass costs per text. `CallBatcher` sends an item at once when
+Every call costs both ends a fixed CPU price (serialisation, gRPC, the event loop), about
+what a small forward pass costs per text (benchmarks/README.md, "Where the CPU goes"). `CallBatcher` sends an item at once when
 fewer than `max_concurrent` calls are out; otherwise it waits, and the items that queued
 meanwhile leave together in the next call as soon as one comes back. No timer: it waits
 only while a call is known to be coming back, so a lone request never waits.
