@@ -38,13 +38,17 @@ def not_above(model, low: str, high: str):
     return model
 
 
-def over(default: BaseModel, given: dict) -> dict:
+def over(default: BaseModel, given: dict, whole: bool = False) -> dict:
     """The fields of `default` with those `given` in their place; a section (a model) given as a
-    dict is merged the same way, one level down. A dict-valued field (presets) is replaced whole."""
-    out = {name: getattr(default, name) for name in type(default).model_fields}
+    dict is merged the same way, one level down. A dict-valued field (presets) is replaced whole.
+    Only the fields where `default` differs from its class's own defaults are filled (`whole`:
+    all of them), so that a section left out is filled by its own validator, one level down."""
+    out = {name: getattr(default, name) for name, field in type(default).model_fields.items()
+           if whole or getattr(default, name) != field.get_default(call_default_factory=True)}
     for key, value in given.items():
         current = out.get(key)
-        out[key] = over(current, value) if isinstance(current, BaseModel) and isinstance(value, dict) else value
+        out[key] = over(current, value, whole=True) if isinstance(current, BaseModel) and isinstance(value, dict) \
+            else value
     return out
 
 
@@ -53,16 +57,21 @@ class Strict(BaseModel):
 
     @model_validator(mode="before")
     @classmethod
-    def _partial_sections_keep_their_defaults(cls, data):
-        """A section given in part keeps the rest of its field's default, not its class's: with
-        embeddings' `load: {max_ongoing_requests: 256}` the admission caps stay embeddings' own."""
+    def _prepare(cls, data):
+        """Old names first (as the user wrote them), then a section given in part keeps the rest
+        of its field's default, not its class's: with embeddings' `load: {max_ongoing_requests:
+        256}` the admission caps stay embeddings' own."""
         if not isinstance(data, dict):
             return data
-        out = dict(data)
+        out = cls._read_legacy_names(dict(data))
         for name, field in cls.model_fields.items():
             if isinstance(field.default, BaseModel) and isinstance(out.get(name), dict):
                 out[name] = over(field.default, out[name])
         return out
+
+    @classmethod
+    def _read_legacy_names(cls, data: dict) -> dict:
+        return data  # no old names (Workload has some)
 
 
 class WalletConfig(Strict):
@@ -498,14 +507,11 @@ class Workload(Strict):
     workload: ClassVar[str]  # its field under `workloads:`
     placement: Placement = Placement()  # the same for every workload; the other sections are narrowed per workload
 
-    @model_validator(mode="before")
     @classmethod
-    def _read_legacy_names(cls, data):
+    def _read_legacy_names(cls, data: dict) -> dict:
         """Release 0.1's flat fields (e.g. `offline`, `max_batch_texts`) still work, moved to their
         section with a deprecation warning naming the new place."""
-        if not isinstance(data, dict):
-            return data
-        data, moved = dict(data), []
+        moved = []
         if isinstance(data.get("model"), str):
             data["model"] = {"id": data["model"]}
             moved.append(("model", "model.id"))
@@ -525,7 +531,6 @@ class Workload(Strict):
                    + ", ".join(f"{old} -> {new}" for old, new in moved))
             warnings.warn(msg, DeprecationWarning, stacklevel=2)
             legacy_log.warning(msg)
-            data = cls._partial_sections_keep_their_defaults(data)  # the sections the flat names made
         return data
 
     @property
