@@ -14,7 +14,9 @@ from serve_app.engines.diffusion import DiffusionEngine
 
 @pytest.fixture(scope="module")
 def engine(tmp_path_factory):
-    return DiffusionEngine(DiffusionConfig(runtime={"cache_dir": str(tmp_path_factory.mktemp("cache")), "device": "cpu"}))
+    engine = DiffusionEngine(DiffusionConfig(runtime={"cache_dir": str(tmp_path_factory.mktemp("cache")), "device": "cpu"}))
+    yield engine
+    engine.close()  # the model's memory and threads go before the next module's tests
 
 
 def spec(engine, preset, **change):

@@ -60,7 +60,9 @@ def engines(cache_dir):
             built[runtime, precision] = SentenceEmbeddingEngine(config(runtime, precision, cache_dir), num_threads=2)
         return built[runtime, precision]
 
-    return get
+    yield get
+    for engine in built.values():
+        engine.close()  # the models' memory and runtime threads go before the next module's tests
 
 
 @pytest.fixture(scope="module")

@@ -17,8 +17,10 @@ TEXTS = [
 
 @pytest.fixture(scope="module")
 def engine():
-    return SentenceEmbeddingEngine(EmbeddingsConfig(runtime={"offline": True, "device": "cpu", "backend": "torch", "precision": "fp32"}),
-                                   num_threads=1)
+    engine = SentenceEmbeddingEngine(EmbeddingsConfig(runtime={"offline": True, "device": "cpu", "backend": "torch",
+                                                               "precision": "fp32"}), num_threads=1)
+    yield engine
+    engine.close()  # the model's memory and threads go before the next module's tests
 
 
 def test_chunks_stay_under_the_padded_token_budget(engine, monkeypatch):

@@ -9,8 +9,10 @@ from serve_app.engines.tiny_lm import build_tiny_lm
 
 @pytest.fixture(scope="module")
 def engine(tmp_path_factory):
-    return LLMEngine(AgentsConfig(runtime={"cache_dir": str(tmp_path_factory.mktemp("models")), "device": "cpu"},
-                                  model={"max_new_tokens": 8}))
+    engine = LLMEngine(AgentsConfig(runtime={"cache_dir": str(tmp_path_factory.mktemp("models")), "device": "cpu"},
+                                    model={"max_new_tokens": 8}))
+    yield engine
+    engine.close()  # the model's memory and threads go before the next module's tests
 
 
 def test_build_is_idempotent_and_deterministic(tmp_path, engine):
