@@ -396,11 +396,6 @@ class Load(Strict):
                                        "restarts); past it, 503 shed.")
     admission: AdmissionConfig = AdmissionConfig(max_in_flight=64, max_queued=256)
 
-    def holds_max(self, placement: Placement) -> int:
-        """The most requests admission may hold per router replica (at the workload and queued), rounded as it does."""
-        scale = placement.admission_scale_max
-        return math.ceil(self.admission.max_in_flight * scale) + math.ceil(self.admission.max_queued * scale)
-
 
 class Runtime(Strict):
     """Where and how a workload's model runs: what every workload shares."""
@@ -495,8 +490,6 @@ LEGACY_FIELDS = {
     "max_ongoing_requests": ("load", "max_ongoing_requests"), "max_queued_requests": ("load", "max_queued_requests"),
     "admission": ("load", "admission"),
 }
-# Embeddings' `runtime` was the backend's name: a string there is read as runtime.backend.
-LEGACY_RUNTIME_STRING = ("runtime", "backend")
 legacy_log = logging.getLogger("ray.serve.torchrank.config")
 
 
@@ -515,7 +508,7 @@ class Workload(Strict):
         if isinstance(data.get("model"), str):
             data["model"] = {"id": data["model"]}
             moved.append(("model", "model.id"))
-        if isinstance(data.get("runtime"), str):
+        if isinstance(data.get("runtime"), str):  # embeddings' `runtime` was the backend's name
             data["runtime"] = {"backend": data["runtime"]}
             moved.append(("runtime", "runtime.backend"))
         for old in [key for key in data if key in LEGACY_FIELDS and key not in cls.model_fields]:
@@ -545,7 +538,9 @@ class Workload(Strict):
 
     @property
     def admission_holds_max(self) -> int:
-        return self.load.holds_max(self.placement)
+        """The most requests admission may hold per router replica (at the workload and queued), rounded as it does."""
+        scale, caps = self.placement.admission_scale_max, self.load.admission
+        return math.ceil(caps.max_in_flight * scale) + math.ceil(caps.max_queued * scale)
 
 
 class EmbeddingsModel(Strict):
