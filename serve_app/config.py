@@ -18,6 +18,8 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 from serve_app.protocols.registry import PROTOCOLS
 
+# Serve's port when a serve config's http_options gives none: an endpoint's default port.
+DEFAULT_HTTP_PORT = 8000
 DEV_URI = re.compile(r"^//[A-Za-z0-9]+$")
 # ss58 addresses of the Substrate dev keys (Keypair.create_from_uri; tests/unit/test_config.py checks them against
 # the SDK), hard-coded so this module imports nothing heavy. Anyone can sign as them.
@@ -155,10 +157,14 @@ MetagraphSource = Annotated[Union[SnapshotMetagraph, ChainMetagraph], Field(disc
 
 
 class AuthPolicy(Strict):
-    """btauth/1 verification and who may use the subnet's routes."""
+    """How the subnet's validators sign (btauth/1 or Epistula v2) and who may use its routes."""
 
-    max_age_s: float = Field(default=10.0, gt=0, le=3600)
-    allowed_skew_s: float = Field(default=2.0, ge=0, le=600)
+    scheme: Literal["btauth", "epistula"] = Field(
+        default="btauth", description="btauth: bittensor's btauth/1 headers (X-Bittensor-*); epistula: Epistula v2 "
+                                      "(Epistula-* headers), which signs the body but not the method or path.")
+    max_age_s: float = Field(default=10.0, gt=0, le=3600,
+                             description="A signature older than this is stale (Epistula implementations use 8).")
+    allowed_skew_s: float = Field(default=2.0, ge=0, le=600, description="How far ahead a sender's clock may be.")
     require_receiver: bool = Field(
         default=True, description="Refuse requests not bound to our hotkey (they could be replayed from another miner)."
     )
@@ -236,6 +242,27 @@ class SubnetDiffusion(Strict):
                                                 "default: the workload's max_side.")
 
 
+class EndpointConfig(Strict):
+    """The public endpoint validators reach this miner at, as the chain's axon publishes it
+    (`torchrank-miner publish`); behind NAT or a load balancer it differs from http_options."""
+
+    ip: str = Field(description="Public IPv4 or IPv6 address.")
+    port: Optional[int] = Field(default=None, ge=1, le=65535, description="Default: the serve config's http_options.port.")
+
+    @field_validator("ip")
+    @classmethod
+    def _routable(cls, ip: str) -> str:
+        import ipaddress
+
+        try:
+            address = ipaddress.ip_address(ip)
+        except ValueError:
+            raise ValueError(f"{ip!r} is not an IPv4 or IPv6 address") from None
+        if address.is_unspecified or address.is_multicast:
+            raise ValueError(f"{ip} cannot be reached by a validator: give the miner's public address")
+        return str(address)
+
+
 class SubnetConfig(Strict):
     netuid: int = Field(ge=0, le=65535)
     prefix: str = Field(
@@ -244,6 +271,9 @@ class SubnetConfig(Strict):
         description="Path prefix of this subnet's routes; one subnet may use '' (the default).",
     )
     metagraph: MetagraphSource
+    endpoint: Optional[EndpointConfig] = Field(
+        default=None, description="Where validators reach this miner: compared with the chain's axon (metrics, "
+                                  "alerts) and published by `torchrank-miner publish`.")
     auth: AuthPolicy = AuthPolicy()
     routes: tuple[RouteConfig, ...] = (RouteConfig(path="/v1/embeddings", protocol="openai-embeddings"),)
     timeout_s: float = Field(default=12.0, gt=0, description="Deadline for a request when the validator sends none.")

@@ -17,7 +17,7 @@ import random
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Mapping, Optional, Protocol, Union
+from typing import Annotated, Mapping, Optional, Protocol, Union
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -36,6 +36,17 @@ class Neuron:
     hotkey: str
     stake: float
     validator_permit: bool
+    # Its standing (serve_app/chain/standing.py reads the miner's own): scores 0-1 as the chain
+    # keeps them; emission in the subnet's alpha, received at the last epoch.
+    incentive: float = 0.0
+    emission: float = 0.0
+    trust: float = 0.0
+    consensus: float = 0.0
+    rank: float = 0.0
+    dividends: float = 0.0
+    pruning_score: float = 0.0
+    block_at_registration: int = 0
+    axon: Optional[str] = None  # "ip:port" ("[ip6]:port") as the chain holds it; None when nothing is served
 
 
 @dataclass(frozen=True)
@@ -45,6 +56,10 @@ class MetagraphView:
     neurons: Mapping[str, Neuron]
     fetched_at: float = field(default_factory=time.time)
     max_age_s: float = math.inf  # set by MetagraphCache from the source's config
+    tempo: int = 360  # an epoch every tempo + 1 blocks
+    price: Optional[float] = None  # TAO per alpha (spot), when known
+    immunity_period: Optional[int] = None  # blocks a new registration cannot be pruned
+    max_uids: Optional[int] = None
 
     def neuron(self, hotkey: str) -> Optional[Neuron]:
         return self.neurons.get(hotkey)
@@ -59,20 +74,37 @@ class MetagraphView:
         return self.age_s > self.max_age_s
 
 
+Score = Annotated[float, Field(ge=0, le=1)]  # the chain keeps them as u16 fractions
+
+
 class SnapshotNeuron(BaseModel):
-    """One row of a snapshot: the fields of the SDK's MetagraphNeuron that authorisation uses."""
+    """One row of a snapshot: the SDK's MetagraphNeuron fields the miner uses, under the same
+    names (stake and emission as plain numbers in the subnet's alpha; emission per epoch)."""
 
     model_config = ConfigDict(extra="ignore")
     uid: int = Field(ge=0)
     hotkey: str = Field(min_length=1)
     validator_permit: bool = False
     total_stake: float = Field(default=0.0, ge=0)
+    incentive: Score = 0.0
+    emission: float = Field(default=0.0, ge=0)
+    trust: Score = 0.0
+    consensus: Score = 0.0
+    rank: Score = 0.0
+    dividends: Score = 0.0
+    pruning_score: Score = 0.0
+    block_at_registration: int = Field(default=0, ge=0)
+    axon: Optional[str] = None
 
 
 class Snapshot(BaseModel):
     model_config = ConfigDict(extra="ignore")
     netuid: int
     block: int = 0
+    tempo: int = Field(default=360, ge=0)
+    price: Optional[float] = Field(default=None, ge=0)
+    immunity_period: Optional[int] = Field(default=None, ge=0)
+    max_uids: Optional[int] = Field(default=None, ge=0)
     neurons: list[SnapshotNeuron]
 
 
@@ -81,21 +113,33 @@ def view_from_snapshot(data: object, netuid: int) -> MetagraphView:
     if snap.netuid != netuid:
         raise ValueError(f"snapshot is for netuid {snap.netuid}, not {netuid}")
     neurons = {
-        n.hotkey: Neuron(uid=n.uid, hotkey=n.hotkey, stake=n.total_stake, validator_permit=n.validator_permit)
+        n.hotkey: Neuron(uid=n.uid, hotkey=n.hotkey, stake=n.total_stake, validator_permit=n.validator_permit,
+                         incentive=n.incentive, emission=n.emission, trust=n.trust, consensus=n.consensus,
+                         rank=n.rank, dividends=n.dividends, pruning_score=n.pruning_score,
+                         block_at_registration=n.block_at_registration, axon=n.axon)
         for n in snap.neurons
     }
-    return MetagraphView(netuid=netuid, block=snap.block, neurons=neurons)
+    return MetagraphView(netuid=netuid, block=snap.block, neurons=neurons, tempo=snap.tempo, price=snap.price,
+                         immunity_period=snap.immunity_period, max_uids=snap.max_uids)
 
 
 def view_from_sdk(metagraph) -> MetagraphView:
-    """Convert the SDK's `bittensor.metagraph.Metagraph`; stake is `total_stake` in its own units (the subnet's alpha)."""
+    """Convert the SDK's `bittensor.metagraph.Metagraph`. Stake is `total_stake` and emission
+    `emission`, both in the subnet's alpha; the immunity period comes from the runtime record
+    (`raw`), which carries the subnet's hyperparameters."""
     neurons = {
         n.hotkey: Neuron(
-            uid=n.uid, hotkey=n.hotkey, stake=float(n.total_stake.amount), validator_permit=bool(n.validator_permit)
+            uid=n.uid, hotkey=n.hotkey, stake=float(n.total_stake.amount), validator_permit=bool(n.validator_permit),
+            incentive=float(n.incentive), emission=float(n.emission.amount), trust=float(n.trust),
+            consensus=float(n.consensus), rank=float(n.rank), dividends=float(n.dividends),
+            pruning_score=float(n.pruning_score), block_at_registration=int(n.block_at_registration), axon=n.axon,
         )
         for n in metagraph.neurons
     }
-    return MetagraphView(netuid=metagraph.netuid, block=metagraph.block, neurons=neurons)
+    immunity = (metagraph.raw or {}).get("immunity_period")
+    return MetagraphView(netuid=metagraph.netuid, block=metagraph.block, neurons=neurons, tempo=int(metagraph.tempo),
+                         price=metagraph.price, immunity_period=None if immunity is None else int(immunity),
+                         max_uids=metagraph.max_uids or None)
 
 
 class MetagraphSource(Protocol):

@@ -30,6 +30,22 @@ BATCH_BUCKETS = [1, 2, 4, 8, 16, 32, 64, 128, 256, 512]
 
 
 
+# Standing fields -> their gauge's help; each is exported as torchrank_own_<field>.
+STANDING_GAUGES = {
+    "uid": "The miner's uid.",
+    "incentive": "Incentive, 0-1: the miner's share of the miners' emission.",
+    "trust": "Trust, 0-1.",
+    "consensus": "Consensus, 0-1.",
+    "rank": "Rank, 0-1.",
+    "emission_alpha": "Alpha received at the last epoch.",
+    "emission_tao": "TAO value of the alpha received at the last epoch, at the subnet's price.",
+    "tao_per_day": "TAO value a day at the last epoch's emission: emission_tao x 7200 / (tempo + 1).",
+    "pruning_position": "1 = the first neuron deregistered when a registration needs a slot.",
+    "immunity_blocks_left": "Blocks of immunity from deregistration left.",
+    "free_uids": "Empty uid slots on the subnet: while there are any, no one is deregistered.",
+}
+
+
 class RouterMetrics:
     def __init__(self) -> None:
         self.latency = metrics.Histogram(
@@ -62,6 +78,15 @@ class RouterMetrics:
                                              tag_keys=("workload",))
         self.build = metrics.Gauge("torchrank_build_info", "1, labelled with what this miner runs.",
                                    tag_keys=("version", "git_sha", "models"))
+        # The miner's own standing per subnet, from its metagraph (serve_app/chain/standing.py).
+        self.registered = metrics.Gauge("torchrank_own_registered",
+                                        "1 while the miner's hotkey is in the subnet's metagraph, 0 once it is not.",
+                                        tag_keys=("netuid",))
+        self.standing = {name: metrics.Gauge(f"torchrank_own_{name}", help, tag_keys=("netuid",))
+                         for name, help in STANDING_GAUGES.items()}
+        self.axon_matches = metrics.Gauge(
+            "torchrank_axon_matches", "1 while the chain's axon for the miner's hotkey is the configured endpoint "
+                                      "(subnets[].endpoint), 0 when it differs or is not served.", tag_keys=("netuid",))
 
     def publish_slos(self, subnets) -> None:
         for subnet in subnets:

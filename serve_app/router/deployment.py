@@ -7,12 +7,14 @@ endpoints.py.
 """
 
 # No `from __future__ import annotations`: FastAPI must see real types through serve.ingress.
+import asyncio
+
 from fastapi import FastAPI, Request
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
 from serve_app import __version__
-from serve_app.config import MinerConfig
+from serve_app.config import DEFAULT_HTTP_PORT, MinerConfig
 from serve_app.errors import json_response, retry_after
 from serve_app.observability.info import BuildInfo
 from serve_app.router import endpoints
@@ -42,6 +44,16 @@ def replica_names() -> tuple[str, str]:
         return "local", "local"
 
 
+def http_port() -> int:
+    """The port Serve listens on (http_options.port): a configured endpoint's default port."""
+    try:
+        from ray.serve.context import _get_global_client
+
+        return _get_global_client().http_config.port
+    except Exception:  # outside a Serve cluster
+        return DEFAULT_HTTP_PORT
+
+
 @serve.deployment(name="Router")
 @serve.ingress(app)
 class Router:
@@ -53,7 +65,8 @@ class Router:
         body_reads = BodyReads(r.max_body_reads, r.max_body_bytes, r.body_timeout_s, r.body_grace_s,
                                r.min_body_bytes_per_s)
         table = await build_routes(cfg, workloads)
-        self.monitor = RouterMonitor(cfg, table, workloads, build)
+        self.monitor = RouterMonitor(cfg, table, workloads, build, hotkey=self.auth.self_hotkey_ss58,
+                                     http_port=await asyncio.to_thread(http_port))
         self.pipeline = RequestPipeline(table.routes, self.auth, body_reads, max_in_progress=r.max_in_progress,
                                         workload_ready=self.monitor.workload_ready, record=self.monitor.record,
                                         replica=replica)

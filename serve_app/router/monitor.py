@@ -11,7 +11,8 @@ from typing import Optional
 
 from ray import serve
 
-from serve_app.config import MinerConfig
+from serve_app.chain.standing import Standing, axon_matches, endpoint_text, standing
+from serve_app.config import MinerConfig, SubnetConfig
 from serve_app.errors import MINER_FAILURES
 from serve_app.observability import logs
 from serve_app.observability.info import BuildInfo
@@ -29,8 +30,11 @@ INFO_TIMEOUT_S = 2.0  # a workload's info(): the readiness probe, and the /info 
 
 
 class RouterMonitor:
-    def __init__(self, cfg: MinerConfig, table: RouteTable, workloads: dict, build: BuildInfo):
+    def __init__(self, cfg: MinerConfig, table: RouteTable, workloads: dict, build: BuildInfo, *, hotkey: str,
+                 http_port: int):
         self.cfg = cfg
+        self.hotkey = hotkey  # the miner's: whose standing the gauges and /info show
+        self.http_port = http_port  # an endpoint's port when the config gives none
         self.table = table
         self.workloads = workloads  # name -> DeploymentHandle
         self.build = build
@@ -84,12 +88,47 @@ class RouterMonitor:
             if cache.view is not None:  # absent, not zero, until the first read
                 m.metagraph_age.set(cache.age_s, {"netuid": str(netuid)})
                 m.metagraph_block.set(cache.view.block, {"netuid": str(netuid)})
+        for subnet in self.cfg.subnets:
+            self.publish_standing(subnet)
         for (netuid, workload), breaker in self.table.breakers.items():
             m.breaker_state.set(STATE_VALUE[breaker.state], {"netuid": str(netuid), "workload": workload})
         for netuid, watchdog in self.watchdogs.items():
             m.degraded.set(int(bool(watchdog.reasons)), {"netuid": str(netuid)})
         for workload, admission in self.table.admission.items():
             m.admission_queue.set(len(admission.waiting), {"workload": workload})
+
+    def standing(self, subnet: SubnetConfig) -> Optional[Standing]:
+        view = self.table.metagraphs[subnet.netuid].view
+        return None if view is None else standing(view, self.hotkey)
+
+    def endpoint(self, subnet: SubnetConfig) -> Optional[str]:
+        """The configured public endpoint, as the chain writes an axon; None when not configured."""
+        if subnet.endpoint is None:
+            return None
+        return endpoint_text(subnet.endpoint.ip, subnet.endpoint.port or self.http_port)
+
+    def axon(self, subnet: SubnetConfig) -> dict:
+        """For /info: the configured endpoint, the chain's axon, and whether they match (None: cannot tell)."""
+        own, endpoint = self.standing(subnet), self.endpoint(subnet)
+        on_chain = own.axon if own is not None else None
+        known = endpoint is not None and self.table.metagraphs[subnet.netuid].view is not None
+        return {"endpoint": endpoint, "on_chain": on_chain,
+                "matches": axon_matches(on_chain, subnet.endpoint.ip, subnet.endpoint.port or self.http_port)
+                if known else None}
+
+    def publish_standing(self, subnet: SubnetConfig) -> None:
+        """Absent until the first metagraph read; after it, `registered` 0 once the hotkey is gone."""
+        if self.table.metagraphs[subnet.netuid].view is None:
+            return
+        m, tags, own = self.metrics, {"netuid": str(subnet.netuid)}, self.standing(subnet)
+        m.registered.set(int(own is not None), tags)
+        if own is not None:
+            for name, gauge in m.standing.items():
+                if (value := getattr(own, name)) is not None:
+                    gauge.set(value, tags)
+        axon = self.axon(subnet)
+        if axon["matches"] is not None:
+            m.axon_matches.set(int(axon["matches"]), tags)
 
     def _running_replicas(self, names) -> dict[str, int]:
         """Running replicas of these workloads, from the Serve controller (blocking)."""
