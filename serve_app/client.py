@@ -1,10 +1,12 @@
-"""A validator's side of the wire: sign a request with btauth/1 and send it.
+"""A validator's side of the wire: sign a request with btauth/1 or Epistula v2 and send it.
 
 Used by the `torchrank-miner validator` command, the end-to-end tests and the benchmarks.
 """
 
 from __future__ import annotations
 
+import time
+import uuid
 from typing import Optional
 
 import bittensor
@@ -20,9 +22,29 @@ def signer_for(key: Optional[str] = None, wallet_name: Optional[str] = None, wal
     return Keypair.create_from_uri(key or "//Alice")
 
 
-def signed_request(signer, path: str, payload: object, receiver_ss58: Optional[str]) -> tuple[bytes, dict[str, str]]:
-    """(body, headers) for a JSON POST to `path`, signed for `receiver_ss58`."""
+def epistula_headers(signer, body: bytes, receiver_ss58: Optional[str]) -> dict[str, str]:
+    """Epistula v2 headers for `body`, as validators send them (serve_app/router/epistula.py)."""
+    from serve_app.router import epistula
+
+    keypair = signer.hotkey if isinstance(signer, bittensor.Wallet) else signer
+    request_id, timestamp = str(uuid.uuid4()), str(round(time.time() * 1000))
+    headers = {epistula.HEADER_VERSION: epistula.VERSION, epistula.HEADER_TIMESTAMP: timestamp,
+               epistula.HEADER_UUID: request_id, epistula.HEADER_SIGNED_BY: keypair.ss58_address}
+    if receiver_ss58:
+        headers[epistula.HEADER_SIGNED_FOR] = receiver_ss58
+    signature = keypair.sign(epistula.message(body, request_id, timestamp, receiver_ss58 or ""))
+    headers[epistula.HEADER_SIGNATURE] = "0x" + bytes(signature).hex()
+    return headers
+
+
+def signed_request(signer, path: str, payload: object, receiver_ss58: Optional[str],
+                   scheme: str = "btauth") -> tuple[bytes, dict[str, str]]:
+    """(body, headers) for a JSON POST to `path`, signed for `receiver_ss58` under `scheme`
+    (btauth or epistula: the subnet's auth.scheme)."""
     body = orjson.dumps(payload)
-    headers = bittensor.http_auth.sign(signer, method="POST", path=path, body=body, receiver_ss58=receiver_ss58)
+    if scheme == "epistula":
+        headers = epistula_headers(signer, body, receiver_ss58)
+    else:
+        headers = bittensor.http_auth.sign(signer, method="POST", path=path, body=body, receiver_ss58=receiver_ss58)
     headers["Content-Type"] = "application/json"
     return body, headers

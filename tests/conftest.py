@@ -2,7 +2,8 @@
 
 The app is the embedded default (deployments/local.yaml, under deployments/ray.env: the
 embeddings and the tiny diffusion model) with a richer metagraph snapshot and two router replicas, served on a free loopback port so a
-running `make run` is not disturbed.
+running `make run` is not disturbed. A second subnet (EPISTULA_NETUID, under EPISTULA_PREFIX)
+takes Epistula v2 signatures on an embeddings route, beside subnet 1's btauth/1.
 """
 
 import json
@@ -18,6 +19,7 @@ from serve_app.app import load_config
 from serve_app.client import signed_request
 
 APP = "miner"
+EPISTULA_NETUID, EPISTULA_PREFIX = 6, "/epistula"
 
 
 def ss58(uri: str) -> str:
@@ -37,13 +39,18 @@ def deep_update(base: dict, update: dict) -> dict:
     return out
 
 
-def snapshot_neurons():
-    def neuron(uid, uri, permit, stake):
-        return {"uid": uid, "hotkey": ss58(uri), "validator_permit": permit, "total_stake": stake}
+# The miner's standing in the session's snapshots (subnet 1 publishes its axon at the session's port).
+BOB_STANDING = {"incentive": 0.25, "emission": 12.0, "trust": 0.9, "consensus": 0.25, "rank": 0.25,
+                "pruning_score": 0.125, "block_at_registration": 0}
+
+
+def snapshot_neurons(bob_axon=None):
+    def neuron(uid, uri, permit, stake, **standing):
+        return {"uid": uid, "hotkey": ss58(uri), "validator_permit": permit, "total_stake": stake, **standing}
 
     return [
         neuron(0, "//Alice", True, 10000.0),
-        neuron(1, "//Bob", False, 0.0),
+        neuron(1, "//Bob", False, 0.0, **BOB_STANDING, axon=bob_axon),
         neuron(2, "//Charlie", False, 10.0),
         neuron(3, "//Poor", True, 50.0),  # permit, stake under min_stake
         neuron(4, "//Denied", True, 10000.0),  # would pass, but deny-listed
@@ -63,21 +70,32 @@ def miner(tmp_path_factory):
 
     from serve_app.app import build_app
 
-    snapshot = tmp_path_factory.mktemp("metagraph") / "metagraph.json"
-    snapshot.write_text(json.dumps({"netuid": 1, "block": 1, "neurons": snapshot_neurons()}))
+    port = free_port()
+    snapshots = tmp_path_factory.mktemp("metagraph")
+    # Subnet 1's chain axon is the configured endpoint (127.0.0.1, the session's port); the
+    # Epistula subnet's is not.
+    for netuid, axon in ((1, f"127.0.0.1:{port}"), (EPISTULA_NETUID, "10.0.0.9:8091")):
+        (snapshots / f"{netuid}.json").write_text(json.dumps({
+            "netuid": netuid, "block": 1000, "tempo": 99, "price": 0.5, "immunity_period": 100, "max_uids": 5,
+            "neurons": snapshot_neurons(bob_axon=axon)}))
     base = load_config("deployments/local.yaml")
     models = str(tmp_path_factory.mktemp("models"))
     subnet = base.subnets[0].model_copy(
         update={
-            "metagraph": base.subnets[0].metagraph.model_copy(update={"path": str(snapshot)}),
+            "metagraph": base.subnets[0].metagraph.model_copy(update={"path": str(snapshots / "1.json")}),
             "auth": base.subnets[0].auth.model_copy(
                 update={"min_stake": 100.0, "allow_hotkeys": (ss58("//Allowed"),), "deny_hotkeys": (ss58("//Denied"),)}
             ),
         }
     )
+    epistula = subnet.model_copy(update={
+        "netuid": EPISTULA_NETUID, "prefix": EPISTULA_PREFIX,
+        "metagraph": base.subnets[0].metagraph.model_copy(update={"path": str(snapshots / f"{EPISTULA_NETUID}.json")}),
+        "routes": tuple(r for r in subnet.routes if r.protocol == "openai-embeddings"),
+        "auth": subnet.auth.model_copy(update={"scheme": "epistula", "max_age_s": 8.0})})
     cfg = base.model_copy(
         update={
-            "subnets": (subnet,),
+            "subnets": (subnet, epistula),
             "router": base.router.model_copy(update={"num_replicas": 2, "num_cpus": 0.25, "max_body_bytes": 65536,
                                                     "body_timeout_s": 2.0}),
         }
@@ -87,7 +105,6 @@ def miner(tmp_path_factory):
     cfg = type(cfg).model_validate(deep_update(cfg.model_dump(), {"workloads": {
         "embeddings": deep_update(TEST_LIMITS, runtime), "diffusion": runtime,
         "agents": {"runtime": {"cache_dir": models}}}}))
-    port = free_port()
     # The miner's Ray environment for the cluster started below. This driver imported
     # ray.serve already (above), so its own handles keep their default event-loop mode.
     # HAProxy's stats and metrics listeners on free ports too: a running `make run` keeps its own.
@@ -151,8 +168,8 @@ class Miner:
         self.metrics_url = metrics_url
         self.http = httpx.Client(base_url=url, timeout=60)
 
-    def post(self, payload, key="//Alice", path="/v1/embeddings", receiver=MINER, headers=None, **kw):
-        body, signed = signed_request(Keypair.create_from_uri(key), path, payload, receiver)
+    def post(self, payload, key="//Alice", path="/v1/embeddings", receiver=MINER, headers=None, scheme="btauth", **kw):
+        body, signed = signed_request(Keypair.create_from_uri(key), path, payload, receiver, scheme=scheme)
         return self.http.post(path, content=body, headers={**signed, **(headers or {})}, **kw)
 
     def workload_stats(self, deployment="Embeddings", app=APP) -> dict:

@@ -1,10 +1,11 @@
-"""Authentication: btauth/1 signatures (bittensor.http_auth) and replay protection
-shared by every router replica.
+"""Authentication: btauth/1 (bittensor.http_auth) or Epistula v2 (serve_app/router/epistula.py)
+signatures, per subnet (`auth.scheme`), and replay protection shared by every router replica.
 
 `bittensor.http_auth.verify` checks header shape, receiver, freshness and signature,
 then asks a nonce store. Its default store lives in one process, so a request replayed
 to a second router replica would pass. We let `verify` record the (hotkey, nonce) pair
 in a capturing store, then ask one `SharedNonceStore` Ray actor that all replicas use.
+Epistula requests are kept in the same store under (signed-by, uuid).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from bittensor.http_auth import AuthError, BadSignature, MalformedAuth, Replayed
 
 from serve_app.config import AuthPolicy
 from serve_app.errors import ApiError, ErrorCode, unavailable
+from serve_app.router import epistula
 from serve_app.router.batching import CallBatcher
 
 # Every Ray cluster's head node offers this resource (amount 1).
@@ -47,9 +49,19 @@ SIGNED_BEFORE_START = "signed before this store started"
 ANSWERED = "answered"
 
 
+# What each scheme's validators send: the header naming the sender (read before the signature, to
+# refuse a stranger's key cheaply), and every header a signed request needs (the OpenAPI document).
+SCHEME_HEADERS = {
+    "btauth": (bittensor.http_auth.HEADER_HOTKEY,
+               ["X-Bittensor-Version", "X-Bittensor-Hotkey", "X-Bittensor-Nonce", "X-Bittensor-Signature"]),
+    "epistula": (epistula.HEADER_SIGNED_BY, list(epistula.HEADERS)),
+}
+
+
 class NonceWindow:
     """Every accepted (hotkey, nonce) pair, kept for its freshness window: the router replica
-    that claimed it while its request is in flight, then ANSWERED.
+    that claimed it while its request is in flight, then ANSWERED. A nonce is btauth/1's
+    nanosecond nonce or an Epistula uuid.
 
     A new store does not know what an earlier one accepted (Ray restarts the actor empty):
     it refuses every nonce signed before its own start plus the clock skew allowed, which
@@ -57,15 +69,16 @@ class NonceWindow:
     """
 
     def __init__(self, started_ns: int | None = None) -> None:
-        self._seen: dict[tuple[str, int], tuple[str, float]] = {}  # -> (claimant or ANSWERED, claimed at)
-        self._expiry: list[tuple[float, tuple[str, int]]] = []
+        self._seen: dict[tuple[str, int | str], tuple[str, float]] = {}  # -> (claimant or ANSWERED, claimed at)
+        self._expiry: list[tuple[float, tuple[str, int | str]]] = []
         self.started_ns = time.time_ns() if started_ns is None else started_ns
 
-    def check_and_store(self, hotkey: str, nonce: int, ttl_s: float, skew_s: float = 0.0,
-                        claimant: str = "") -> str | None:
+    def check_and_store(self, hotkey: str, nonce: int | str, ttl_s: float, skew_s: float = 0.0,
+                        claimant: str = "", signed_at_ns: int | None = None) -> str | None:
         """None: unused, now claimed by `claimant`. Otherwise its claimant while its request is in
-        flight, ANSWERED after, or SIGNED_BEFORE_START when an earlier store may have had it."""
-        if nonce < self.started_ns + skew_s * 1e9:
+        flight, ANSWERED after, or SIGNED_BEFORE_START when an earlier store may have had it.
+        `signed_at_ns`: when it was signed (default: the nonce, which for btauth/1 is that time)."""
+        if (nonce if signed_at_ns is None else signed_at_ns) < self.started_ns + skew_s * 1e9:
             return SIGNED_BEFORE_START
         now = time.monotonic()
         while self._expiry and self._expiry[0][0] <= now:
@@ -77,7 +90,7 @@ class NonceWindow:
         heapq.heappush(self._expiry, (now + ttl_s, key))
         return None
 
-    def settle(self, hotkey: str, nonce: int) -> None:
+    def settle(self, hotkey: str, nonce: int | str) -> None:
         """Its request was answered: from now on no one may take the nonce over."""
         key = (hotkey, nonce)
         if key in self._seen:
@@ -88,7 +101,7 @@ class NonceWindow:
         hotkey, nonce) -> settle, in order: one actor call for a router's concurrent requests."""
         return [self.check_and_store(*item[1:]) if item[0] == "claim" else self.settle(*item[1:]) for item in items]
 
-    def take_over(self, hotkey: str, nonce: int, gone: str, claimant: str, max_open_s: float) -> bool:
+    def take_over(self, hotkey: str, nonce: int | str, gone: str, claimant: str, max_open_s: float) -> bool:
         """Claim a nonce whose claimant `gone` died before answering (HAProxy retried its request
         on another router), if it was claimed less than `max_open_s` ago (the longest a request
         may run); False if it was answered, or someone else took it first."""
@@ -136,7 +149,8 @@ class Signed:
     """A request whose signature verified; its nonce is not yet known to be unused."""
 
     hotkey: str
-    nonce_ns: int
+    nonce: int | str  # btauth/1: its nonce (ns); Epistula: its uuid
+    signed_at_ns: int
     policy: AuthPolicy
 
 
@@ -158,9 +172,23 @@ class Authenticator:
         self._to_settle: list[tuple] = []
         self._settler: asyncio.Future | None = None
 
+    @staticmethod
+    def claimed_hotkey(headers: Mapping[str, str], policy: AuthPolicy) -> str:
+        """The hotkey the request says signed it, not verified yet ("" if none): only used to refuse."""
+        return headers.get(SCHEME_HEADERS[policy.scheme][0], "")
+
     def verify(self, headers: Mapping[str, str], body: bytes, *, method: str, path: str, policy: AuthPolicy) -> Signed:
-        """Header shape, receiver, freshness and signature, without side effects; else ApiError 401.
-        The caller authorises the hotkey before `claim` touches the shared store."""
+        """Header shape, receiver, freshness and signature under the subnet's scheme, without side
+        effects; else ApiError 401. The caller authorises the hotkey before `claim` touches the
+        shared store. (Epistula signs neither `method` nor `path`.)"""
+        if policy.scheme == "epistula":
+            try:
+                caller = epistula.verify(headers, body, self_hotkey_ss58=self.self_hotkey_ss58,
+                                         max_age_s=policy.max_age_s, allowed_skew_s=policy.allowed_skew_s,
+                                         require_receiver=policy.require_receiver)
+            except AuthError as exc:
+                raise auth_error(exc) from None
+            return Signed(caller.hotkey, caller.uuid, caller.timestamp_ms * 1_000_000, policy)
         capture = _Capture(retention=policy.max_age_s + policy.allowed_skew_s)
         try:
             caller = bittensor.http_auth.verify(
@@ -176,7 +204,7 @@ class Authenticator:
             )
         except AuthError as exc:
             raise auth_error(exc) from None
-        return Signed(caller.hotkey_ss58, caller.nonce_ns, policy)
+        return Signed(caller.hotkey_ss58, caller.nonce_ns, caller.nonce_ns, policy)
 
     async def claim(self, signed: Signed, max_open_s: float) -> None:
         """Record the nonce in the shared store; ApiError 401 if it was used (503 if the store cannot answer).
@@ -186,13 +214,13 @@ class Authenticator:
         (retry-on empty-response), and the caller never got an answer. A nonce answered, or
         still in flight on a live router, is refused. Call `settle` once the request is answered."""
         policy = signed.policy
-        item = ("claim", signed.hotkey, signed.nonce_ns, policy.max_age_s + policy.allowed_skew_s,
-                policy.allowed_skew_s, self.claimant)
+        item = ("claim", signed.hotkey, signed.nonce, policy.max_age_s + policy.allowed_skew_s,
+                policy.allowed_skew_s, self.claimant, signed.signed_at_ns)
         try:
             earlier = await asyncio.wait_for(self._store_calls.submit(item), self.store_timeout_s)
             self.store_answered_at = time.monotonic()
             if earlier not in (None, ANSWERED, SIGNED_BEFORE_START, self.claimant) and await self._is_gone(earlier):
-                if await asyncio.wait_for(self.nonces.take_over.remote(signed.hotkey, signed.nonce_ns, earlier,
+                if await asyncio.wait_for(self.nonces.take_over.remote(signed.hotkey, signed.nonce, earlier,
                                                                        self.claimant, max_open_s),
                                           self.store_timeout_s):
                     self.taken_over += 1
@@ -239,7 +267,7 @@ class Authenticator:
     def settle(self, signed: Signed) -> None:
         """The claimed request was answered (whatever the answer): its nonce can no longer be taken
         over. Sent with the others every SETTLE_EVERY_S, in one store call; nothing waits for it."""
-        self._to_settle.append(("settle", signed.hotkey, signed.nonce_ns))
+        self._to_settle.append(("settle", signed.hotkey, signed.nonce))
         if self._settler is None or self._settler.done():
             self._settler = asyncio.ensure_future(self._settle_soon())
 

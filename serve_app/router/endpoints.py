@@ -7,10 +7,9 @@ from __future__ import annotations
 from serve_app import __version__
 from serve_app.errors import ErrorCode
 from serve_app.ops.breaker import OPEN
+from serve_app.router.auth import SCHEME_HEADERS
 from serve_app.router.monitor import RouterMonitor
 from serve_app.router.policy import TIMEOUT_HEADER
-
-AUTH_HEADERS = ["X-Bittensor-Version", "X-Bittensor-Hotkey", "X-Bittensor-Nonce", "X-Bittensor-Signature"]
 
 
 def _age(cache) -> float | None:
@@ -98,7 +97,7 @@ def openapi(routes) -> dict:
         paths[route.path] = {"post": {
             "summary": f"{route.adapter.workload} for subnet {route.subnet.netuid}",
             "parameters": [{"name": h, "in": "header", "required": True, "schema": {"type": "string"}}
-                           for h in AUTH_HEADERS]
+                           for h in SCHEME_HEADERS[route.subnet.auth.scheme][1]]
                           + [{"name": TIMEOUT_HEADER, "in": "header", "required": False,
                               "description": "Seconds the caller will wait (default: the subnet's timeout_s)",
                               "schema": {"type": "number", "exclusiveMinimum": 0}}],

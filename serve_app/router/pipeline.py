@@ -7,7 +7,8 @@ In order; a request refused at any step stops there and never reaches a workload
   -> early shed by the claimed hotkey's stake when admission could not finish it in time
      (503 shed: no body read, no signature work) -> body under the cap, at the minimum rate,
      among the body reads (413, 408) -> authorisation of the claimed hotkey from the subnet's
-     metagraph (403, or 503 without a usable metagraph) -> btauth/1 signature (401)
+     metagraph (403, or 503 without a usable metagraph) -> signature under the subnet's scheme,
+     btauth/1 or Epistula v2 (401)
   -> shared replay check (401, 503) -> per-hotkey rate limit (429) -> schema and limits (422)
   -> circuit breaker (503) -> admission by deadline and stake (503 shed, 504) -> workload call
      under the deadline, once more on another replica if one died mid-call (503, 504)
@@ -50,7 +51,8 @@ REPLICA_GONE = (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableErr
 
 
 def signed_target(request: Request) -> str:
-    """The request target exactly as the client sent it (path and query): what btauth/1 signs."""
+    """The request target exactly as the client sent it (path and query): what btauth/1 signs
+    (Epistula signs neither the method nor the path)."""
     scope = request.scope
     target = (scope.get("raw_path") or scope["path"].encode()).decode("latin-1")
     query = scope.get("query_string") or b""
@@ -141,7 +143,7 @@ class RequestPipeline:
         timeout = request_timeout(request.headers, route.subnet)
         deadline = self.clock() + timeout
         view, policy = route.metagraph.view, route.subnet.auth
-        claimed = request.headers.get("X-Bittensor-Hotkey", "")  # not verified yet: only used to refuse
+        claimed = self.auth.claimed_hotkey(request.headers, policy)  # not verified yet: only used to refuse
         if route.admission.would_shed(priority(claimed, view, policy), deadline):
             raise shed(f"the {route.adapter.workload} workload is at capacity", retry_after_s=1)
         body = await self.body_reads.read(request)

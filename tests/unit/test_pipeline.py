@@ -13,7 +13,7 @@ from serve_app.errors import ApiError, ErrorCode
 from serve_app.ops.admission import Admission
 from serve_app.ops.breaker import CircuitBreaker
 from serve_app.ops.ratelimit import RateLimiter
-from serve_app.router.auth import Signed
+from serve_app.router.auth import Authenticator, Signed
 from serve_app.router.body import BodyReads
 from serve_app.router.pipeline import RequestPipeline
 from serve_app.router.routes import Route
@@ -36,11 +36,13 @@ class FakeAuth:
     def __init__(self, events, verify_error=None, claim_error=None):
         self.events, self.verify_error, self.claim_error = events, verify_error, claim_error
 
+    claimed_hotkey = staticmethod(Authenticator.claimed_hotkey)  # reads one header: the real one
+
     def verify(self, headers, body, *, method, path, policy):
         self.events.add("verify")
         if self.verify_error:
             raise self.verify_error
-        return Signed(headers["X-Bittensor-Hotkey"], 1, policy)
+        return Signed(headers["X-Bittensor-Hotkey"], 1, 1, policy)
 
     async def claim(self, signed, max_open_s):
         self.events.add("claim")
