@@ -291,3 +291,18 @@ def test_a_section_given_in_part_keeps_the_rest_of_its_workloads_defaults():
     # A dict-valued field is replaced whole: the presets given are the presets.
     presets = DiffusionConfig(model={"presets": {"x": {"steps": 2, "width": 64, "height": 64}}, "default_preset": "x"})
     assert list(presets.model.presets) == ["x"]
+
+
+def test_auth_scheme_and_endpoint_are_checked():
+    base = args()
+    subnet = base["subnets"][0]
+    cfg = MinerConfig.model_validate({**base, "subnets": [{**subnet, "auth": {"scheme": "epistula"},
+                                                           "endpoint": {"ip": "203.0.113.7", "port": 8091}}]})
+    assert cfg.subnets[0].auth.scheme == "epistula" and cfg.subnets[0].auth.max_age_s == 10
+    assert cfg.subnets[0].endpoint.port == 8091
+    assert load_config("deployments/local.yaml").subnets[0].auth.scheme == "btauth"
+    for bad, match in [({"auth": {"scheme": "jwt"}}, "scheme"), ({"endpoint": {"ip": "miner.example"}}, "not an IPv4"),
+                       ({"endpoint": {"ip": "0.0.0.0"}}, "cannot be reached"),
+                       ({"endpoint": {"ip": "1.2.3.4", "port": 0}}, "port")]:
+        with pytest.raises(ValidationError, match=match):
+            MinerConfig.model_validate({**base, "subnets": [{**subnet, **bad}]})
