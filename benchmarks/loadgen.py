@@ -35,8 +35,9 @@ class Outcome:
 
 class Load:
     def __init__(self, url: str, signer, receiver_ss58: str, make: MakeRequest, timeout_s: float = 10.0,
-                 headers: Optional[dict[str, str]] = None):
+                 headers: Optional[dict[str, str]] = None, scheme: str = "btauth"):
         self.url = url
+        self.scheme = scheme  # the subnet's auth.scheme
         self.signer = signer
         self.receiver = receiver_ss58
         self.make = make
@@ -50,7 +51,7 @@ class Load:
         """Sign the first `count` requests now, so that signing them does not compete with the
         miner for CPU during the run (validators sign on their own machines). They must be
         sent within the subnet's auth max_age_s."""
-        self._signed = [(path, *signed_request(self.signer, path, payload, self.receiver))
+        self._signed = [(path, *signed_request(self.signer, path, payload, self.receiver, self.scheme))
                         for path, payload in map(self.make, range(count))]
         return self
 
@@ -60,7 +61,7 @@ class Load:
             path, body, headers = self._signed[i]
         else:
             path, payload = self.make(i)
-            body, headers = signed_request(self.signer, path, payload, self.receiver)
+            body, headers = signed_request(self.signer, path, payload, self.receiver, self.scheme)
         sent = time.perf_counter()
         try:
             async with client.post(self.url + path, data=body, headers={**headers, **self.headers}) as resp:

@@ -46,15 +46,15 @@ class ErrorCode(str, Enum):
     client_disconnected = (auto(), 400, CALLER, ERROR,
         "the caller went away before its body was complete")
     unauthenticated = (auto(), 401, CALLER, ERROR,
-        "the btauth/1 headers failed for another reason")
+        "the signature headers failed for another reason")
     malformed_auth = (auto(), 401, CALLER, ERROR,
-        "btauth/1 headers missing or malformed")
+        "the subnet's signature headers (btauth/1 or Epistula v2) missing or malformed")
     wrong_receiver = (auto(), 401, CALLER, ERROR,
         "the request is signed for another miner's hotkey")
     stale_request = (auto(), 401, CALLER, ERROR,
         "the signature is older than auth.max_age_s (or from the future)")
     replayed_request = (auto(), 401, CALLER, ERROR,
-        "this nonce was already used")
+        "this nonce (Epistula: this uuid) was already used")
     bad_signature = (auto(), 401, CALLER, ERROR,
         "the signature does not verify")
     denied = (auto(), 403, CALLER, ERROR,
