@@ -5,10 +5,12 @@
   torchrank-miner validator agent "a task"        the same for an agent run; prints its steps
   torchrank-miner config check deployments/x.yaml validate a serve config's miner args
   torchrank-miner status                          per-subnet req/s, latency, error budget, queues
+  torchrank-miner publish [--dry-run]             publish subnets[].endpoint as the hotkey's axon where
+                                                  the chain holds another (run where the wallet lives)
 
 A relative --config (default deployments/local.yaml) is looked up in the current directory,
 then in the checkout. An error is one line on stderr (a bad config: one per problem) and
-exit status 1 when the miner or the config said no, 2 when it could not get that far
+exit status 1 when the miner, the chain or the config said no, 2 when it could not get that far
 (no miner answering, no such file).
 """
 
@@ -192,6 +194,34 @@ def cmd_status(args) -> int:
     return 0
 
 
+def _report_line(line: str) -> None:
+    print(line, flush=True)  # as each subnet is done: a write waits for finalization
+
+
+def cmd_publish(args) -> int:
+    import asyncio
+
+    from serve_app.app import check_config_file
+    from serve_app.chain import publish
+
+    path, base = resolve_config(args.config)
+    configs = check_config_file(path, base)
+    try:
+        port = publish.http_port(path)
+    except ValueError as exc:
+        raise CliError(f"{path}: {exc}", code=1) from None
+    failed = []
+    for cfg in configs:
+        _report_line(f"{path}: miner hotkey {cfg.wallet.hotkey_ss58()}"
+                     + (" (dry run: nothing is written)" if args.dry_run else ""))
+        outcomes = asyncio.run(publish.run(cfg, port, dry_run=args.dry_run, report=lambda o: _report_line(o.line)))
+        failed += [o for o in outcomes if o.code]
+    if failed:
+        # Every subnet was reported above; the error line repeats what did not go through.
+        raise CliError("; ".join(o.line for o in failed), code=max(o.code for o in failed))
+    return 0
+
+
 def _validator_options(cmd: argparse.ArgumentParser, path: str) -> None:
     cmd.add_argument("--url", default="http://127.0.0.1:8000")
     cmd.add_argument("--path", default=path)
@@ -247,6 +277,13 @@ def parser() -> argparse.ArgumentParser:
                       help="seconds between the two reads (Ray exports metrics every 10 s by default)")
     stat.add_argument("--json", action="store_true", help="print JSON instead of a table")
     stat.set_defaults(func=cmd_status)
+
+    pub = sub.add_parser("publish", help="publish each subnet's endpoint (subnets[].endpoint) as the miner hotkey's "
+                                         "axon, only where the chain holds another; signs with the wallet's hotkey")
+    pub.add_argument("--config", default=DEFAULT_CONFIG, help="serve config (default deployments/local.yaml)")
+    pub.add_argument("--dry-run", action="store_true",
+                     help="compare and print the plan; never loads the hotkey's secret nor writes")
+    pub.set_defaults(func=cmd_publish)
     return p
 
 
