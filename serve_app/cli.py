@@ -52,17 +52,36 @@ def resolve_config(name: str) -> tuple[Path, Path | None]:
     raise CliError(f"serve config {name} not found: tried {Path.cwd() / path} and {shipped}")
 
 
+def _config(args):
+    from serve_app.app import check_config_file
+
+    path, _ = resolve_config(args.config)
+    return path, check_config_file(path, startable=False)[0]
+
+
 def _miner_hotkey(args) -> str:
     if args.miner_hotkey:
         return args.miner_hotkey
-    from serve_app.app import ConfigError, check_config_file
+    from serve_app.app import ConfigError
 
-    path, _ = resolve_config(args.config)
-    cfg = check_config_file(path, startable=False)[0]
+    path, cfg = _config(args)
     try:
         return cfg.wallet.hotkey_ss58()
     except ValueError as exc:  # the wallet's public hotkey cannot be read
         raise ConfigError(path, [f"wallet: {exc} (or pass --miner-hotkey)"]) from None
+
+
+def _scheme(args) -> str:
+    """--scheme, else the auth.scheme of the subnet in --config that serves --path (btauth if none does)."""
+    if args.scheme:
+        return args.scheme
+    try:
+        _, cfg = _config(args)
+    except CliError:
+        if args.miner_hotkey:  # a validator elsewhere, with no config at hand
+            return "btauth"
+        raise
+    return next((s.auth.scheme for s in cfg.subnets for r in s.routes if s.prefix + r.path == args.path), "btauth")
 
 
 def _http_error(resp) -> CliError:
@@ -90,7 +109,7 @@ def _call_signed(args, payload: dict):
         raise CliError(f"--key {args.key}: {exc}") from None
     receiver = _miner_hotkey(args)
     try:
-        body, headers = signed_request(signer, args.path, payload, receiver)
+        body, headers = signed_request(signer, args.path, payload, receiver, scheme=_scheme(args))
     except OSError as exc:  # a wallet whose hotkey file is missing or unreadable
         raise CliError(f"cannot sign with wallet {args.wallet_name!r}/{args.wallet_hotkey!r} under "
                        f"{args.wallet_path}: {exc}") from None
@@ -230,7 +249,10 @@ def _validator_options(cmd: argparse.ArgumentParser, path: str) -> None:
     cmd.add_argument("--wallet-hotkey", default="default")
     cmd.add_argument("--wallet-path", default="~/.bittensor/wallets")
     cmd.add_argument("--miner-hotkey", help="receiver ss58 (default: the hotkey in --config)")
-    cmd.add_argument("--config", default=DEFAULT_CONFIG, help="serve config to read the miner hotkey from")
+    cmd.add_argument("--config", default=DEFAULT_CONFIG,
+                     help="serve config to read the miner hotkey and the route's auth.scheme from")
+    cmd.add_argument("--scheme", choices=("btauth", "epistula"),
+                     help="sign with btauth/1 or Epistula v2 (default: the scheme of the subnet serving --path)")
     cmd.add_argument("--timeout", type=float, default=30.0)
     cmd.add_argument("--full", action="store_true", help="print the whole JSON response")
 
@@ -241,11 +263,11 @@ def parser() -> argparse.ArgumentParser:
 
     validator = sub.add_parser("validator", help="act as a validator against a running miner")
     vsub = validator.add_subparsers(dest="action", required=True)
-    embed = vsub.add_parser("embed", help="request embeddings, signed with btauth/1")
+    embed = vsub.add_parser("embed", help="request embeddings, signed with the subnet's scheme")
     embed.add_argument("text", nargs="+", help="one or more texts")
     _validator_options(embed, "/v1/embeddings")
     embed.set_defaults(func=cmd_embed)
-    image = vsub.add_parser("image", help="request text-to-image, signed with btauth/1; PNGs written to files")
+    image = vsub.add_parser("image", help="request text-to-image, signed with the subnet's scheme; PNGs written to files")
     image.add_argument("prompt")
     image.add_argument("--n", type=int, default=1)
     image.add_argument("--seed", type=int)
@@ -256,7 +278,7 @@ def parser() -> argparse.ArgumentParser:
     image.add_argument("--out", default="image", help="file name stem: files are <stem>-<seed>.png")
     _validator_options(image, "/v1/images/generations")
     image.set_defaults(func=cmd_image)
-    agent = vsub.add_parser("agent", help="request an agent run, signed with btauth/1")
+    agent = vsub.add_parser("agent", help="request an agent run, signed with the subnet's scheme")
     agent.add_argument("task")
     agent.add_argument("--tool", action="append", help="a tool the agent may call (repeatable)")
     agent.add_argument("--document", action="append", help="a text for the retrieve tool (repeatable)")

@@ -272,3 +272,47 @@ def test_rayenv_leaves_other_yaml_alone(tmp_path):
     run = rayenv("sh", "-c", f"touch {marker}", f"--autoscaling-config={tmp_path}/absent.yaml", str(other), cwd=tmp_path)
     assert run.returncode == 0, run.stderr
     assert marker.exists()
+
+
+# --- the validator commands sign under the subnet's scheme ----------------------------------------
+
+class Recording(Answer):
+    seen: list = []
+    body = json.dumps({"object": "list", "data": [{"index": 0, "embedding": [0.1] * 8}], "model": "m",
+                       "usage": {"prompt_tokens": 1}}).encode()
+
+    def do_POST(self):  # noqa: N802
+        body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
+        self.seen.append((dict(self.headers), body))
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(self.body)))
+        self.end_headers()
+        self.wfile.write(self.body)
+
+
+def test_validator_commands_sign_with_the_scheme_of_the_subnet_serving_the_path(tmp_path, capsys):
+    from serve_app.router import epistula
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Recording)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{server.server_address[1]}"
+    config = tmp_path / "epistula.yaml"
+    config.write_text(LOCAL.read_text().replace("scheme: btauth", "scheme: epistula")
+                      .replace("path: deployments/", f"path: {REPO}/deployments/"))
+    miner = "5FHneW46xGXgs5mUiveU4sbTyGBzmstUspZC92UhjJM694ty"
+    try:
+        assert cli.main(["validator", "embed", "x", "--url", url, "--config", str(config)]) == 0
+        assert cli.main(["validator", "embed", "x", "--url", url]) == 0  # the shipped config: btauth
+        assert cli.main(["validator", "embed", "x", "--url", url, "--scheme", "epistula",
+                         "--miner-hotkey", miner, "--config", str(tmp_path / "absent.yaml")]) == 0
+    finally:
+        server.shutdown()
+        server.server_close()
+    (first, first_body), (second, _), (third, third_body) = Recording.seen
+    caller = epistula.verify(first, first_body, self_hotkey_ss58=miner, max_age_s=10, allowed_skew_s=2,
+                             require_receiver=True)
+    assert caller.hotkey == "5GrwvaEF5zXb26Fz9rcQpDWS57CtERHpNehXCPcNoHGKutQY"  # //Alice
+    assert "X-Bittensor-Signature" in second and "Epistula-Request-Signature" not in second
+    assert epistula.verify(third, third_body, self_hotkey_ss58=miner, max_age_s=10, allowed_skew_s=2,
+                           require_receiver=True)
