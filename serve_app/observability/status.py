@@ -5,7 +5,8 @@ It scrapes Ray's metrics endpoints twice, `interval` seconds apart: requests/s a
 latency percentiles come from the difference (from the totals since start when no
 request arrived in between), error budget left from the SLO counters since the
 replicas started (Prometheus' 30-day figure is `torchrank:slo_error_budget_remaining:30d`),
-queue depth and in-flight from the gauges.
+queue depth and in-flight from the gauges, and each subnet's standing (the miner's uid,
+incentive, TAO a day, pruning position, immunity, axon) from the standing gauges.
 """
 
 from __future__ import annotations
@@ -19,6 +20,8 @@ from pathlib import Path
 from typing import Iterable
 
 SERVICE_DISCOVERY = Path("/tmp/ray/prom_metrics_service_discovery.json")
+STANDING_PREFIX, AXON_MATCHES = "ray_torchrank_own_", "ray_torchrank_axon_matches"
+WORST_IS_LOWEST = {"axon_matches", "registered", "pruning_position", "incentive", "tao_per_day"}
 QUANTILES = (0.5, 0.95, 0.99)
 
 
@@ -39,6 +42,7 @@ class Sample:
     in_flight: dict = field(default_factory=lambda: defaultdict(float))  # netuid -> requests
     queued: dict = field(default_factory=lambda: defaultdict(float))  # workload -> items
     replicas: dict = field(default_factory=dict)  # "app/deployment" -> replicas the autoscaler asks for
+    standing: dict = field(default_factory=lambda: defaultdict(dict))  # netuid -> {field: value} over replicas
     at: float = 0.0
 
 
@@ -64,6 +68,12 @@ def parse(texts: Iterable[str], at: float) -> Sample:
                     s.in_flight[netuid] += value
                 elif name == "ray_torchrank_queue_depth":
                     s.queued[labels.get("workload", "-")] += value
+                elif name.startswith(STANDING_PREFIX) or name == AXON_MATCHES:
+                    key = name.removeprefix(STANDING_PREFIX) if name != AXON_MATCHES else "axon_matches"
+                    # Router replicas agree unless one read a newer metagraph: the worst one counts.
+                    worst = min if key in WORST_IS_LOWEST else max
+                    held = s.standing[netuid].get(key)
+                    s.standing[netuid][key] = value if held is None else worst(held, value)
                 elif name == "ray_torchrank_autoscaling_desired_replicas":
                     s.replicas[f"{labels.get('application', '-')}/{labels.get('deployment', '-')}"] = value
     return s
@@ -134,13 +144,35 @@ def render(rows: list[dict], sample: Sample) -> str:
     lines.append("queue depth: " + (", ".join(f"{w} {v:.0f}" for w, v in sorted(sample.queued.items())) or "-"))
     if sample.replicas:
         lines.append("autoscaled replicas: " + ", ".join(f"{d} {v:.0f}" for d, v in sorted(sample.replicas.items())))
+    if sample.standing:
+        lines += ["", render_standing(sample.standing)]
+    return "\n".join(lines)
+
+
+def render_standing(standing: dict) -> str:
+    def cell(values, key, fmt):
+        value = values.get(key)
+        return "-" if value is None else format(value, fmt)
+
+    lines = [f"{'netuid':>6} {'uid':>5} {'incentive':>9} {'TAO/day':>9} {'pruning':>7} {'immunity':>8} "
+             f"{'free uids':>9}  axon"]
+    for netuid in sorted(standing, key=lambda n: int(n) if n.isdigit() else 0):
+        v = standing[netuid]
+        if v.get("registered") == 0:
+            lines.append(f"{netuid:>6}  DEREGISTERED: the miner's hotkey is not in the metagraph")
+            continue
+        axon = {None: "-", 1.0: "ok"}.get(v.get("axon_matches"), "MISMATCH (torchrank-miner publish)")
+        lines.append(f"{netuid:>6} {cell(v, 'uid', '.0f'):>5} {cell(v, 'incentive', '.4f'):>9} "
+                     f"{cell(v, 'tao_per_day', '.3f'):>9} {cell(v, 'pruning_position', '.0f'):>7} "
+                     f"{cell(v, 'immunity_blocks_left', '.0f'):>8} {cell(v, 'free_uids', '.0f'):>9}  {axon}")
     return "\n".join(lines)
 
 
 def as_json(rows: list[dict], sample: Sample) -> str:
     """NaN (no data) becomes null: strict JSON."""
     clean = [{k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in r.items()} for r in rows]
-    return json.dumps({"subnets": clean, "queue_depth": dict(sample.queued), "autoscaled_replicas": sample.replicas})
+    return json.dumps({"subnets": clean, "queue_depth": dict(sample.queued), "autoscaled_replicas": sample.replicas,
+                       "standing": sample.standing})
 
 
 def collect(urls: list[str], interval_s: float, warn=print) -> tuple[Sample, Sample]:

@@ -19,7 +19,9 @@ DASHBOARD = MONITORING / "grafana" / "torchrank-miner.json"
 MUST_HAVE_DATA = {"Traffic by outcome (req/s)", "Latency of answered requests", "Error budget remaining (30 d)",
                   "Burn rate", "Auth refusals (req/s)", "Queue depth and in-flight",
                   "Batch size (items per forward pass)", "Model time per pass", "Items processed and egress",
-                  "Metagraph age", "Build"}
+                  "Metagraph age", "Build", "Incentive, trust, consensus, rank",
+                  "Emission: alpha at the last epoch, TAO a day", "Pruning position, immunity left, free uids",
+                  "Registered, uid and axon matches"}
 ABSENT_ON_CPU = {"GPU utilisation (absent on CPU)"}
 
 
@@ -69,7 +71,7 @@ def query(api, expr):
 
 def panel_queries():
     for panel in json.loads(DASHBOARD.read_text())["panels"]:
-        for target in panel["targets"]:
+        for target in panel.get("targets", []):  # a row has none
             yield panel["title"], target["expr"].replace("$netuid", "1").replace("$__rate_interval", "1m")
 
 

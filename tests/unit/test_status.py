@@ -3,7 +3,7 @@
 import json
 import math
 
-from serve_app.observability.status import as_json, parse, quantile, render, table
+from serve_app.observability.status import as_json, parse, quantile, render, render_standing, table
 
 LABELS = 'Component="core_worker",application="miner",deployment="Router",replica="r1"'
 
@@ -77,6 +77,41 @@ def test_autoscaled_replicas_are_shown_per_deployment():
     assert json.loads(as_json([], sample))["autoscaled_replicas"] == {"miner/Embeddings": 3}
     # Without autoscaling the line is left out.
     assert "autoscaled" not in render([], parse([exposition(1, 0, 1, 0, 0, 0, 0)], at=1.0))
+
+
+def standing_gauges(netuid: str, replica: str, **values) -> str:
+    lines = []
+    for name, value in values.items():
+        metric = "ray_torchrank_axon_matches" if name == "axon_matches" else f"ray_torchrank_own_{name}"
+        lines += [f"# TYPE {metric} gauge",
+                  f'{metric}{{Component="core_worker",deployment="Router",replica="{replica}",netuid="{netuid}"}} {value}']
+    return "\n".join(lines) + "\n"
+
+
+def test_each_subnets_standing_is_shown_worst_replica_first():
+    text = exposition(ok=1, refused=0, fast=1, slow=0, slo_errors=0, in_flight=0, queued=0)
+    standing = dict(registered=1, uid=7, incentive=0.52, tao_per_day=21.241, pruning_position=3,
+                    immunity_blocks_left=0, free_uids=251, axon_matches=1)
+    # Replica r2 read a newer metagraph: lower incentive, the axon no longer matches.
+    texts = [text, standing_gauges("1", "r1", **standing),
+             standing_gauges("1", "r2", **{**standing, "incentive": 0.4, "axon_matches": 0}),
+             standing_gauges("2", "r1", registered=0)]
+    sample = parse(texts, at=1.0)
+    assert sample.standing["1"]["incentive"] == 0.4 and sample.standing["1"]["axon_matches"] == 0
+    out = render(table(sample, sample), sample).splitlines()
+    header = out.index(next(line for line in out if line.split()[:3] == ["netuid", "uid", "incentive"]))
+    assert out[header + 1].split() == ["1", "7", "0.4000", "21.241", "3", "0", "251", "MISMATCH",
+                                       "(torchrank-miner", "publish)"]
+    assert "DEREGISTERED" in out[header + 2] and out[header + 2].split()[0] == "2"
+    report = json.loads(as_json(table(sample, sample), sample))
+    assert report["standing"]["1"]["tao_per_day"] == 21.241 and report["standing"]["2"] == {"registered": 0}
+    # A miner whose standing is not exported yet (no metagraph read) shows no standing table.
+    assert "incentive" not in render([], parse([text], at=1.0))
+
+
+def test_a_matching_axon_reads_ok():
+    sample = parse([standing_gauges("1", "r1", registered=1, uid=1, axon_matches=1)], at=1.0)
+    assert render_standing(sample.standing).splitlines()[1].split()[-1] == "ok"
 
 
 def metrics_server(text: str):
