@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import time
 
+from ray.exceptions import TaskCancelledError
 from starlette.requests import ClientDisconnect, Request
 
 from serve_app.errors import ApiError, ErrorCode, shed
@@ -97,7 +98,9 @@ class BodyReads:
                 elif time.monotonic() - first > self.grace_s + (size - first_size) / self.min_bytes_per_s:
                     raise ApiError(ErrorCode.body_timeout, f"the request body is arriving slower than "
                                                         f"{self.min_bytes_per_s:g} bytes/s")
-        except ClientDisconnect:
+        except (ClientDisconnect, TaskCancelledError):
+            # TaskCancelledError: a body relayed by Serve's proxy, which cancelled the relay (its
+            # client went away): the caller's doing, not a miner failure (it was a 500).
             raise ApiError(ErrorCode.client_disconnected, "the client went away before the body was complete") from None
         return b"".join(chunks)
 

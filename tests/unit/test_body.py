@@ -138,3 +138,17 @@ def test_a_body_timeout_while_the_router_lags_is_a_shed_not_the_clients_408():
 
     err = asyncio.run(run())
     assert (err.status, err.code) == (503, "shed")
+
+
+def test_a_body_relay_cancelled_by_serves_proxy_is_the_client_going_away():
+    # Seen under overload: the proxy's relay of the body is cancelled once its client leaves;
+    # it surfaced as a 500 internal_error.
+    from ray.exceptions import TaskCancelledError
+
+    async def receive():
+        raise TaskCancelledError("relay task")
+
+    req = Request({"type": "http", "method": "POST", "path": "/", "headers": []}, receive)
+    with pytest.raises(ApiError) as err:
+        asyncio.run(reads().read(req))
+    assert (err.value.status, err.value.code) == (400, "client_disconnected")
