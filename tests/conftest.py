@@ -140,6 +140,7 @@ def deploy_app(miner, tmp_path_factory, app: str, netuid: int, prefix: str, prot
         args["workloads"][name] = None if update is None else deep_update(args["workloads"][name], update)
     args["router"].update(router or {})
     first = args["subnets"][0]
+    args["subnets"] = [first]  # one subnet (the session's Epistula subnet stays the session app's)
     path = next(r["path"] for r in first["routes"] if r["protocol"] == protocol)
     first.update(netuid=netuid, prefix=prefix, routes=[{"path": path, "protocol": protocol}], **(subnet or {}))
     first["metagraph"]["path"] = str(snapshot)
