@@ -76,6 +76,10 @@ def parse(texts: Iterable[str], at: float) -> Sample:
                     s.standing[netuid][key] = value if held is None else worst(held, value)
                 elif name == "ray_torchrank_autoscaling_desired_replicas":
                     s.replicas[f"{labels.get('application', '-')}/{labels.get('deployment', '-')}"] = value
+    # Ray's gauges keep their last value: once deregistered, the rest of the standing is stale.
+    for netuid, values in s.standing.items():
+        if values.get("registered") == 0:
+            s.standing[netuid] = {"registered": 0.0}
     return s
 
 

@@ -95,7 +95,7 @@ def test_each_subnets_standing_is_shown_worst_replica_first():
     # Replica r2 read a newer metagraph: lower incentive, the axon no longer matches.
     texts = [text, standing_gauges("1", "r1", **standing),
              standing_gauges("1", "r2", **{**standing, "incentive": 0.4, "axon_matches": 0}),
-             standing_gauges("2", "r1", registered=0)]
+             standing_gauges("2", "r1", registered=0, uid=9, incentive=0.0, axon_matches=0)]  # Ray keeps these stale
     sample = parse(texts, at=1.0)
     assert sample.standing["1"]["incentive"] == 0.4 and sample.standing["1"]["axon_matches"] == 0
     out = render(table(sample, sample), sample).splitlines()
