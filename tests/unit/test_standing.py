@@ -2,14 +2,16 @@
 here: the SDK's own MetagraphNeuron/Metagraph types stand in for a live read)."""
 
 import json
+from dataclasses import replace
 
 import pytest
 from bittensor.balance import Balance
-from bittensor.metagraph import Metagraph, MetagraphNeuron
+from bittensor.metagraph import Metagraph
 
 from serve_app.chain.metagraph import SnapshotSource, view_from_sdk, view_from_snapshot
 from serve_app.chain.standing import axon_matches, endpoint_text, epochs_per_day, parse_endpoint, standing
 from serve_app.config import SnapshotMetagraph
+from tests.unit import test_metagraph
 
 BOB = "5FHneW46xGXgs5mUiveU4sbTyGBzmstUspZC92UhjJM694ty"
 
@@ -82,12 +84,7 @@ def test_endpoints_compare_as_addresses():
 
 
 def sdk_neuron(uid, hotkey, **kw):
-    zero = Balance(0)
-    fields = dict(uid=uid, hotkey=hotkey, coldkey=hotkey, active=True, validator_permit=False, last_update=0,
-                  block_at_registration=0, rank=0.0, trust=0.0, consensus=0.0, incentive=0.0, dividends=0.0,
-                  pruning_score=0.0, emission=zero, alpha_stake=zero, tao_stake=zero, total_stake=zero, axon=None,
-                  identity=None, commitment=None)
-    return MetagraphNeuron(**{**fields, **kw})
+    return replace(test_metagraph.sdk_neuron(uid, hotkey, False, 0.0), **kw)
 
 
 def test_the_live_metagraph_carries_the_same_standing():
