@@ -55,39 +55,51 @@ def on_demand_only(cfg: MinerConfig) -> dict:
     return {name: 0.001} if name else {}
 
 
-def with_placement(deployment, wl, name: str, cfg: MinerConfig):
+def with_placement(deployment, wl, name: str, cfg: MinerConfig, deployment_name: str | None = None):
     """A workload deployment with its config's placement, sizing and load bounds."""
     where = wl.placement
     sizing = ({"autoscaling_config": serve_autoscaling_config(where.autoscaling, cfg.latency_slo_s(name), wl.batch_items)}
               if where.autoscaling else {"num_replicas": where.num_replicas})
     return deployment.options(
         **sizing,
+        name=deployment_name or deployment.name,
         ray_actor_options={"num_cpus": where.num_cpus, "num_gpus": where.num_gpus,
                            "resources": {} if where.preemption_safe else on_demand_only(cfg)},
         max_ongoing_requests=wl.load.max_ongoing_requests,
         max_queued_requests=wl.load.max_queued_requests,
+        max_surge_percent=where.max_surge_percent,
         logging_config=WORKLOAD_LOGS,
     )
+
+
+CANDIDATE_SUFFIX = "Candidate"  # a canary's deployment: the workload's deployment name + this
 
 
 def build_app(args: MinerConfig) -> Application:
     cfg = with_absolute_paths(MinerConfig.model_validate(args))
     check_startable(cfg)
-    workloads = {}
-    for name, deployment in (("embeddings", Embeddings), ("diffusion", Diffusion)):
+    workloads, candidates = {}, {}
+
+    def bind(name: str, deployment, *extra):
         wl = getattr(cfg.workloads, name)
-        if wl is not None:
-            workloads[name] = with_placement(deployment, wl, name, cfg).bind(wl)
-    agents = cfg.workloads.agents
-    if agents is not None:
-        # The retrieve tool calls the embeddings deployment directly, beside the router's calls.
-        workloads["agents"] = with_placement(Agents, agents, "agents", cfg).bind(agents, workloads.get("embeddings"))
+        if wl is None:
+            return
+        workloads[name] = with_placement(deployment, wl, name, cfg).bind(wl, *extra)
+        if wl.canary is not None:  # its own deployment, placement and replicas, beside the stable one
+            candidate = wl.candidate()
+            candidates[name] = with_placement(deployment, candidate, name, cfg,
+                                              deployment.name + CANDIDATE_SUFFIX).bind(candidate, *extra)
+
+    bind("embeddings", Embeddings)
+    bind("diffusion", Diffusion)
+    # The retrieve tool calls the (stable) embeddings deployment directly, beside the router's calls.
+    bind("agents", Agents, workloads.get("embeddings"))
     return Router.options(
         num_replicas=cfg.router.num_replicas,
         ray_actor_options={"num_cpus": cfg.router.num_cpus, "resources": on_demand_only(cfg)},
         max_ongoing_requests=cfg.router.max_ongoing_requests,
         logging_config=JSON_LOGS,
-    ).bind(cfg, workloads, BuildInfo())
+    ).bind(cfg, workloads, BuildInfo(), candidates)
 
 
 class ConfigError(ValueError):

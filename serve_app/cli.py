@@ -7,6 +7,8 @@
   torchrank-miner status                          per-subnet req/s, latency, error budget, queues
   torchrank-miner publish [--dry-run]             publish subnets[].endpoint as the hotkey's axon where
                                                   the chain holds another (run where the wallet lives)
+  torchrank-miner rollout status [--json]         each canary's state; `rollout promote|rollback
+                                                  --workload W` decides by hand
 
 A relative --config (default deployments/local.yaml) is looked up in the current directory,
 then in the checkout. An error is one line on stderr (a bad config: one per problem) and
@@ -241,6 +243,65 @@ def cmd_publish(args) -> int:
     return 0
 
 
+def _rollouts(args) -> dict:
+    """workload -> its rollout, from the running miner's /info (workloads without a canary have none)."""
+    import httpx
+
+    from serve_app.chain.publish import http_port
+
+    path, _ = _config(args)
+    url = (args.url or f"http://127.0.0.1:{http_port(path)}").rstrip("/") + "/info"
+    try:
+        resp = httpx.get(url, timeout=args.timeout)
+    except httpx.HTTPError as exc:
+        raise CliError(f"cannot reach the miner at {url}: {type(exc).__name__} (is it running? `make run` starts "
+                       f"it)") from None
+    if resp.status_code != 200:
+        raise _http_error(resp)
+    return {name: wl["rollout"] for name, wl in resp.json().get("workloads", {}).items() if "rollout" in wl}
+
+
+def cmd_rollout_status(args) -> int:
+    rollouts = _rollouts(args)
+    if args.json:
+        print(json.dumps(rollouts))
+        return 0
+    if not rollouts:
+        print("no rollout: no workload of the running miner has a canary")
+    for name, r in rollouts.items():
+        print(f"{name}: {r['state']}, candidate serves {r['weight']:.0%} of validators, {r['comparisons']} "
+              f"comparisons, {r['traffic_s']:g} s of traffic")
+        print(f"  stable    {r['stable']['model']} (weights {r['stable']['weights_sha256']}), "
+              f"served {r['served']['stable']}")
+        print(f"  candidate {r['candidate']['model']} (weights {r['candidate']['weights_sha256']}), "
+              f"served {r['served']['candidate']}")
+        print(f"  {r['reason']}")
+    return 0
+
+
+def cmd_rollout_decide(args) -> int:
+    """promote / rollback by hand, through the miner's RolloutCoordinator actor on the local Ray cluster."""
+    _, cfg = _config(args)
+    import ray
+
+    from serve_app.router.rollouts import rollout_coordinator
+
+    try:
+        ray.init(address=args.address, log_to_driver=False, logging_level="ERROR")
+    except (ConnectionError, RuntimeError, ValueError) as exc:
+        raise CliError(f"no Ray cluster at {args.address} ({type(exc).__name__}): is the miner running?") from None
+    coordinator = rollout_coordinator(cfg.name, create=False)
+    if coordinator is None:
+        raise CliError(f"miner {cfg.name!r} runs no rollout: no workload in its config has a canary", code=1)
+    action = "promote" if args.action == "promote" else "rollback"
+    try:
+        state = ray.get(coordinator.decide.remote(args.workload, action, f"{action} by the operator"), timeout=10)
+    except ray.exceptions.RayTaskError as exc:
+        raise CliError(str(exc.cause if isinstance(exc.cause, ValueError) else exc), code=1) from None
+    print(f"{args.workload}: {state['state']} ({state['reason']}); the routers follow within a second")
+    return 0
+
+
 def _validator_options(cmd: argparse.ArgumentParser, path: str) -> None:
     cmd.add_argument("--url", default="http://127.0.0.1:8000")
     cmd.add_argument("--path", default=path)
@@ -306,6 +367,22 @@ def parser() -> argparse.ArgumentParser:
     pub.add_argument("--dry-run", action="store_true",
                      help="compare and print the plan; never loads the hotkey's secret nor writes")
     pub.set_defaults(func=cmd_publish)
+
+    roll = sub.add_parser("rollout", help="a workload's candidate model (workloads.<name>.canary) in the running miner")
+    rsub = roll.add_subparsers(dest="action", required=True)
+    rstat = rsub.add_parser("status", help="each rollout's state, weight, comparisons and reason (from /info)")
+    rstat.add_argument("--json", action="store_true", help="print JSON: {workload: {state, weight, ...}}")
+    rstat.add_argument("--url", help="the miner (default: 127.0.0.1 at the config's http_options.port)")
+    rstat.add_argument("--timeout", type=float, default=10.0)
+    rstat.set_defaults(func=cmd_rollout_status)
+    rstat.add_argument("--config", default=DEFAULT_CONFIG, help="serve config (default deployments/local.yaml)")
+    for action, help in (("promote", "make the candidate stable now"),
+                         ("rollback", "send every validator back to stable now")):
+        cmd = rsub.add_parser(action, help=f"{help} (through the local Ray cluster)")
+        cmd.add_argument("--workload", required=True, choices=("embeddings", "diffusion", "agents"))
+        cmd.add_argument("--address", default="auto", help="the Ray cluster (default: the local one)")
+        cmd.add_argument("--config", default=DEFAULT_CONFIG, help="serve config (default deployments/local.yaml)")
+        cmd.set_defaults(func=cmd_rollout_decide)
     return p
 
 

@@ -392,6 +392,10 @@ class Placement(Strict):
         description="torch.cuda.set_per_process_memory_fraction in the replica; default: num_gpus when below 1.")
     preemption_safe: bool = Field(
         default=False, description="May run on spot/preemptible nodes (see cluster.on_demand_resource).")
+    max_surge_percent: int = Field(
+        default=100, ge=0, le=100,
+        description="Serve's surge on a rolling restart (a code or actor-option change): extra replicas, as a share "
+                    "of the target, started before old ones stop, so a one-replica workload keeps serving.")
 
     @model_validator(mode="after")
     def _one_way_to_size(self):
@@ -523,12 +527,60 @@ LEGACY_FIELDS = {
 legacy_log = logging.getLogger("ray.serve.torchrank.config")
 
 
+class CanaryConfig(Strict):
+    """A candidate model beside the stable one (serve_app/ops/rollout.py): shadowed first, then
+    given a growing share of validators, then promoted, or rolled back at any stage."""
+
+    model: str = Field(description="A hub id or local path: the candidate's model.id.")
+    overrides: dict = Field(default_factory=dict, description="Sections of the workload's config that differ for the "
+                                                              "candidate (e.g. runtime: {precision: bf16}), merged in.")
+    placement: Optional[Placement] = Field(default=None, description="The candidate deployment's; default: the stable's.")
+    weight: float = Field(default=0.5, gt=0, le=1, description="Share of validators (sticky by hotkey) the candidate "
+                                                                "serves at the last step.")
+    steps: tuple[float, ...] = Field(default=(0.1, 0.5, 1.0), min_length=1,
+                                     description="The canary schedule: shares of `weight`, each held step_s.")
+    step_s: float = Field(default=60.0, gt=0, description="Time with traffic in shadow and at each step.")
+    min_comparisons: int = Field(default=20, ge=1, description="Comparisons needed in each stage before the next.")
+    shadow_share: float = Field(default=0.1, gt=0, le=1, description="Share of admitted requests also sent to the "
+                                                                     "other side, answers compared and discarded.")
+    max_shadow_in_flight: int = Field(default=4, ge=1, description="Mirrored calls at once per router replica; more "
+                                                                   "are not mirrored (shadowing never queues).")
+    min_samples: int = Field(default=10, ge=1, description="Comparisons or candidate calls a rollback verdict needs.")
+    min_agreement: float = Field(default=0.95, gt=0, le=1, description="Share of comparisons that must agree.")
+    min_cosine: float = Field(default=0.99, gt=-1, le=1, description="Embeddings agree: every vector's cosine to the "
+                                                                     "stable one at least this.")
+    max_pixel_diff: float = Field(default=2.0, ge=0, le=255, description="Images agree: mean absolute difference of "
+                                                                         "the seeded images' pixels (0-255) at most this.")
+    max_error_increase: float = Field(default=0.05, ge=0, le=1, description="Roll back when the candidate's failure rate "
+                                                                            "(errors; agents also step limits) exceeds "
+                                                                            "the stable's by more.")
+    max_latency_ratio: float = Field(default=2.0, ge=1, description="Roll back when the candidate's p95 over the same "
+                                                                    "requests exceeds the stable's by this factor...")
+    latency_slack_s: float = Field(default=0.05, ge=0, description="...plus this.")
+
+    @field_validator("steps")
+    @classmethod
+    def _steps_grow_to_one(cls, steps: tuple[float, ...]) -> tuple[float, ...]:
+        if any(not 0 < s <= 1 for s in steps) or list(steps) != sorted(set(steps)) or steps[-1] != 1:
+            raise ValueError("steps must rise, each in (0, 1], and end at 1 (the full weight)")
+        return steps
+
+
 class Workload(Strict):
     """What every workload's config has: its model, how it runs, batches and limits requests,
     where its replicas run, and how much load they take. Each workload narrows the sections."""
 
     workload: ClassVar[str]  # its field under `workloads:`
     placement: Placement = Placement()  # the same for every workload; the other sections are narrowed per workload
+    canary: Optional[CanaryConfig] = Field(default=None, description="A candidate model rolled out beside this one.")
+
+    def candidate(self) -> "Workload":
+        """The candidate deployment's config: the canary's model, overrides and placement, no canary."""
+        canary = self.canary
+        given = {**canary.overrides, "model": {**canary.overrides.get("model", {}), "id": canary.model}, "canary": None}
+        if canary.placement is not None:
+            given["placement"] = canary.placement
+        return type(self).model_validate(over(self, given, whole=True))
 
     @classmethod
     def _read_legacy_names(cls, data: dict) -> dict:

@@ -202,6 +202,8 @@ class SentenceEmbeddingEngine(EncodingEngine):
                 emb = self.backend(batch)
                 norms = np.linalg.norm(emb, axis=1, keepdims=True)
                 out[chunk.numpy()] = emb / np.maximum(norms, 1e-12)  # as torch's normalize
+        if not np.isfinite(out).all():  # broken weights: a wrong answer must not leave as null vectors
+            raise ValueError("the model produced non-finite embeddings (NaN or infinity)")
         return out, lengths.numpy()
 
     @staticmethod

@@ -88,6 +88,22 @@ class RouterMetrics:
             "torchrank_axon_matches", "1 while the chain's axon for the miner's hotkey is the configured endpoint "
                                       "(subnets[].endpoint), 0 when it differs or is not served.", tag_keys=("netuid",))
 
+        # Rollouts (serve_app/router/rollouts.py): `digest` is the weights' sha256 prefix of the side's model.
+        self.rollout_state = metrics.Gauge(
+            "torchrank_rollout_state", "1 for a workload's rollout state (shadow, canary, promoted, rolled_back).",
+            tag_keys=("workload", "state", "stable_digest", "candidate_digest"))
+        self.rollout_weight = metrics.Gauge("torchrank_rollout_weight", "Share of validators the candidate serves.",
+                                            tag_keys=("workload",))
+        self.rollout_calls = metrics.Counter(
+            "torchrank_rollout_calls", "Calls to each side of a rollout (served or mirrored), by outcome (ok, failed).",
+            tag_keys=("workload", "role", "digest", "outcome"))
+        self.rollout_seconds = metrics.Histogram(
+            "torchrank_rollout_call_seconds", "Time of each side's calls in a rollout.", boundaries=LATENCY_BUCKETS,
+            tag_keys=("workload", "role", "digest"))
+        self.rollout_comparisons = metrics.Counter(
+            "torchrank_rollout_comparisons", "Answers of both sides compared, by result (agree, disagree).",
+            tag_keys=("workload", "result"))
+
     def publish_slos(self, subnets) -> None:
         for subnet in subnets:
             netuid = str(subnet.netuid)

@@ -15,7 +15,7 @@ from typing import Optional
 from pydantic import BaseModel, ConfigDict, Field
 
 from serve_app.config import AgentsConfig
-from serve_app.protocols.base import limit_exceeded, parse_json
+from serve_app.protocols.base import limit_exceeded, no_agreement, parse_json
 
 
 class AgentRunRequest(BaseModel):
@@ -61,6 +61,12 @@ class AgentRuns:
 
     def cost(self, req: AgentRunRequest) -> float:
         return 1.0  # one session
+
+    agreement = staticmethod(no_agreement)  # runs differ in wording: a rollout judges errors, step limits, speed
+
+    @staticmethod
+    def unfinished(answer: dict) -> bool:
+        return answer.get("finish") == "max_steps"
 
     async def run(self, req: AgentRunRequest, handle, deadline: float, degradable: bool) -> dict:
         return await handle.run.remote(req.task, req.tools, req.documents, req.max_steps, deadline)

@@ -3,7 +3,7 @@
 
 from __future__ import annotations
 
-from typing import Protocol, TypeVar
+from typing import Optional, Protocol, TypeVar
 
 import orjson
 from pydantic import BaseModel, ValidationError
@@ -56,3 +56,15 @@ class Adapter(Protocol):
     async def run(self, request: BaseModel, handle, deadline: float, degradable: bool) -> dict:
         """`deadline` is time.time() after which the answer is useless; `degradable`: the
         subnet accepts the workload's cheaper preset under overload."""
+
+    def agreement(self, stable: dict, candidate: dict, canary) -> tuple[Optional[bool], Optional[float]]:
+        """A rollout's comparison of two answers to one request (serve_app/router/rollouts.py):
+        (agree under the canary's thresholds, the measure), or (None, None) if they are not compared."""
+
+    def unfinished(self, answer: dict) -> bool:
+        """An answer that counts as a failure in a rollout though it is a 200 (agents: the step limit)."""
+
+
+def no_agreement(stable: dict, candidate: dict, canary) -> tuple[None, None]:
+    """For workloads whose answers are not compared (a rollout then judges errors and speed)."""
+    return None, None

@@ -69,6 +69,20 @@ class OpenAIEmbeddings:
                 max_items=cfg.batching.max_batch_texts)
         return batcher
 
+    @staticmethod
+    def unfinished(answer: dict) -> bool:
+        return False
+
+    @staticmethod
+    def agreement(stable: dict, candidate: dict, canary) -> tuple[bool, float]:
+        """Every vector's cosine to stable's at least canary.min_cosine; the measure is the lowest."""
+        a, b = vectors_of(stable), vectors_of(candidate)
+        if a.shape != b.shape:
+            return False, -1.0
+        norms = np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1)
+        lowest = float(np.min(np.sum(a * b, axis=1) / np.maximum(norms, 1e-12)))
+        return bool(lowest >= canary.min_cosine), lowest
+
     async def run(self, req: EmbeddingsRequest, handle, deadline: float, degradable: bool) -> dict:
         texts = req.texts
         vectors, tokens = await self._batcher(handle).submit((texts, deadline, degradable), size=len(texts))
@@ -82,3 +96,11 @@ class OpenAIEmbeddings:
             "model": self.cfg.model.name,
             "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
         }
+
+
+def vectors_of(answer: dict) -> np.ndarray:
+    """The [n, dim] vectors of an answer, in either encoding."""
+    rows = [d["embedding"] for d in answer["data"]]
+    if rows and isinstance(rows[0], str):
+        return np.stack([np.frombuffer(base64.b64decode(r), dtype="<f4") for r in rows])
+    return np.asarray(rows, dtype=np.float32)

@@ -98,9 +98,32 @@ class OpenAIImages:
         width, height = (int(side) for side in req.size.split("x"))
         return req.n * (req.steps * width * height) / (default.steps * default.width * default.height)
 
+    @staticmethod
+    def unfinished(answer: dict) -> bool:
+        return False
+
+    @staticmethod
+    def agreement(stable: dict, candidate: dict, canary) -> tuple[bool, float]:
+        """The same seeds give images whose pixels differ on average (0-255) by at most
+        canary.max_pixel_diff; the measure is the largest such mean over the images."""
+        worst = max(pixel_difference(a["b64_json"], b["b64_json"]) for a, b in zip(stable["data"], candidate["data"]))
+        return bool(worst <= canary.max_pixel_diff), worst
+
     async def run(self, req: ImagesRequest, handle, deadline: float, degradable: bool) -> dict:
         seeds = self.seeds(req)
         images = await handle.generate.remote(req.prompt, req.negative_prompt, seeds, self.spec(req), deadline)
         return {"created": int(time.time()),
                 "data": [{"b64_json": base64.b64encode(png).decode(), "seed": seed} for png, seed in zip(images, seeds)],
                 "preset": req.preset, "steps": req.steps, "size": req.size}
+
+
+def pixel_difference(a_b64: str, b_b64: str) -> float:
+    """Mean absolute difference of two images' RGB pixels (0-255); 255 when their sizes differ."""
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    a, b = (np.asarray(Image.open(io.BytesIO(base64.b64decode(x))).convert("RGB"), dtype=np.int16)
+            for x in (a_b64, b_b64))
+    return 255.0 if a.shape != b.shape else float(np.abs(a - b).mean())

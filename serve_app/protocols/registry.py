@@ -31,3 +31,10 @@ PROTOCOLS = {p.name: p for p in (
 def make_adapter(protocol: str, cfg: MinerConfig, subnet: SubnetConfig) -> Adapter:
     module, name = PROTOCOLS[protocol].adapter.split(":")
     return getattr(importlib.import_module(module), name).for_subnet(cfg, subnet)
+
+
+def workload_adapter(workload: str) -> type:
+    """The adapter class of the protocol `workload` serves: its rollout comparisons (agreement, unfinished)."""
+    protocol = next(p for p in PROTOCOLS.values() if p.workload == workload)
+    module, name = protocol.adapter.split(":")
+    return getattr(importlib.import_module(module), name)

@@ -17,11 +17,14 @@ from serve_app import __version__
 from serve_app.config import DEFAULT_HTTP_PORT, MinerConfig
 from serve_app.errors import json_response, retry_after
 from serve_app.observability.info import BuildInfo
+from serve_app.observability.metrics import RouterMetrics
 from serve_app.router import endpoints
 from serve_app.router.auth import Authenticator, shared_nonce_store
 from serve_app.router.body import BodyReads
 from serve_app.router.monitor import RouterMonitor
 from serve_app.router.pipeline import RequestPipeline
+from serve_app.protocols.registry import workload_adapter
+from serve_app.router.rollouts import RolloutRouter, rollout_coordinator
 from serve_app.router.routes import build_routes
 
 app = FastAPI(title="torchrank-miner", version=__version__, openapi_url=None, docs_url=None, redoc_url=None)
@@ -54,19 +57,36 @@ def http_port() -> int:
         return DEFAULT_HTTP_PORT
 
 
+async def start_rollouts(cfg: MinerConfig, workloads: dict, candidates: dict, metrics: RouterMetrics) -> dict:
+    """workload -> its RolloutRouter, started (the shared state read), for each workload with a candidate."""
+    if not candidates:
+        return {}
+    coordinator = await asyncio.to_thread(rollout_coordinator, cfg.name)
+    rollouts = {}
+    for name, candidate in candidates.items():
+        wl = getattr(cfg.workloads, name)
+        rollouts[name] = RolloutRouter(name, wl.canary, workloads[name], candidate, workload_adapter(name), coordinator, metrics,
+                                       stable_model=wl.model.id, candidate_model=wl.canary.model)
+        await rollouts[name].start()
+    return rollouts
+
+
 @serve.deployment(name="Router")
 @serve.ingress(app)
 class Router:
-    async def __init__(self, cfg: MinerConfig, workloads: dict[str, DeploymentHandle], build: BuildInfo):
+    async def __init__(self, cfg: MinerConfig, workloads: dict[str, DeploymentHandle], build: BuildInfo,
+                       candidates: dict[str, DeploymentHandle] | None = None):
         replica, actor_name = replica_names()
         self.auth = Authenticator(cfg.wallet.hotkey_ss58(), shared_nonce_store(cfg.name), claimant=actor_name,
                                   find_store=lambda: shared_nonce_store(cfg.name))
         r = cfg.router
         body_reads = BodyReads(r.max_body_reads, r.max_body_bytes, r.body_timeout_s, r.body_grace_s,
                                r.min_body_bytes_per_s)
-        table = await build_routes(cfg, workloads)
+        metrics = RouterMetrics()
+        rollouts = await start_rollouts(cfg, workloads, candidates or {}, metrics)
+        table = await build_routes(cfg, workloads, rollouts)
         self.monitor = RouterMonitor(cfg, table, workloads, build, hotkey=self.auth.self_hotkey_ss58,
-                                     http_port=await asyncio.to_thread(http_port))
+                                     http_port=await asyncio.to_thread(http_port), metrics=metrics, rollouts=rollouts)
         self.pipeline = RequestPipeline(table.routes, self.auth, body_reads, max_in_progress=r.max_in_progress,
                                         workload_ready=self.monitor.workload_ready, record=self.monitor.record,
                                         replica=replica)

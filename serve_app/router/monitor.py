@@ -31,14 +31,15 @@ INFO_TIMEOUT_S = 2.0  # a workload's info(): the readiness probe, and the /info 
 
 class RouterMonitor:
     def __init__(self, cfg: MinerConfig, table: RouteTable, workloads: dict, build: BuildInfo, *, hotkey: str,
-                 http_port: int):
+                 http_port: int, metrics: Optional[RouterMetrics] = None, rollouts: Optional[dict] = None):
         self.cfg = cfg
         self.hotkey = hotkey  # the miner's: whose standing the gauges and /info show
         self.http_port = http_port  # an endpoint's port when the config gives none
         self.table = table
-        self.workloads = workloads  # name -> DeploymentHandle
+        self.workloads = workloads  # name -> DeploymentHandle (the stable one, where a rollout runs)
+        self.rollouts = rollouts or {}  # name -> RolloutRouter
         self.build = build
-        self.metrics = RouterMetrics()
+        self.metrics = metrics or RouterMetrics()
         self.watchdogs = {subnet.netuid: SubnetWatchdog(subnet) for subnet in cfg.subnets}
         self.workload_ready = {name: False for name in workloads}
         self.workload_info: dict[str, dict] = {}  # model identity does not change while a deployment lives
@@ -133,7 +134,7 @@ class RouterMonitor:
     def _running_replicas(self, names) -> dict[str, int]:
         """Running replicas of these workloads, from the Serve controller (blocking)."""
         deployments = serve.status().applications[serve.get_replica_context().app_name].deployments
-        return {name: deployments[self.workloads[name].deployment_name].replica_states.get("RUNNING", 0)
+        return {name: deployments[self.serving(name).deployment_name].replica_states.get("RUNNING", 0)
                 for name in names}
 
     async def resize_admission(self) -> None:
@@ -144,10 +145,17 @@ class RouterMonitor:
                 if count:  # none running (restarting): keep the last bounds
                     self.table.admission[name].resize(count / self.autoscaled[name])
 
+    def serving(self, name: str):
+        """The deployment that serves the workload now: after a promotion, the candidate's."""
+        rollout = self.rollouts.get(name)
+        return rollout.serving if rollout is not None else self.workloads[name]
+
     async def watch(self) -> None:
         """The readiness probe of each workload, then each subnet's watchdog verdict."""
         for name in self.workloads:
             self.workload_ready[name] = await self.fetch_info(name) is not None
+        for rollout in self.rollouts.values():
+            await rollout.read_digests(INFO_TIMEOUT_S)
         for netuid, watchdog in self.watchdogs.items():
             before = watchdog.reasons
             reasons = watchdog.verdict(self.table.metagraphs[netuid].age_s)
@@ -160,7 +168,8 @@ class RouterMonitor:
         """The workload's info() (None if it does not answer in time), kept for /info and for
         admission's speed before it has measured its own."""
         try:
-            info = await asyncio.wait_for(self.workloads[name].info.remote(), INFO_TIMEOUT_S)
+            handle = self.serving(name)
+            info = await asyncio.wait_for(handle.info.remote(), INFO_TIMEOUT_S)
         except Exception:
             return None
         self.workload_info[name] = info
@@ -168,5 +177,7 @@ class RouterMonitor:
         return info
 
     async def info_of(self, name: str) -> dict:
-        """For /info: the kept answer, else one asked now."""
-        return self.workload_info.get(name) or await self.fetch_info(name) or {"status": "unavailable"}
+        """For /info: the kept answer, else one asked now; with the rollout, if one runs."""
+        info = self.workload_info.get(name) or await self.fetch_info(name) or {"status": "unavailable"}
+        rollout = self.rollouts.get(name)
+        return info if rollout is None else {**info, "rollout": rollout.info()}

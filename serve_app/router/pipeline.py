@@ -11,7 +11,8 @@ In order; a request refused at any step stops there and never reaches a workload
      btauth/1 or Epistula v2 (401)
   -> shared replay check (401, 503) -> per-hotkey rate limit (429) -> schema and limits (422)
   -> circuit breaker (503) -> admission by deadline and stake (503 shed, 504) -> workload call
-     under the deadline, once more on another replica if one died mid-call (503, 504)
+     under the deadline, once more on another replica if one died mid-call (503, 504); with a
+     rollout, on the side it picks (serve_app/router/rollouts.py)
   -> the answer, encoded; then the outcome is recorded (metrics, watchdog, log line).
 Codes: serve_app/errors.py.
 """
@@ -170,11 +171,12 @@ class RequestPipeline:
                                    retry_after(min(wait, 3600)))
             parsed = route.adapter.parse(body)
             ended.admitted = True
-            return await self._admit_and_call(route, parsed, priority(caller, view, policy), deadline, timeout)
+            return await self._admit_and_call(route, parsed, priority(caller, view, policy), deadline, timeout, caller)
         finally:
             self.auth.settle(signed)  # answered, whatever the answer: its nonce can no longer be taken over
 
-    async def _admit_and_call(self, route: Route, parsed, prio: float, deadline: float, timeout: float) -> dict:
+    async def _admit_and_call(self, route: Route, parsed, prio: float, deadline: float, timeout: float,
+                              caller: str) -> dict:
         """Breaker, then a slot by deadline and stake, then the call; the breaker hears how the call went."""
         breaker, workload = route.breaker, route.adapter.workload
         if breaker.state == OPEN:  # fail fast, before queueing
@@ -187,7 +189,11 @@ class RequestPipeline:
                                    retry_after(1))
                 verdict = True  # failed, unless shown otherwise
                 try:
-                    result = await self._call_workload(route, parsed, deadline, timeout)
+                    if route.rollout is None:
+                        result = await self._call_workload(route, route.workload, parsed, deadline, timeout)
+                    else:  # the rollout picks the side (and falls back to stable when the candidate fails)
+                        result = await route.rollout.serve(caller, deadline, lambda handle, until: self._call_workload(
+                            route, handle, parsed, until, timeout))
                     verdict = False
                     return result
                 except ApiError as err:
@@ -213,14 +219,15 @@ class RequestPipeline:
         except QueueDeadline:
             raise deadline_exceeded(timeout) from None
 
-    async def _call_workload(self, route: Route, parsed, deadline: float, timeout: float) -> dict:
+    async def _call_workload(self, route: Route, handle, parsed, deadline: float, timeout: float) -> dict:
+        """One call on `handle` (a deployment of the route's workload) under `deadline` (monotonic)."""
         workload = route.adapter.workload
         for attempt in range(DEAD_REPLICA_RETRIES + 1):
             remaining = deadline - self.clock()
             if remaining <= 0:
                 raise deadline_exceeded(timeout)
             try:
-                call = route.adapter.run(parsed, route.workload, time.time() + remaining, route.subnet.allow_degraded)
+                call = route.adapter.run(parsed, handle, time.time() + remaining, route.subnet.allow_degraded)
                 return await asyncio.wait_for(call, remaining)
             except (asyncio.TimeoutError, DeadlinePassed):
                 raise deadline_exceeded(timeout) from None

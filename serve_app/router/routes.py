@@ -5,6 +5,7 @@ request pipeline (serve_app/router/pipeline.py) walks through."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Optional
 
 from serve_app.chain.metagraph import MetagraphCache, make_source
 from serve_app.config import MinerConfig, SubnetConfig
@@ -25,6 +26,7 @@ class Route:
     breaker: CircuitBreaker
     admission: Admission
     rate_limit: RateLimiter
+    rollout: Optional[object] = None  # the workload's RolloutRouter while it has a canary
 
 
 @dataclass
@@ -39,9 +41,11 @@ class RouteTable:
         return {workload: b for (n, workload), b in self.breakers.items() if n == netuid}
 
 
-async def build_routes(cfg: MinerConfig, workloads: dict[str, object]) -> RouteTable:
+async def build_routes(cfg: MinerConfig, workloads: dict[str, object], rollouts: Optional[dict] = None) -> RouteTable:
     """Every route of every subnet, with each subnet's metagraph read once (a failed first read
-    leaves its requests at 503 until a background refresh succeeds)."""
+    leaves its requests at 503 until a background refresh succeeds). `rollouts`: workload ->
+    its RolloutRouter, for workloads with a canary."""
+    rollouts = rollouts or {}
     table = RouteTable(admission={name: Admission((wl := getattr(cfg.workloads, name)).load.admission, wl.in_flight_items)
                                   for name in workloads})
     for subnet in cfg.subnets:
@@ -63,5 +67,6 @@ async def build_routes(cfg: MinerConfig, workloads: dict[str, object]) -> RouteT
                 breaker=table.breakers.setdefault((subnet.netuid, workload), CircuitBreaker(subnet.breaker)),
                 admission=table.admission[workload],
                 rate_limit=rate_limit,
+                rollout=rollouts.get(workload),
             )
     return table

@@ -1,0 +1,278 @@
+"""Rollouts in the router: which side serves a validator, the mirrored calls whose answers are
+compared, and the one coordinator that decides for every router replica.
+
+Each workload with a `canary` has two deployments, stable and candidate (serve_app/app.py).
+A `RolloutRouter` per workload in each router replica:
+- picks the side for a request from the shared state: stable in shadow and after a rollback,
+  the candidate after a promotion, and in canary the candidate for validators whose hotkey
+  falls under the current weight (sticky, serve_app/ops/rollout.py);
+- a request the candidate fails (or does not answer within half the time left) is served
+  by stable with the rest, so a failing candidate costs validators nothing;
+- mirrors `shadow_share` of requests to the other side, never waiting for it and never more
+  than `max_shadow_in_flight` at once, and compares the two answers (the adapter's
+  `agreement`);
+- reports what it saw to the miner's `RolloutCoordinator` actor every SYNC_S and takes back
+  the state; the report that led to a decision logs it (one JSON line per decision).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import time
+from typing import Awaitable, Callable, Optional
+
+import ray
+
+from serve_app.config import CanaryConfig
+from serve_app.errors import ApiError, ErrorCode
+from serve_app.ops.rollout import (CANARY, CANDIDATE, PROMOTED, SHADOW, STABLE, STATES, Observation, Rollout,
+                                   on_candidate)
+from serve_app.router.auth import HEAD_NODE_RESOURCE
+
+log = logging.getLogger("ray.serve.torchrank.rollout")
+SYNC_S = 0.5
+COORDINATOR_TIMEOUT_S = 2.0
+CANDIDATE_TIME_SHARE = 0.5  # of the time left: the candidate's, before stable takes over
+# Not the candidate's fault: the caller's or load's (a mirrored call refused for load is not counted).
+NOT_COUNTED = {ErrorCode.shed, ErrorCode.client_closed}
+
+Call = Callable[[object, float], Awaitable[dict]]  # (deployment handle, monotonic deadline) -> answer
+
+
+class RolloutBook:
+    """Every rollout of the miner, one per workload: the state inside the RolloutCoordinator actor."""
+
+    def __init__(self) -> None:
+        self.rollouts: dict[str, tuple[str, Rollout]] = {}
+        self.pending: list[dict] = []  # decisions taken by hand, logged by the next router to report
+
+    def begin(self, workload: str, canary_json: str, stable_model: str, candidate_model: str) -> dict:
+        """The rollout of this candidate over this stable, begun now unless it is already known."""
+        key = f"{canary_json}|{stable_model}|{candidate_model}"
+        known = self.rollouts.get(workload)
+        if known is None or known[0] != key:
+            canary = CanaryConfig.model_validate_json(canary_json)
+            self.rollouts[workload] = (key, Rollout(workload, canary, stable_model, candidate_model))
+        return self.rollouts[workload][1].as_dict()
+
+    def report(self, workload: str, observations: list[Observation], served: dict[str, int]) -> tuple[dict, list]:
+        """(the state, decisions to log) after a router's observations."""
+        rollout = self.rollouts[workload][1]
+        decision = rollout.observe(observations, served, time.monotonic())
+        events = [self._event(rollout, decision, "automatic")] if decision else []
+        events, self.pending = self.pending + events, []
+        return rollout.as_dict(), events
+
+    def decide(self, workload: str, action: str, reason: str) -> dict:
+        """By hand (`torchrank-miner rollout promote|rollback`): ValueError when there is nothing to decide."""
+        if workload not in self.rollouts:
+            raise ValueError(f"no rollout of {workload}: its config has no canary")
+        rollout = self.rollouts[workload][1]
+        if rollout.done:
+            raise ValueError(f"the {workload} rollout is already {rollout.state}")
+        decision = rollout.promote(reason) if action == "promote" else rollout.roll_back(reason)
+        self.pending.append(self._event(rollout, decision, "operator"))
+        return rollout.as_dict()
+
+    def states(self) -> dict:
+        return {workload: rollout.as_dict() for workload, (_, rollout) in self.rollouts.items()}
+
+    @staticmethod
+    def _event(rollout: Rollout, decision: str, by: str) -> dict:
+        return {"workload": rollout.workload, "decision": decision, "by": by, "reason": rollout.reason,
+                "weight": rollout.weight, "comparisons": rollout.comparisons, "traffic_s": round(rollout.traffic_s, 1),
+                "stable_model": rollout.stable_model, "candidate_model": rollout.candidate_model}
+
+
+RolloutCoordinator = ray.remote(num_cpus=0, max_restarts=-1, max_task_retries=0,
+                                resources={HEAD_NODE_RESOURCE: 0.001})(RolloutBook)
+
+
+def rollout_coordinator(miner_name: str, create: bool = True):
+    """The miner's one coordinator (detached: it outlives the router replicas); None when
+    `create` is False and it does not run."""
+    name = f"{miner_name}-rollouts"
+    if not create:
+        try:
+            return ray.get_actor(name, namespace="torchrank")
+        except ValueError:
+            return None
+    return RolloutCoordinator.options(name=name, namespace="torchrank", get_if_exists=True,
+                                      lifetime="detached").remote()
+
+
+class RolloutRouter:
+    """One workload's rollout in one router replica. `adapter` compares answers (agreement)
+    and says whether an answer counts as a failure (unfinished); `metrics`: RouterMetrics."""
+
+    def __init__(self, workload: str, canary: CanaryConfig, stable, candidate, adapter, coordinator, metrics,
+                 stable_model: str, candidate_model: str, clock: Callable[[], float] = time.monotonic):
+        self.workload, self.canary = workload, canary
+        self.handles = {STABLE: stable, CANDIDATE: candidate}
+        self.adapter, self.coordinator, self.metrics, self.clock = adapter, coordinator, metrics, clock
+        self.models = {STABLE: stable_model, CANDIDATE: candidate_model}
+        self.digests = {STABLE: "-", CANDIDATE: "-"}  # the weights' digests, once each side's info is read
+        self.state: dict = {"state": SHADOW, "weight": 0.0, "salt": f"{workload}:{candidate_model}"}
+        self.observations: list[Observation] = []
+        self.served = {STABLE: 0, CANDIDATE: 0}
+        self.mirrors: set[asyncio.Task] = set()
+        self._task: Optional[asyncio.Task] = None
+
+    @property
+    def serving(self):
+        """The deployment validators are served by when nothing else decides: what readiness probes."""
+        return self.handles[CANDIDATE if self.state["state"] == PROMOTED else STABLE]
+
+    async def start(self) -> None:
+        self.state = await asyncio.wait_for(self.coordinator.begin.remote(
+            self.workload, self.canary.model_dump_json(), self.models[STABLE], self.models[CANDIDATE]),
+            COORDINATOR_TIMEOUT_S * 5)
+        self._task = asyncio.create_task(self._sync_forever())
+
+    async def read_digests(self, timeout_s: float) -> None:
+        """Each side's weights digest from its info() (the metrics' labels), until both are known."""
+        for side, handle in self.handles.items():
+            if self.digests[side] == "-":
+                try:
+                    info = await asyncio.wait_for(handle.info.remote(), timeout_s)
+                    self.digests[side] = info.get("weights_sha256") or "unknown"
+                except Exception:  # not answering yet (the candidate may still be loading)
+                    pass
+
+    def side_for(self, caller: str) -> str:
+        state = self.state["state"]
+        if state == CANARY:
+            return CANDIDATE if on_candidate(caller, self.state["weight"], self.state["salt"]) else STABLE
+        return CANDIDATE if state == PROMOTED else STABLE
+
+    async def serve(self, caller: str, deadline: float, call: Call) -> dict:
+        """The answer for a validator request: `call(handle, deadline)` runs it on one side."""
+        side, comparing = self.side_for(caller), self.state["state"] in (SHADOW, CANARY)
+        if side == CANDIDATE and comparing:
+            now = self.clock()
+            counted = True
+            try:
+                answer = await call(self.handles[CANDIDATE], now + (deadline - now) * CANDIDATE_TIME_SHARE)
+                failed = self.adapter.unfinished(answer)
+            except ApiError as err:  # refused for load, late, or failing: stable serves it
+                answer, failed, counted = None, True, err.code not in NOT_COUNTED
+            except Exception:  # the candidate's own failure (a RayTaskError from its replica)
+                answer, failed = None, True
+            seconds = self.clock() - now
+            if not failed:
+                self._count(CANDIDATE, seconds, False)
+                self.served[CANDIDATE] += 1
+                if not self._maybe_mirror(STABLE, answer, CANDIDATE, seconds, deadline, call):
+                    self.observations.append(Observation(candidate_s=seconds, candidate_failed=False))
+                return answer
+            if counted:
+                self._count(CANDIDATE, seconds, True)
+                self.observations.append(Observation(candidate_s=seconds, candidate_failed=True))
+            side = STABLE  # the candidate failed it: stable serves it with the time left
+        started = self.clock()
+        try:
+            answer = await call(self.handles[side], deadline)
+        except Exception as err:
+            if comparing and not (isinstance(err, ApiError) and err.code in NOT_COUNTED):
+                seconds = self.clock() - started
+                self._count(side, seconds, True)
+                self.observations.append(Observation(**{f"{side}_s": seconds, f"{side}_failed": True}))
+            raise
+        seconds = self.clock() - started
+        self.served[side] += 1
+        if comparing:
+            failed = self.adapter.unfinished(answer)
+            self._count(side, seconds, failed)
+            if not self._maybe_mirror(CANDIDATE if side == STABLE else STABLE, answer, side, seconds, deadline, call):
+                self.observations.append(Observation(**{f"{side}_s": seconds, f"{side}_failed": failed}))
+        return answer
+
+    def _maybe_mirror(self, other: str, answer: dict, side: str, seconds: float, deadline: float, call: Call) -> bool:
+        """Whether the request is mirrored to the `other` side (its observation then comes from the mirror)."""
+        if len(self.mirrors) >= self.canary.max_shadow_in_flight or random.random() >= self.canary.shadow_share:
+            return False
+        task = asyncio.create_task(self._mirror(other, answer, side, seconds, deadline, call))
+        self.mirrors.add(task)
+        task.add_done_callback(self.mirrors.discard)
+        return True
+
+    async def _mirror(self, other: str, answer: dict, side: str, seconds: float, deadline: float, call: Call) -> None:
+        started, other_answer = self.clock(), None
+        try:
+            other_answer = await call(self.handles[other], deadline)
+            other_failed = self.adapter.unfinished(other_answer)
+        except ApiError as err:
+            if err.code in NOT_COUNTED:  # refused for load: only the served side's call is seen
+                self.observations.append(Observation(**{f"{side}_s": seconds,
+                                                        f"{side}_failed": self.adapter.unfinished(answer)}))
+                return
+            other_failed = True
+        except Exception:  # a mirrored call must never surface: count it as that side's failure
+            log.exception("a mirrored %s call to the %s failed", self.workload, other)
+            other_failed = True
+        other_s = self.clock() - started
+        self._count(other, other_s, other_failed)
+        answers = {side: answer, other: other_answer}
+        times = {side: seconds, other: other_s}
+        failed = {side: self.adapter.unfinished(answer), other: other_failed}
+        agree = measure = None
+        if other_answer is not None:
+            try:
+                agree, measure = self.adapter.agreement(answers[STABLE], answers[CANDIDATE], self.canary)
+            except Exception:  # answers that cannot be compared (shapes differ): they disagree
+                agree = False
+        if agree is not None:
+            self.metrics.rollout_comparisons.inc(1, {"workload": self.workload,
+                                                     "result": "agree" if agree else "disagree"})
+        self.observations.append(Observation(stable_s=times[STABLE], stable_failed=failed[STABLE],
+                                             candidate_s=times[CANDIDATE], candidate_failed=failed[CANDIDATE],
+                                             agree=agree, measure=measure))
+
+    def _count(self, side: str, seconds: float, failed: bool) -> None:
+        tags = {"workload": self.workload, "role": side, "digest": self.digests[side]}
+        self.metrics.rollout_calls.inc(1, {**tags, "outcome": "failed" if failed else "ok"})
+        self.metrics.rollout_seconds.observe(seconds, tags)
+
+    async def sync(self) -> None:
+        """Report what this replica saw; take back the shared state; log the decisions it led to."""
+        observations, served = self.observations, self.served
+        self.observations, self.served = [], {STABLE: 0, CANDIDATE: 0}
+        try:
+            state, events = await asyncio.wait_for(
+                self.coordinator.report.remote(self.workload, observations, served), COORDINATOR_TIMEOUT_S)
+        except Exception as exc:
+            # Keep the last state: a coordinator restarting (it is restarted) holds no decision back for long.
+            log.warning("the rollout coordinator did not answer (%s); keeping the %s state", type(exc).__name__,
+                        self.state["state"])
+            self.observations[:0], self.served = observations[-1000:], served
+            return
+        self.state = state
+        for event in events:
+            log.info("rollout", extra={"rollout": {**event, "stable_digest": self.digests[STABLE],
+                                                   "candidate_digest": self.digests[CANDIDATE]}})
+        self.publish()
+
+    def publish(self) -> None:
+        m, tags = self.metrics, {"workload": self.workload}
+        for state in STATES:
+            m.rollout_state.set(int(state == self.state["state"]), {
+                **tags, "state": state, "stable_digest": self.digests[STABLE],
+                "candidate_digest": self.digests[CANDIDATE]})
+        m.rollout_weight.set(self.state["weight"], tags)
+
+    async def _sync_forever(self) -> None:
+        while True:
+            await asyncio.sleep(SYNC_S)
+            try:
+                await self.sync()
+            except Exception:
+                log.exception("syncing the %s rollout failed", self.workload)
+
+    def info(self) -> dict:
+        """For /info: the state and both sides' models and digests."""
+        return {**{k: v for k, v in self.state.items() if k != "salt"},
+                "stable": {"model": self.models[STABLE], "weights_sha256": self.digests[STABLE]},
+                "candidate": {"model": self.models[CANDIDATE], "weights_sha256": self.digests[CANDIDATE]}}
+
