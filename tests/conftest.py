@@ -121,14 +121,11 @@ def miner(tmp_path_factory):
     ray.shutdown()
 
 
-def deploy_app(miner, tmp_path_factory, app: str, netuid: int, prefix: str, protocol: str, workloads: dict,
+def app_config(miner, tmp_path_factory, app: str, netuid: int, prefix: str, protocol: str, workloads: dict,
                router: dict | None = None, subnet: dict | None = None, neurons: list | None = None):
-    """A second app in the session's cluster: the session app's config with one subnet at
-    `prefix` serving one protocol's route, `workloads` updated (None turns one off), its
-    own metagraph snapshot (by default //Alice, a permitted validator). Returns its config."""
-    from ray import serve
-
-    from serve_app.app import build_app
+    """The config of a second app in the session's cluster: the session app's with one subnet at
+    `prefix` serving one protocol's route, `workloads` updated (None turns one off), its own
+    metagraph snapshot (by default //Alice, a permitted validator)."""
     from serve_app.protocols.registry import PROTOCOLS
 
     snapshot = tmp_path_factory.mktemp(app) / "metagraph.json"
@@ -146,9 +143,36 @@ def deploy_app(miner, tmp_path_factory, app: str, netuid: int, prefix: str, prot
     first["metagraph"]["path"] = str(snapshot)
     first["auth"].update(min_stake=0.0, allow_hotkeys=(), deny_hotkeys=())
     assert args["workloads"][PROTOCOLS[protocol].workload] is not None
-    cfg = type(miner.cfg).model_validate(args)
+    return type(miner.cfg).model_validate(args)
+
+
+def deploy_app(miner, tmp_path_factory, app: str, netuid: int, prefix: str, protocol: str, workloads: dict, **kw):
+    """app_config's app, deployed from Python (serve.run). Returns its config."""
+    from ray import serve
+
+    from serve_app.app import build_app
+
+    cfg = app_config(miner, tmp_path_factory, app, netuid, prefix, protocol, workloads, **kw)
     serve.run(build_app(cfg), name=app, route_prefix=prefix)
     return cfg
+
+
+def deploy_from_config(apps: dict[str, tuple[str, object]], timeout_s: float = 180.0) -> None:
+    """Apps (name -> (route prefix, MinerConfig)) deployed as `make run` deploys them: from one
+    config (import_path + args) through the Serve controller; waits until they all run."""
+    from ray import serve
+    from ray.serve.context import _get_global_client
+    from ray.serve.schema import ServeDeploySchema
+
+    _get_global_client().deploy_apps(ServeDeploySchema.model_validate({"applications": [
+        {"name": name, "route_prefix": prefix, "import_path": "serve_app.app:build_app",
+         "args": cfg.model_dump(mode="json")} for name, (prefix, cfg) in apps.items()]}))
+
+    def statuses():
+        found = serve.status().applications
+        return {name: found[name].status if name in found else "absent" for name in apps}
+
+    wait_until(lambda: set(statuses().values()) == {"RUNNING"}, timeout_s, lambda: f"apps running: {statuses()}")
 
 
 def wait_until(check, timeout_s: float, what, interval_s: float = 0.5):

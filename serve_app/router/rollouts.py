@@ -27,8 +27,8 @@ import ray
 
 from serve_app.config import CanaryConfig
 from serve_app.errors import ApiError, ErrorCode
-from serve_app.ops.rollout import (CANARY, CANDIDATE, PROMOTED, SHADOW, STABLE, STATES, Observation, Rollout,
-                                   on_candidate)
+from serve_app.ops.rollout import (CANARY, CANDIDATE, PROMOTED, ROLLED_BACK, SHADOW, STABLE, STATES, Observation,
+                                   Rollout, on_candidate)
 from serve_app.router.auth import HEAD_NODE_RESOURCE
 
 log = logging.getLogger("ray.serve.torchrank.rollout")
@@ -101,6 +101,39 @@ def rollout_coordinator(miner_name: str, create: bool = True):
             return None
     return RolloutCoordinator.options(name=name, namespace="torchrank", get_if_exists=True,
                                       lifetime="detached").remote()
+
+
+RETIRED = {"retired": True}  # the losing deployment's user_config: WorkloadReplica.reconfigure frees its model
+
+
+def retire_deployment(app_name: str, deployment: str) -> str:
+    """Retire the losing side of a decided rollout through the Serve controller, as a lightweight
+    update of the application's own config, so no other deployment restarts: its user_config
+    tells every replica to free its model, and a fixed-size one shrinks to one replica (Serve's
+    floor for a deployment without autoscaling; taking it out of the application changes the
+    application's args, which restarts every deployment: that is the config change to make).
+    Only an application deployed from a config (`serve run <file>`, `serve deploy`: `make run`)
+    has one to update; one deployed from Python (`serve.run(app)`) keeps its idle replicas.
+    Blocking; returns what it did, for the decision's log line."""
+    from ray.serve.context import _get_global_client
+    from ray.serve.schema import ServeDeploySchema
+
+    client = _get_global_client()
+    details = client.get_serve_details()
+    configs = {name: app["deployed_app_config"] for name, app in details["applications"].items()
+               if app.get("deployed_app_config")}
+    if app_name not in configs:
+        return f"{deployment} kept (idle): the application was deployed from Python, not from a config"
+    mine = configs[app_name]
+    autoscaled = details["applications"][app_name]["deployments"][deployment]["deployment_config"].get(
+        "autoscaling_config")
+    override = next((d for d in mine.get("deployments") or [] if d.get("name") == deployment), {"name": deployment})
+    override = {**override, "user_config": RETIRED, **({} if autoscaled else {"num_replicas": 1})}
+    mine["deployments"] = [d for d in mine.get("deployments") or [] if d.get("name") != deployment] + [override]
+    client.deploy_apps(ServeDeploySchema.model_validate({
+        "applications": list(configs.values()), "proxy_location": details.get("proxy_location"),
+        "http_options": details.get("http_options") or {}, "target_capacity": details.get("target_capacity")}))
+    return f"{deployment} retired: its model freed" + ("" if autoscaled else ", one replica left")
 
 
 class RolloutRouter:
@@ -250,9 +283,24 @@ class RolloutRouter:
             return
         self.state = state
         for event in events:
+            retired = await self._retire_loser(event["decision"])
             log.info("rollout", extra={"rollout": {**event, "stable_digest": self.digests[STABLE],
-                                                   "candidate_digest": self.digests[CANDIDATE]}})
+                                                   "candidate_digest": self.digests[CANDIDATE], "retired": retired}})
         self.publish()
+
+    async def _retire_loser(self, decision: str) -> Optional[str]:
+        """After a promotion the old stable deployment goes, after a rollback the candidate's."""
+        if decision not in (PROMOTED, ROLLED_BACK):
+            return None
+        loser = self.handles[STABLE if decision == PROMOTED else CANDIDATE].deployment_name
+        try:
+            from ray import serve
+
+            app_name = serve.get_replica_context().app_name
+            return await asyncio.to_thread(retire_deployment, app_name, loser)
+        except Exception as exc:  # the decision stands; the idle deployment only holds its resources
+            log.warning("could not retire %s: %s", loser, exc)
+            return f"{loser} kept (idle): {type(exc).__name__}"
 
     def publish(self) -> None:
         m, tags = self.metrics, {"workload": self.workload}

@@ -83,6 +83,7 @@ class WorkloadReplica:
         self.call_started: Optional[float] = None  # perf_counter at the start of the running model call
         self.calls_started = 0
         self._waiting_since: Optional[tuple[int, float]] = None  # (calls_started, when) work was seen waiting
+        self.retired = False  # the losing side of a rollout: model freed (reconfigure)
         gauges = every(GAUGE_PERIOD_S, self._publish_gauges, f"publishing {name} gauges")
         self._background = [asyncio.create_task(gauges), asyncio.create_task(logs.flush_every())]
 
@@ -128,9 +129,20 @@ class WorkloadReplica:
         return self.load.stats(queued=self.queued_items)
 
     def info(self) -> dict:
-        return self.engine_info
+        return {**self.engine_info, "status": "retired"} if self.retired else self.engine_info
+
+    def reconfigure(self, user_config: dict) -> None:
+        """Serve's in-place update. `{"retired": true}`: this deployment lost a rollout
+        (serve_app/router/rollouts.py retires it); the model is freed (memory, GPU memory) and
+        the replica, which gets no more calls, stays an empty shell."""
+        if user_config.get("retired") and not self.retired:
+            self.retired = True
+            log.warning("retired after a rollout: %s freed", self.engine_info.get("model"))
+            self.close()
 
     async def check_health(self) -> None:
+        if self.retired:  # no model to probe, and none needed
+            return
         # Busy: a call in progress shows the model works, unless it has run too long (wedged).
         # Idle: a real, cheap call (the engine's probe). Work waiting with no call running (the
         # engine thread held by something else): fails once no call has started for stuck_call_s.

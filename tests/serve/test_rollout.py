@@ -1,15 +1,21 @@
 """Rollouts end to end: a candidate embeddings model beside the stable one, on a compressed
 schedule, decided by the miner itself while signed validator traffic flows."""
 
+import json
+import subprocess
+import sys
 import threading
-import time
 
 import numpy as np
 import pytest
+import ray
+import yaml
 from ray import serve
 
 from benchmarks.candidates import FAILING_WORD, candidate_model, minilm_path
-from tests.conftest import deploy_app, ss58, wait_until
+from serve_app.config import CanaryConfig
+from serve_app.router.rollouts import rollout_coordinator
+from tests.conftest import app_config, deploy_from_config, ss58, wait_until
 
 VALIDATORS = ["//Alice", "//Val1", "//Val2", "//Val3", "//Val4", "//Val5"]
 NEURONS = [{"uid": i, "hotkey": ss58(uri), "validator_permit": True, "total_stake": 1000.0}
@@ -21,14 +27,33 @@ FAST = {"weight": 1.0, "steps": [0.5, 1.0], "step_s": 1.0, "min_comparisons": 5,
 TEXTS = ["the cat sat on the mat", "validators score miners", "a short sentence", "rollouts need care"]
 
 
-def deploy(miner, tmp_path_factory, name: str, netuid: int, model: str, **canary):
-    prefix = f"/{name}"
-    deploy_app(miner, tmp_path_factory, name, netuid=netuid, prefix=prefix, protocol="openai-embeddings",
-               neurons=NEURONS, workloads={"diffusion": None, "agents": None, "embeddings": {
-                   "model": {"id": str(minilm_path())},
-                   "runtime": {"backend": "torch", "precision": "fp32"},  # no conversion per candidate
-                   "canary": {**FAST, **canary, "model": model}}})
+def deploy(miner, tmp_path_factory, name: str, netuid: int, model: str, **canary) -> str:
+    """An app with `model` as the candidate beside the stable MiniLM, deployed from a config as
+    `make run` deploys (so the losing side of a decision can be retired). One such app at a time:
+    a config holds every app deployed from one, so this one replaces the last. Returns its prefix."""
+    app, prefix = f"rollout-{name}", f"/rollout-{name}"
+    cfg = app_config(miner, tmp_path_factory, app, netuid=netuid, prefix=prefix, protocol="openai-embeddings",
+                     neurons=NEURONS, router={"num_replicas": 1}, workloads={
+                         "diffusion": None, "agents": None, "embeddings": {
+                             "model": {"id": str(minilm_path())},
+                             "runtime": {"backend": "torch", "precision": "fp32"},  # no conversion per candidate
+                             "placement": {"num_cpus": 0.25},
+                             "canary": {**FAST, **canary, "model": model}}})
+    deploy_from_config({app: (prefix, cfg)})
     return prefix
+
+
+@pytest.fixture(scope="module", autouse=True)
+def cleanup():
+    yield
+    for app in serve.status().applications:
+        if app.startswith("rollout-"):
+            serve.delete(app, _blocking=False)
+
+
+def retired(app: str, deployment: str) -> bool:
+    """The deployment's replica has freed its model (the losing side of a decision)."""
+    return serve.get_deployment_handle(deployment, app).info.remote().result().get("status") == "retired"
 
 
 def rollout(miner, prefix) -> dict:
@@ -81,60 +106,99 @@ def ref():
 
 
 def test_a_candidate_that_disagrees_is_rolled_back_and_validators_keep_stables_answers(miner, tmp_path_factory, ref):
-    model = candidate_model(tmp_path_factory.mktemp("noisy"), noise=0.5)
-    prefix = deploy(miner, tmp_path_factory, "rollout-noisy", 21, model)
-    try:
-        with Traffic(miner, prefix, TEXTS) as traffic:
-            wait_until(lambda: rollout(miner, prefix)["state"] == "rolled_back", 60,
-                       lambda: f"rolled back: {rollout(miner, prefix)}")
-        state = rollout(miner, prefix)
-        assert state["reason"].startswith("disagrees"), state
-        assert state["served"]["candidate"] == 0  # rolled back in shadow: no validator saw it
-        assert state["stable"]["weights_sha256"] != state["candidate"]["weights_sha256"]
-        assert_all_stable(traffic.answers, ref)
-        # After the rollback every answer is stable's, with no mirroring.
-        after = [miner.post({"input": TEXTS[:2]}, key=v, path=prefix + "/v1/embeddings") for v in VALIDATORS]
-        assert_all_stable([(r.status_code, TEXTS[:2], r.json()) for r in after], ref)
-    finally:
-        serve.delete("rollout-noisy")
+    prefix = deploy(miner, tmp_path_factory, "noisy", 21, candidate_model(tmp_path_factory.mktemp("noisy"), noise=0.5))
+    with Traffic(miner, prefix, TEXTS) as traffic:
+        wait_until(lambda: rollout(miner, prefix)["state"] == "rolled_back", 60,
+                   lambda: f"rolled back: {rollout(miner, prefix)}")
+    state = rollout(miner, prefix)
+    assert state["reason"].startswith("disagrees"), state
+    assert state["served"]["candidate"] == 0  # rolled back in shadow: no validator saw it
+    assert state["stable"]["weights_sha256"] != state["candidate"]["weights_sha256"]
+    assert_all_stable(traffic.answers, ref)
+    # After the rollback every answer is stable's, with no mirroring.
+    after = [miner.post({"input": TEXTS[:2]}, key=v, path=prefix + "/v1/embeddings") for v in VALIDATORS]
+    assert_all_stable([(r.status_code, TEXTS[:2], r.json()) for r in after], ref)
+    # The candidate's deployment is retired (its model freed), the stable one untouched.
+    wait_until(lambda: retired("rollout-noisy", "EmbeddingsCandidate"), 30, "the candidate retired")
+    assert not retired("rollout-noisy", "Embeddings")
 
 
 def test_a_candidate_identical_to_stable_is_promoted_and_then_serves_everyone(miner, tmp_path_factory, ref):
     model = candidate_model(tmp_path_factory.mktemp("same"))
-    prefix = deploy(miner, tmp_path_factory, "rollout-same", 22, model)
-    try:
-        with Traffic(miner, prefix, TEXTS) as traffic:
-            wait_until(lambda: rollout(miner, prefix)["state"] == "promoted", 90,
-                       lambda: f"promoted: {rollout(miner, prefix)}")
-        state = rollout(miner, prefix)
-        assert state["weight"] == 1.0 and state["served"]["candidate"] > 0 and state["comparisons"] >= 15, state
-        assert_all_stable(traffic.answers, ref)
-        calls = lambda name: serve.get_deployment_handle(name, "rollout-same").stats.remote().result()["forward_calls"]
-        time.sleep(1.0)  # every router replica has synced the decision
-        before = calls("Embeddings"), calls("EmbeddingsCandidate")
-        for v in VALIDATORS:
-            assert miner.post({"input": TEXTS[:1]}, key=v, path=prefix + "/v1/embeddings").status_code == 200
-        assert calls("Embeddings") == before[0] and calls("EmbeddingsCandidate") > before[1]
-        info = miner.http.get(prefix + "/info").json()["workloads"]["embeddings"]
-        assert info["model"] == model  # the serving side's identity
-    finally:
-        serve.delete("rollout-same")
+    prefix = deploy(miner, tmp_path_factory, "same", 22, model)
+    with Traffic(miner, prefix, TEXTS) as traffic:
+        wait_until(lambda: rollout(miner, prefix)["state"] == "promoted", 90,
+                   lambda: f"promoted: {rollout(miner, prefix)}")
+    state = rollout(miner, prefix)
+    assert state["weight"] == 1.0 and state["served"]["candidate"] > 0 and state["comparisons"] >= 15, state
+    assert_all_stable(traffic.answers, ref)
+    # The old stable deployment is retired; the candidate answers everyone.
+    wait_until(lambda: retired("rollout-same", "Embeddings"), 30, "the old stable retired")
+    calls = lambda: serve.get_deployment_handle("EmbeddingsCandidate", "rollout-same").stats.remote().result()[
+        "forward_calls"]
+    before = calls()
+    after = [miner.post({"input": TEXTS[:1]}, key=v, path=prefix + "/v1/embeddings") for v in VALIDATORS]
+    assert_all_stable([(r.status_code, TEXTS[:1], r.json()) for r in after], ref)
+    assert calls() > before
+    wait_until(lambda: miner.http.get(prefix + "/info").json()["workloads"]["embeddings"]["model"] == model, 10,
+               "/info names the serving side's model")
 
 
-def test_a_candidate_that_errors_is_rolled_back_with_no_failed_request(miner, tmp_path_factory, ref):
+def test_a_candidate_that_errors_is_rolled_back_with_no_failed_request(miner, tmp_path_factory, ref, tmp_path):
     model = candidate_model(tmp_path_factory.mktemp("broken"), failing_word=FAILING_WORD)
-    prefix = deploy(miner, tmp_path_factory, "rollout-broken", 23, model, step_s=4.0)  # time to switch texts
-    try:
-        with Traffic(miner, prefix, TEXTS) as agreeable:  # texts it can answer: it reaches the canary
-            wait_until(lambda: rollout(miner, prefix)["state"] == "canary", 60,
-                       lambda: f"in canary: {rollout(miner, prefix)}")
-        failing = [f"a {FAILING_WORD} crossed the road"]
-        with Traffic(miner, prefix, failing) as traffic:  # now every call to the candidate fails
-            wait_until(lambda: rollout(miner, prefix)["state"] == "rolled_back", 60,
-                       lambda: f"rolled back: {rollout(miner, prefix)}")
-        state = rollout(miner, prefix)
-        assert state["reason"].startswith("fails more"), state
-        assert_all_stable(agreeable.answers, ref)
-        assert_all_stable(traffic.answers, ref)  # each one the candidate failed, stable answered
-    finally:
-        serve.delete("rollout-broken")
+    # step_s: time to switch its texts once it reaches the canary.
+    prefix = deploy(miner, tmp_path_factory, "broken", 23, model, step_s=4.0)
+    with Traffic(miner, prefix, TEXTS) as agreeable:  # texts it can answer: it reaches the canary
+        wait_until(lambda: rollout(miner, prefix)["state"] == "canary", 60,
+                   lambda: f"in canary: {rollout(miner, prefix)}")
+    failing = [f"a {FAILING_WORD} crossed the road"]
+    with Traffic(miner, prefix, failing) as traffic:  # now every call to the candidate fails
+        wait_until(lambda: rollout(miner, prefix)["state"] == "rolled_back", 60,
+                   lambda: f"rolled back: {rollout(miner, prefix)}")
+    state = rollout(miner, prefix)
+    assert state["reason"].startswith("fails more"), state
+    assert_all_stable(agreeable.answers, ref)
+    assert_all_stable(traffic.answers, ref)  # each one the candidate failed, stable answered
+    # The operator reads it, and a decision by hand on a decided rollout is refused.
+    config = miner_config(tmp_path, "torchrank-rollout-broken")
+    shown = cli("rollout", "status", "--config", str(config), "--url", miner.url + prefix, "--json")
+    assert shown.returncode == 0 and json.loads(shown.stdout)["embeddings"]["state"] == "rolled_back", shown
+    table = cli("rollout", "status", "--config", str(config), "--url", miner.url + prefix)
+    assert table.stdout.startswith("embeddings: rolled_back, candidate serves 0%"), table
+    again = cli("rollout", "promote", "--workload", "embeddings", "--config", str(config),
+                "--address", ray.get_runtime_context().gcs_address)
+    assert again.returncode == 1 and "already rolled_back" in again.stderr, (again.stdout, again.stderr)
+
+
+def miner_config(tmp_path, name: str):
+    """A serve config naming the miner `name` (whose coordinator the CLI asks)."""
+    config = tmp_path / f"{name}.yaml"
+    config.write_text(yaml.safe_dump({"applications": [{
+        "name": name, "import_path": "serve_app.app:build_app",
+        "args": {"name": name, "wallet": {"uri": "//Bob"},
+                 "subnets": [{"netuid": 1, "metagraph": {"source": "snapshot",
+                                                          "path": "deployments/local-metagraph.json"}}]}}]}))
+    return config
+
+
+def cli(*args) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "serve_app.cli", *args], capture_output=True, text=True, timeout=120)
+
+
+def test_an_operator_promotes_or_rolls_back_by_hand(miner, tmp_path):
+    """`rollout promote|rollback` reach the miner's coordinator on the local Ray cluster (the
+    routers take its state every half second, as after an automatic decision)."""
+    canary = CanaryConfig(model="/models/candidate")
+    address = ray.get_runtime_context().gcs_address
+    for action, state in (("promote", "promoted"), ("rollback", "rolled_back")):
+        name = f"torchrank-by-hand-{action}"
+        coordinator = rollout_coordinator(name)
+        ray.get(coordinator.begin.remote("embeddings", canary.model_dump_json(), "/models/stable", canary.model))
+        done = cli("rollout", action, "--workload", "embeddings", "--config", str(miner_config(tmp_path, name)),
+                   "--address", address)
+        assert done.returncode == 0 and f"embeddings: {state}" in done.stdout, (done.stdout, done.stderr)
+        assert ray.get(coordinator.states.remote())["embeddings"]["reason"] == f"{action} by the operator"
+        ray.kill(coordinator)
+    absent = cli("rollout", "promote", "--workload", "embeddings", "--config",
+                 str(miner_config(tmp_path, "torchrank-no-rollout")), "--address", address)
+    assert absent.returncode == 1 and "runs no rollout" in absent.stderr, absent.stderr
