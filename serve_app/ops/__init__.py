@@ -1,1 +1,1 @@
-"""Reliability parts with no Ray in them: breakers, admission, rate limits, watchdogs."""
+"""Reliability parts with no Ray in them: breakers, admission, rate limits, watchdogs, rollout decisions."""

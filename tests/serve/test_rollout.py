@@ -6,6 +6,7 @@ import subprocess
 import sys
 import threading
 
+import httpx
 import numpy as np
 import pytest
 import ray
@@ -121,6 +122,21 @@ def test_a_candidate_that_disagrees_is_rolled_back_and_validators_keep_stables_a
     # The candidate's deployment is retired (its model freed), the stable one untouched.
     wait_until(lambda: retired("rollout-noisy", "EmbeddingsCandidate"), 30, "the candidate retired")
     assert not retired("rollout-noisy", "Embeddings")
+    # Exported with both digests: the state, each side's calls, the comparisons.
+    digests = f'candidate_digest="{state["candidate"]["weights_sha256"]}"', f'stable_digest="{state["stable"]["weights_sha256"]}"'
+    wanted = {"state": lambda l: l.startswith("ray_torchrank_rollout_state{") and 'state="rolled_back"' in l
+              and all(d in l for d in digests) and l.endswith(" 1.0"),
+              "candidate calls": lambda l: l.startswith("ray_torchrank_rollout_calls_total{") and 'role="candidate"' in l
+              and f'digest="{state["candidate"]["weights_sha256"]}"' in l,
+              "disagreements": lambda l: l.startswith("ray_torchrank_rollout_comparisons_total{")
+              and 'result="disagree"' in l}
+
+    def exported():
+        lines = [l for l in httpx.get(miner.metrics_url, timeout=10).text.splitlines()
+                 if 'application="rollout-noisy"' in l]
+        return {name for name, match in wanted.items() if any(match(l) for l in lines)}
+
+    wait_until(lambda: exported() == set(wanted), 30, lambda: f"rollout metrics: {exported()}")
 
 
 def test_a_candidate_identical_to_stable_is_promoted_and_then_serves_everyone(miner, tmp_path_factory, ref):
