@@ -6,8 +6,9 @@ promote a good candidate and to roll back a bad one, on the default schedule.
 Each miner is `python -m serve_app.rayenv serve run <config>`, what `make run` runs, on a copy
 of deployments/local.yaml whose changes are auth.max_age_s 300 (requests signed ahead, as in
 benchmarks/embeddings.py), a snapshot with eight permitted validators (stickiness needs more
-than one), and, from the second miner on, `workloads.embeddings.canary` with the defaults and
-one of the candidates of benchmarks/candidates.py:
+than one), and, from the second miner on, `workloads.embeddings.canary` with the default
+schedule and thresholds, `placement: {num_cpus: 0}` (see CANDIDATE_PLACEMENT) and one of the
+candidates of benchmarks/candidates.py:
 
 1. baseline (no canary): c=32 closed loop of single texts, answered/s.
 2. identical copy: the same c=32 phase while the rollout shadows (10 % mirrored), then an
@@ -42,12 +43,18 @@ from serve_app.client import signed_request, signer_for  # noqa: E402
 VALIDATORS = ["//Alice"] + [f"//Validator{i}" for i in range(1, 8)]
 
 
+# The embedded default reserves 2.0 of this host's 2 logical CPUs: a candidate with the stable's
+# share (0.5) would wait for room, or take the room a router replica needs. A share of 0 places
+# it beside them; its threads (runtime.torch_threads) are what it runs on.
+CANDIDATE_PLACEMENT = {"num_cpus": 0}
+
+
 def config_with(base: Path, snapshot: Path, canary: dict | None, name: str) -> Path:
     doc = yaml.safe_load(base.read_text())
     args = doc["applications"][0]["args"]
     args["subnets"][0]["metagraph"]["path"] = str(snapshot)
     if canary is not None:
-        args["workloads"]["embeddings"]["canary"] = canary
+        args["workloads"]["embeddings"]["canary"] = {**canary, "placement": CANDIDATE_PLACEMENT}
     out = ROOT / "benchmarks" / "results" / f"bench-rollout-{name}.yaml"
     out.write_text(yaml.safe_dump(doc, sort_keys=False))
     return out

@@ -88,7 +88,8 @@ def build_app(args: MinerConfig) -> Application:
         if wl.canary is not None:  # its own deployment, placement and replicas, beside the stable one
             candidate = wl.candidate()
             candidates[name] = with_placement(deployment, candidate, name, cfg,
-                                              deployment.name + CANDIDATE_SUFFIX).bind(candidate, *extra)
+                                              deployment.name + CANDIDATE_SUFFIX).bind(candidate, *extra,
+                                                                                       role="candidate")
 
     bind("embeddings", Embeddings)
     bind("diffusion", Diffusion)

@@ -59,3 +59,30 @@ class GeneratingEngine(Engine):
     @abstractmethod
     def generate(self, *args) -> list:
         """One batched call: one output per input, in order."""
+
+
+class UnloadedEngine(Engine):
+    """A rollout's candidate whose model did not load. Its replica stays up, since a candidate
+    must not take the miner down, and every call fails with the reason, so the rollout rolls it
+    back while stable serves."""
+
+    torch = None
+    device = "cpu"
+
+    def __init__(self, model_id: str, error: str):
+        self.model_id, self.error = model_id, error
+
+    def probe(self) -> None:
+        pass  # nothing to probe; the replica is healthy as an empty shell
+
+    def info(self) -> dict:
+        return {"model": self.model_id, "weights_sha256": "not-loaded", "device": "cpu", "status": "failed_to_load",
+                "error": self.error}
+
+    def gpu_usage(self) -> dict:
+        return {}
+
+    def encode(self, *args, **kwargs):
+        raise RuntimeError(f"the candidate model did not load: {self.error}")
+
+    generate = encode

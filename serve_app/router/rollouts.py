@@ -164,6 +164,12 @@ class RolloutRouter:
             COORDINATOR_TIMEOUT_S * 5)
         self._task = asyncio.create_task(self._sync_forever())
 
+    @property
+    def candidate_ready(self) -> bool:
+        """The candidate has answered once: until then (its model may take minutes to load) no
+        request goes to it, so a slow start is not counted against it."""
+        return self.digests[CANDIDATE] != "-"
+
     async def read_digests(self, timeout_s: float) -> None:
         """Each side's weights digest from its info() (the metrics' labels), until both are known."""
         for side, handle in self.handles.items():
@@ -183,6 +189,8 @@ class RolloutRouter:
     async def serve(self, caller: str, deadline: float, call: Call) -> dict:
         """The answer for a validator request: `call(handle, deadline)` runs it on one side."""
         side, comparing = self.side_for(caller), self.state["state"] in (SHADOW, CANARY)
+        if comparing and not self.candidate_ready:
+            side, comparing = STABLE, False
         if side == CANDIDATE and comparing:
             now = self.clock()
             counted = True

@@ -27,12 +27,12 @@ from serve_app.workloads.replica import WorkloadReplica
 
 @serve.deployment(name="Agents")
 class Agents(WorkloadReplica):
-    def __init__(self, cfg: AgentsConfig, embeddings=None):
+    def __init__(self, cfg: AgentsConfig, embeddings=None, role: str = "stable"):
         from serve_app.engines.llm import LLMEngine
         from serve_app.inference.process import EngineProcess
 
         build = functools.partial(EngineProcess, LLMEngine) if cfg.runtime.engine_process else LLMEngine
-        super().__init__("agents", cfg, build)
+        super().__init__("agents", cfg, build, role)
         self.runner = CoalescingRunner(self.engine_thread, self._generate_pass, max_items=cfg.batching.max_batch_sessions)
         self.embeddings = embeddings
         self.tools = self._tools(cfg)

@@ -34,12 +34,12 @@ def max_batch_work(cfg: DiffusionConfig) -> int:
 class Diffusion(WorkloadReplica):
     call_noun = "pipeline call"
 
-    def __init__(self, cfg: DiffusionConfig):
+    def __init__(self, cfg: DiffusionConfig, role: str = "stable"):
         from serve_app.engines.diffusion import DiffusionEngine
         from serve_app.inference.process import EngineProcess
 
         build = functools.partial(EngineProcess, DiffusionEngine) if cfg.runtime.engine_process else DiffusionEngine
-        super().__init__("diffusion", cfg, build)
+        super().__init__("diffusion", cfg, build, role)
         self.cache = ByteLRU(cfg.cache_bytes)
         self.runners: dict[RenderSpec, CoalescingRunner] = {}
         self.max_work = max_batch_work(cfg)

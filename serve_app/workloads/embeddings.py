@@ -25,10 +25,10 @@ texts_in = serve_batch_size(lambda request: len(request[0]))  # items are (texts
 
 @serve.deployment(name="Embeddings")
 class Embeddings(WorkloadReplica):
-    def __init__(self, cfg: EmbeddingsConfig):
+    def __init__(self, cfg: EmbeddingsConfig, role: str = "stable"):
         from serve_app.engines.embeddings import SentenceEmbeddingEngine
 
-        super().__init__("embeddings", cfg, SentenceEmbeddingEngine)
+        super().__init__("embeddings", cfg, SentenceEmbeddingEngine, role)
         self.runner = CoalescingRunner(self.engine_thread, self._encode_pass, max_items=cfg.batching.max_batch_texts)
         self._embed_batch.set_max_batch_size(cfg.batching.max_batch_texts)
         self._embed_batch.set_batch_wait_timeout_s(cfg.batching.batch_wait_timeout_s)

@@ -17,7 +17,7 @@ import os
 import time
 from typing import Callable, Iterable, Optional, TypeVar
 
-from serve_app.engines.base import Engine
+from serve_app.engines.base import Engine, UnloadedEngine
 from serve_app.inference.coalesce import CoalescingRunner
 from serve_app.inference.thread import EngineThread
 from serve_app.observability import logs
@@ -63,20 +63,27 @@ class WorkloadReplica:
     and defines `stats`.
 
     `build(cfg, threads)` makes the engine (an Engine: in process, or an EngineProcess via
-    functools.partial); `cfg` is the workload's config: runtime.cpu_nice, runtime.torch_threads
+    functools.partial); `role` "candidate" (a rollout's, serve_app/app.py): a model that does
+    not load leaves an UnloadedEngine, whose calls fail, instead of failing the replica; `cfg` is the workload's config: runtime.cpu_nice, runtime.torch_threads
     and placement.num_cpus size it, and a model call running longer than runtime.stuck_call_s
     fails the health check.
     """
 
     call_noun = "model call"  # for the health check's message
 
-    def __init__(self, name: str, cfg, build: Callable[..., Engine]):
+    def __init__(self, name: str, cfg, build: Callable[..., Engine], role: str = "stable"):
         logging.getLogger("ray.serve").addFilter(_DropInapplicableBatchWarning())
         os.nice(cfg.runtime.cpu_nice)  # before the engine, its threads and processes exist: they inherit it
         self.name, self.cfg, self.stuck_call_s = name, cfg, cfg.runtime.stuck_call_s
         self.engine_thread = EngineThread(name)
         threads = cfg.runtime.torch_threads or max(1, int(cfg.placement.num_cpus))
-        self.engine = self.engine_thread.run_sync(build, cfg, threads)  # loaded and warmed up on its thread
+        try:
+            self.engine = self.engine_thread.run_sync(build, cfg, threads)  # loaded and warmed up on its thread
+        except Exception as exc:
+            if role != "candidate":
+                raise
+            log.error("the candidate model %s did not load: %s", cfg.model.id, exc)
+            self.engine = UnloadedEngine(cfg.model.id, f"{type(exc).__name__}: {exc}"[:300])
         self.engine_info = self.engine_thread.run_sync(self.engine.info)  # fixed for the replica's life
         self.metrics = WorkloadMetrics(name)
         self.load = LoadWindow()  # latencies and in-flight requests, for the autoscaler

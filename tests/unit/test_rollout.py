@@ -212,6 +212,7 @@ def router(canary, stable_answer, candidate_answer):
 
     r = RolloutRouter("embeddings", canary, "stable", "candidate", OpenAIEmbeddings, Book(), FakeMetrics(),
                       stable_model="s", candidate_model="c")
+    r.digests = {"stable": "s", "candidate": "c"}  # both have answered their info()
     return r, call, calls
 
 
@@ -245,3 +246,18 @@ def test_shadowing_compares_without_delaying_the_answer():
     assert answer["data"][0]["embedding"][0] == 0.0
     assert served_first == ["stable"] and calls == ["stable", "candidate"]
     assert observations[0].agree is False and observations[0].measure < 0.99
+
+
+def test_a_candidate_that_has_not_answered_yet_gets_no_request():
+    async def scenario():
+        r, call, calls = router(FAST.model_copy(update={"shadow_share": 1.0}), vectors(0.0), vectors(0.0))
+        r.digests["candidate"] = "-"  # still loading
+        await r.start()
+        r.state = {**r.state, "state": CANARY, "weight": 1.0}
+        await r.serve("5Validator", 100.0, call)
+        await asyncio.gather(*r.mirrors)
+        r._task.cancel()
+        return calls, r.observations
+
+    calls, observations = asyncio.run(scenario())
+    assert calls == ["stable"] and observations == []

@@ -219,3 +219,50 @@ def test_gauges_are_in_flight_queued_the_workloads_own_and_no_gpu_on_cpu():
 
     asyncio.run(scenario())
     assert published == [("in_flight", 0), ("queued", 0), "own"]
+
+
+class Unloadable(FakeEngine):
+    def __init__(self, cfg, threads: int):
+        raise OSError("no such model: /models/missing")
+
+
+def fake_cfg():
+    return SimpleNamespace(runtime=SimpleNamespace(cpu_nice=0, torch_threads=1, stuck_call_s=5.0),
+                           placement=SimpleNamespace(num_cpus=1), model=SimpleNamespace(id="/models/missing"))
+
+
+def test_a_candidate_whose_model_does_not_load_stays_up_and_fails_each_call_with_the_reason():
+    with pytest.raises(OSError):  # a stable workload that cannot load fails its replica, as before
+        WorkloadReplica("fake", fake_cfg(), Unloadable)
+
+    class Candidate(WorkloadReplica):
+        def __init__(self):
+            super().__init__("fake", fake_cfg(), Unloadable, role="candidate")
+            self.runner = CoalescingRunner(self.engine_thread, lambda items: None, max_items=8)
+
+    async def scenario():
+        workload = Candidate()
+        try:
+            await workload.check_health()  # healthy: Serve does not restart it in a loop
+            with pytest.raises(RuntimeError, match="the candidate model did not load: OSError: no such model"):
+                workload.model_call(workload.engine.generate, [1])
+            return workload.info()
+        finally:
+            workload.close()
+
+    info = asyncio.run(scenario())
+    assert info["status"] == "failed_to_load" and info["weights_sha256"] == "not-loaded"
+
+
+def test_a_retired_replica_frees_its_model_and_stays_healthy():
+    async def scenario():
+        workload = FakeWorkload()
+        engine = workload.engine
+        workload.reconfigure({})  # Serve's first call with no retirement: nothing happens
+        assert workload.engine is engine and not workload.retired
+        workload.reconfigure({"retired": True})
+        await workload.check_health()
+        return engine, workload
+
+    engine, workload = asyncio.run(scenario())
+    assert engine.closed and workload.engine is None and workload.info()["status"] == "retired"
