@@ -13,6 +13,8 @@ every router replica sees the same decision.
 - At any stage the candidate is rolled back, once `min_samples` say so, when it disagrees
   (agreement under `min_agreement`), fails more than stable (by `max_error_increase`), or is
   slower on the same requests (p95 over `max_latency_ratio` x stable's + `latency_slack_s`).
+  Disagreement and failure also need MIN_BAD bad observations: one transient error is not a
+  verdict.
 
 Time counts only while traffic flows: an idle miner neither promotes nor rolls back.
 """
@@ -33,6 +35,9 @@ STABLE, CANDIDATE = "stable", "candidate"
 # A gap between reports longer than this is idle time: it does not count towards a stage.
 TRAFFIC_GAP_S = 2.0
 WINDOW = 200  # the comparisons and calls a verdict looks at: the most recent
+# A verdict of disagreement or failure needs this many bad observations besides min_samples:
+# one transient error (a replica restarting) must not roll a good candidate back.
+MIN_BAD = 2
 
 
 @dataclass(frozen=True)
@@ -120,7 +125,7 @@ class Rollout:
         judged = [o for o in recent if o.agree is not None]
         if len(judged) >= c.min_samples:
             agreeing = sum(o.agree for o in judged)
-            if agreeing / len(judged) < c.min_agreement:
+            if agreeing / len(judged) < c.min_agreement and len(judged) - agreeing >= MIN_BAD:
                 worst = [o.measure for o in judged if not o.agree and o.measure is not None]
                 detail = f" (worst {min(worst) if self.workload == 'embeddings' else max(worst):.3f})" if worst else ""
                 return f"disagrees: {len(judged) - agreeing} of {len(judged)} answers differ from stable's{detail}"
@@ -129,7 +134,7 @@ class Rollout:
         if len(calls) >= c.min_samples:
             cand_rate = sum(calls) / len(calls)
             stable_rate = sum(stable) / len(stable) if stable else 0.0
-            if cand_rate - stable_rate > c.max_error_increase:
+            if cand_rate - stable_rate > c.max_error_increase and sum(calls) >= MIN_BAD:
                 return (f"fails more: {sum(calls)} of {len(calls)} candidate calls failed ({cand_rate:.0%}) "
                         f"against stable's {stable_rate:.0%}")
         paired = [o for o in recent if o.stable_failed is False and o.candidate_failed is False

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import pickle
 import random
 import time
 from typing import Awaitable, Callable, Optional
@@ -42,11 +43,28 @@ Call = Callable[[object, float], Awaitable[dict]]  # (deployment handle, monoton
 
 
 class RolloutBook:
-    """Every rollout of the miner, one per workload: the state inside the RolloutCoordinator actor."""
+    """Every rollout of the miner, one per workload: the state inside the RolloutCoordinator actor.
 
-    def __init__(self) -> None:
+    `store_key`: where in Ray's GCS key-value store the book is saved at each stage change and
+    decision, so a coordinator that Ray restarts keeps its decisions (a promoted candidate stays
+    promoted: its old stable has freed its model)."""
+
+    def __init__(self, store_key: Optional[str] = None) -> None:
+        self.store_key = store_key
         self.rollouts: dict[str, tuple[str, Rollout]] = {}
         self.pending: list[dict] = []  # decisions taken by hand, logged by the next router to report
+        if store_key is not None:
+            from ray.experimental.internal_kv import _internal_kv_get
+
+            saved = _internal_kv_get(store_key, namespace="torchrank")
+            if saved:
+                self.rollouts = pickle.loads(saved)
+
+    def _save(self) -> None:
+        if self.store_key is not None:
+            from ray.experimental.internal_kv import _internal_kv_put
+
+            _internal_kv_put(self.store_key, pickle.dumps(self.rollouts), overwrite=True, namespace="torchrank")
 
     def begin(self, workload: str, canary_json: str, stable_model: str, candidate_model: str) -> dict:
         """The rollout of this candidate over this stable, begun now unless it is already known."""
@@ -55,12 +73,16 @@ class RolloutBook:
         if known is None or known[0] != key:
             canary = CanaryConfig.model_validate_json(canary_json)
             self.rollouts[workload] = (key, Rollout(workload, canary, stable_model, candidate_model))
+            self._save()
         return self.rollouts[workload][1].as_dict()
 
     def report(self, workload: str, observations: list[Observation], served: dict[str, int]) -> tuple[dict, list]:
-        """(the state, decisions to log) after a router's observations."""
+        """(the state, decisions to log) after a router's observations; KeyError for a rollout
+        not begun (the router begins it again)."""
         rollout = self.rollouts[workload][1]
         decision = rollout.observe(observations, served, time.monotonic())
+        if decision:
+            self._save()
         events = [self._event(rollout, decision, "automatic")] if decision else []
         events, self.pending = self.pending + events, []
         return rollout.as_dict(), events
@@ -73,6 +95,7 @@ class RolloutBook:
         if rollout.done:
             raise ValueError(f"the {workload} rollout is already {rollout.state}")
         decision = rollout.promote(reason) if action == "promote" else rollout.roll_back(reason)
+        self._save()
         self.pending.append(self._event(rollout, decision, "operator"))
         return rollout.as_dict()
 
@@ -100,7 +123,7 @@ def rollout_coordinator(miner_name: str, create: bool = True):
         except ValueError:
             return None
     return RolloutCoordinator.options(name=name, namespace="torchrank", get_if_exists=True,
-                                      lifetime="detached").remote()
+                                      lifetime="detached").remote(store_key=name)
 
 
 RETIRED = {"retired": True}  # the losing deployment's user_config: WorkloadReplica.reconfigure frees its model
@@ -158,11 +181,13 @@ class RolloutRouter:
         """The deployment validators are served by when nothing else decides: what readiness probes."""
         return self.handles[CANDIDATE if self.state["state"] == PROMOTED else STABLE]
 
-    async def start(self) -> None:
+    async def start(self, sync: bool = True) -> None:
+        """The shared state of this rollout (begun if new); `sync`: and the reports every SYNC_S."""
         self.state = await asyncio.wait_for(self.coordinator.begin.remote(
             self.workload, self.canary.model_dump_json(), self.models[STABLE], self.models[CANDIDATE]),
             COORDINATOR_TIMEOUT_S * 5)
-        self._task = asyncio.create_task(self._sync_forever())
+        if sync:
+            self._task = asyncio.create_task(self._sync_forever())
 
     @property
     def candidate_ready(self) -> bool:
@@ -284,10 +309,14 @@ class RolloutRouter:
             state, events = await asyncio.wait_for(
                 self.coordinator.report.remote(self.workload, observations, served), COORDINATOR_TIMEOUT_S)
         except Exception as exc:
-            # Keep the last state: a coordinator restarting (it is restarted) holds no decision back for long.
+            # Keep the last state: a coordinator restarting (Ray restarts it) holds no decision back for long.
             log.warning("the rollout coordinator did not answer (%s); keeping the %s state", type(exc).__name__,
                         self.state["state"])
-            self.observations[:0], self.served = observations[-1000:], served
+            self.observations[:0] = observations[-1000:]
+            for side, count in served.items():
+                self.served[side] += count
+            if isinstance(getattr(exc, "cause", None), KeyError):  # it has no record of this rollout
+                await self.start(sync=False)
             return
         self.state = state
         for event in events:

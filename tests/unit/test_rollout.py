@@ -88,6 +88,14 @@ def test_errors_beyond_stables_roll_back_in_canary_too():
     assert r.reason.startswith("fails more")
 
 
+def test_one_transient_error_or_disagreement_is_not_a_verdict():
+    r = Rollout("embeddings", FAST, "stable", "candidate")
+    once = agreeing(9) + [Observation(candidate_s=0.5, candidate_failed=True),
+                          Observation(stable_s=0.02, stable_failed=False, candidate_s=0.02, candidate_failed=False,
+                                      agree=False, measure=0.5)]
+    assert run(r, [once]) == []  # 10 % failed and 10 % disagreed, but one of each
+
+
 def test_errors_as_frequent_as_stables_are_not_the_candidates_fault():
     r = Rollout("agents", FAST, "stable", "candidate")
     both_fail = [Observation(stable_s=1.0, stable_failed=True, candidate_s=1.0, candidate_failed=True)] * 20
@@ -261,3 +269,17 @@ def test_a_candidate_that_has_not_answered_yet_gets_no_request():
 
     calls, observations = asyncio.run(scenario())
     assert calls == ["stable"] and observations == []
+
+
+def test_a_restarted_coordinator_keeps_its_decisions(monkeypatch):
+    import ray.experimental.internal_kv as kv
+
+    store = {}
+    monkeypatch.setattr(kv, "_internal_kv_put", lambda key, value, overwrite, namespace: store.update({key: value}))
+    monkeypatch.setattr(kv, "_internal_kv_get", lambda key, namespace: store.get(key))
+    book = RolloutBook(store_key="miner-rollouts")
+    book.begin("embeddings", FAST.model_dump_json(), "stable", "candidate")
+    book.decide("embeddings", "promote", "by the operator")
+    again = RolloutBook(store_key="miner-rollouts")  # what Ray's restart of the actor builds
+    assert again.begin("embeddings", FAST.model_dump_json(), "stable", "candidate")["state"] == PROMOTED
+    assert RolloutBook(store_key="another-miner").states() == {}
