@@ -219,12 +219,3 @@ def test_an_operator_promotes_or_rolls_back_by_hand(miner, tmp_path):
                  str(miner_config(tmp_path, "torchrank-no-rollout")), "--address", address)
     assert absent.returncode == 1 and "runs no rollout" in absent.stderr, absent.stderr
 
-
-def test_a_candidate_whose_model_does_not_load_is_rolled_back_and_the_miner_serves_on(miner, tmp_path_factory, ref):
-    prefix = deploy(miner, tmp_path_factory, "missing", 25, str(tmp_path_factory.mktemp("empty") / "no-model"))
-    with Traffic(miner, prefix, TEXTS) as traffic:
-        wait_until(lambda: rollout(miner, prefix)["state"] == "rolled_back", 60,
-                   lambda: f"rolled back: {rollout(miner, prefix)}")
-    state = rollout(miner, prefix)
-    assert state["reason"].startswith("fails more") and state["candidate"]["weights_sha256"] == "not-loaded", state
-    assert_all_stable(traffic.answers, ref)
