@@ -157,6 +157,15 @@ def deploy_app(miner, tmp_path_factory, app: str, netuid: int, prefix: str, prot
     return cfg
 
 
+def delete_app(name: str) -> None:
+    """Delete a test app without waiting: a Router replica drains its direct ingress for
+    RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S (30 s) before it stops, which the next module
+    need not wait for (its replicas free their CPU shares in seconds)."""
+    from ray import serve
+
+    serve.delete(name, _blocking=False)
+
+
 def deploy_from_config(apps: dict[str, tuple[str, object]], timeout_s: float = 180.0) -> None:
     """Apps (name -> (route prefix, MinerConfig)) deployed as `make run` deploys them: from one
     config (import_path + args) through the Serve controller; waits until they all run."""

@@ -9,7 +9,7 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 from ray import serve
 
-from tests.conftest import deploy_app
+from tests.conftest import delete_app, deploy_app
 
 PATH = "/v1/agents/runs"
 CUT_APP, CUT = "agents-deadlines", "/ad"
@@ -27,7 +27,7 @@ def cut(miner, tmp_path_factory):
                # A breaker that would open on two counted failures, and an SLO under the deadlines below.
                subnet={"breaker": {"consecutive_failures": 2, "open_s": 30.0}, "slo": {"latency_s": 0.2}})
     yield miner
-    serve.delete(CUT_APP)
+    delete_app(CUT_APP)
 
 
 def stats(app="miner") -> dict:

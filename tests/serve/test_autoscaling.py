@@ -17,7 +17,7 @@ from bittensor.sp_core import Keypair
 from ray import serve
 
 from benchmarks.loadgen import Load
-from tests.conftest import MINER, deploy_app, wait_until
+from tests.conftest import MINER, delete_app, deploy_app, wait_until
 
 APP = "autoscale"
 PREFIX = "/as"
@@ -34,7 +34,7 @@ def scaled(miner, tmp_path_factory):
                                                          "target_queued": 16, "quiet_period_s": 3.0}})},
         router={"num_replicas": 1})
     yield cfg
-    serve.delete(APP)
+    delete_app(APP)
 
 
 def replicas() -> tuple[int, int]:

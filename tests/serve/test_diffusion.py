@@ -13,7 +13,7 @@ import pytest
 from PIL import Image
 from ray import serve
 
-from tests.conftest import deploy_app
+from tests.conftest import delete_app, deploy_app
 
 PATH = "/v1/images/generations"
 NOCACHE_APP, NOCACHE = "images-nocache", "/nc"
@@ -25,7 +25,7 @@ def nocache(miner, tmp_path_factory):
                workloads={"embeddings": None, "agents": None, "diffusion": {"cache_bytes": 0, "placement": {"num_cpus": 0.25}}},
                router={"num_replicas": 1, "num_cpus": 0.25})
     yield miner
-    serve.delete(NOCACHE_APP)
+    delete_app(NOCACHE_APP)
 
 
 def images(resp) -> list[bytes]:

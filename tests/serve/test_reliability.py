@@ -15,7 +15,7 @@ from bittensor.sp_core import Keypair
 from ray import serve
 
 from benchmarks.loadgen import Load, percentile, summary
-from tests.conftest import MINER, deploy_app, ss58, wait_until
+from tests.conftest import MINER, delete_app, deploy_app, ss58, wait_until
 
 APP = "reliability"
 PREFIX = "/rel"
@@ -42,7 +42,7 @@ def rel(miner, tmp_path_factory):
                     # Small: 1 % of 1000/s = 10/s across both routers, a burst of 1 s.
                     rate_limit={"total_rps": 1000.0, "floor_rps": 1.0, "burst_s": 1.0}))
     yield cfg
-    serve.delete(APP)
+    delete_app(APP)
 
 
 def load(miner, signer=ALICE, timeout_s=5.0):

@@ -16,7 +16,7 @@ from ray import serve
 from benchmarks.candidates import FAILING_WORD, candidate_model, minilm_path
 from serve_app.config import CanaryConfig
 from serve_app.router.rollouts import rollout_coordinator
-from tests.conftest import app_config, deploy_from_config, ss58, wait_until
+from tests.conftest import app_config, delete_app, deploy_from_config, ss58, wait_until
 
 VALIDATORS = ["//Alice", "//Val1", "//Val2", "//Val3", "//Val4", "//Val5"]
 NEURONS = [{"uid": i, "hotkey": ss58(uri), "validator_permit": True, "total_stake": 1000.0}
@@ -49,7 +49,7 @@ def cleanup():
     yield
     for app in serve.status().applications:
         if app.startswith("rollout-"):
-            serve.delete(app, _blocking=False)
+            delete_app(app)
 
 
 def retired(app: str, deployment: str) -> bool:
