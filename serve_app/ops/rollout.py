@@ -38,6 +38,7 @@ WINDOW = 200  # the comparisons and calls a verdict looks at: the most recent
 # A verdict of disagreement or failure needs this many bad observations besides min_samples:
 # one transient error (a replica restarting) must not roll a good candidate back.
 MIN_BAD = 2
+MIN_PAIRS = 20  # paired timings the latency verdict needs
 
 
 @dataclass(frozen=True)
@@ -82,6 +83,8 @@ class Rollout:
         self.traffic_s = 0.0  # since the rollout began: when it decided is read against this
         self.decided_after_s: Optional[float] = None
         self.served = {STABLE: 0, CANDIDATE: 0}  # validator requests each side answered
+        self.decided_by = "automatic"  # or "operator"
+        self.claimed = False  # a router logged the decision and retired the loser (RolloutBook.claim)
         self._last_report: Optional[float] = None
 
     @property
@@ -139,7 +142,8 @@ class Rollout:
                         f"against stable's {stable_rate:.0%}")
         paired = [o for o in recent if o.stable_failed is False and o.candidate_failed is False
                   and o.stable_s is not None and o.candidate_s is not None]
-        if len(paired) >= c.min_samples:
+        # A p95 of fewer than MIN_PAIRS is the slowest call or two: one cold start is not slowness.
+        if len(paired) >= max(c.min_samples, MIN_PAIRS):
             cand, stable_p95 = p95([o.candidate_s for o in paired]), p95([o.stable_s for o in paired])
             if cand > c.max_latency_ratio * stable_p95 + c.latency_slack_s:
                 return (f"slower: p95 {cand * 1000:.0f} ms against stable's {stable_p95 * 1000:.0f} ms "
@@ -168,4 +172,4 @@ class Rollout:
                 "reason": self.reason, "stable_model": self.stable_model, "candidate_model": self.candidate_model,
                 "served": dict(self.served), "traffic_s": round(self.traffic_s, 1),
                 "decided_after_s": None if self.decided_after_s is None else round(self.decided_after_s, 1),
-                "salt": self.salt}
+                "decided_by": self.decided_by if self.done else None, "salt": self.salt}

@@ -65,8 +65,13 @@ async def start_rollouts(cfg: MinerConfig, workloads: dict, candidates: dict, me
     rollouts = {}
     for name, candidate in candidates.items():
         wl = getattr(cfg.workloads, name)
-        rollouts[name] = RolloutRouter(name, wl.canary, workloads[name], candidate, workload_adapter(name), coordinator, metrics,
-                                       stable_model=wl.model.id, candidate_model=wl.canary.model)
+        rollouts[name] = RolloutRouter(
+            name, wl.canary, workloads[name], candidate, workload_adapter(name), coordinator, metrics,
+            stable_model=wl.model.id, candidate_model=wl.canary.model,
+            # Requests already on the losing side finish (at most the longest deadline) before it is retired.
+            drain_s=max(subnet.max_timeout_s for subnet in cfg.subnets) + 2.0,
+            # The agents' retrieve tool calls the stable embeddings deployment.
+            keep_stable=name == "embeddings" and cfg.workloads.agents is not None)
         await rollouts[name].start()
     return rollouts
 

@@ -6,13 +6,15 @@ A `RolloutRouter` per workload in each router replica:
 - picks the side for a request from the shared state: stable in shadow and after a rollback,
   the candidate after a promotion, and in canary the candidate for validators whose hotkey
   falls under the current weight (sticky, serve_app/ops/rollout.py);
-- a request the candidate fails (or does not answer within half the time left) is served
-  by stable with the rest, so a failing candidate costs validators nothing;
-- mirrors `shadow_share` of requests to the other side, never waiting for it and never more
-  than `max_shadow_in_flight` at once, and compares the two answers (the adapter's
-  `agreement`);
+- gives the candidate the time left minus what stable needs after it (1.5 x stable's recent
+  p95); a request the candidate fails or does not answer in that time is served by stable
+  with the rest, so a failing candidate costs validators nothing;
+- mirrors `shadow_share` of requests to the other side, with the validator's whole timeout,
+  never waiting for it and never more than `max_shadow_in_flight` at once, and compares the
+  two answers off the event loop (the adapter's `agreement`);
 - reports what it saw to the miner's `RolloutCoordinator` actor every SYNC_S and takes back
-  the state; the report that led to a decision logs it (one JSON line per decision).
+  the state. Once decided, the one router whose claim the coordinator grants logs the
+  decision (one JSON line) and, after the longest deadline, retires the losing side.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ import logging
 import pickle
 import random
 import time
+from collections import deque
 from typing import Awaitable, Callable, Optional
 
 import ray
@@ -29,7 +32,7 @@ import ray
 from serve_app.config import CanaryConfig
 from serve_app.errors import ApiError, ErrorCode
 from serve_app.ops.rollout import (CANARY, CANDIDATE, PROMOTED, ROLLED_BACK, SHADOW, STABLE, STATES, Observation,
-                                   Rollout, on_candidate)
+                                   Rollout, on_candidate, p95)
 from serve_app.router.auth import HEAD_NODE_RESOURCE
 
 log = logging.getLogger("ray.serve.torchrank.rollout")
@@ -52,7 +55,6 @@ class RolloutBook:
     def __init__(self, store_key: Optional[str] = None) -> None:
         self.store_key = store_key
         self.rollouts: dict[str, tuple[str, Rollout]] = {}
-        self.pending: list[dict] = []  # decisions taken by hand, logged by the next router to report
         if store_key is not None:
             from ray.experimental.internal_kv import _internal_kv_get
 
@@ -66,9 +68,13 @@ class RolloutBook:
 
             _internal_kv_put(self.store_key, pickle.dumps(self.rollouts), overwrite=True, namespace="torchrank")
 
+    @staticmethod
+    def key(canary_json: str, stable_model: str, candidate_model: str) -> str:
+        return f"{canary_json}|{stable_model}|{candidate_model}"
+
     def begin(self, workload: str, canary_json: str, stable_model: str, candidate_model: str) -> dict:
         """The rollout of this candidate over this stable, begun now unless it is already known."""
-        key = f"{canary_json}|{stable_model}|{candidate_model}"
+        key = self.key(canary_json, stable_model, candidate_model)
         known = self.rollouts.get(workload)
         if known is None or known[0] != key:
             canary = CanaryConfig.model_validate_json(canary_json)
@@ -76,16 +82,17 @@ class RolloutBook:
             self._save()
         return self.rollouts[workload][1].as_dict()
 
-    def report(self, workload: str, observations: list[Observation], served: dict[str, int]) -> tuple[dict, list]:
-        """(the state, decisions to log) after a router's observations; KeyError for a rollout
-        not begun (the router begins it again)."""
-        rollout = self.rollouts[workload][1]
-        decision = rollout.observe(observations, served, time.monotonic())
-        if decision:
+    def report(self, workload: str, key: str, observations: list[Observation],
+               served: dict[str, int]) -> Optional[dict]:
+        """The state after a router's observations. KeyError for a rollout not begun (the router
+        begins it again); None for a router of another rollout (one still on an old config
+        during a rolling restart), whose observations are not this rollout's."""
+        known_key, rollout = self.rollouts[workload]
+        if known_key != key:
+            return None
+        if rollout.observe(observations, served, time.monotonic()):
             self._save()
-        events = [self._event(rollout, decision, "automatic")] if decision else []
-        events, self.pending = self.pending + events, []
-        return rollout.as_dict(), events
+        return rollout.as_dict()
 
     def decide(self, workload: str, action: str, reason: str) -> dict:
         """By hand (`torchrank-miner rollout promote|rollback`): ValueError when there is nothing to decide."""
@@ -94,19 +101,22 @@ class RolloutBook:
         rollout = self.rollouts[workload][1]
         if rollout.done:
             raise ValueError(f"the {workload} rollout is already {rollout.state}")
-        decision = rollout.promote(reason) if action == "promote" else rollout.roll_back(reason)
+        rollout.promote(reason) if action == "promote" else rollout.roll_back(reason)
+        rollout.decided_by = "operator"
         self._save()
-        self.pending.append(self._event(rollout, decision, "operator"))
         return rollout.as_dict()
+
+    def claim(self, workload: str, key: str) -> bool:
+        """True for exactly one router per decision: the one that logs it and retires the loser."""
+        known_key, rollout = self.rollouts.get(workload, (None, None))
+        if known_key != key or not rollout.done or rollout.claimed:
+            return False
+        rollout.claimed = True
+        self._save()
+        return True
 
     def states(self) -> dict:
         return {workload: rollout.as_dict() for workload, (_, rollout) in self.rollouts.items()}
-
-    @staticmethod
-    def _event(rollout: Rollout, decision: str, by: str) -> dict:
-        return {"workload": rollout.workload, "decision": decision, "by": by, "reason": rollout.reason,
-                "weight": rollout.weight, "comparisons": rollout.comparisons, "traffic_s": round(rollout.traffic_s, 1),
-                "stable_model": rollout.stable_model, "candidate_model": rollout.candidate_model}
 
 
 RolloutCoordinator = ray.remote(num_cpus=0, max_restarts=-1, max_task_retries=0,
@@ -161,33 +171,50 @@ def retire_deployment(app_name: str, deployment: str) -> str:
 
 class RolloutRouter:
     """One workload's rollout in one router replica. `adapter` compares answers (agreement)
-    and says whether an answer counts as a failure (unfinished); `metrics`: RouterMetrics."""
+    and says whether an answer counts as a failure (unfinished); `metrics`: RouterMetrics.
+    `drain_s`: how long after a decision the losing side may still be answering requests
+    (the longest deadline), before it is retired; `keep_stable`: never retire the stable
+    deployment (other deployments call it: the agents' retrieve tool calls stable embeddings)."""
 
     def __init__(self, workload: str, canary: CanaryConfig, stable, candidate, adapter, coordinator, metrics,
-                 stable_model: str, candidate_model: str, clock: Callable[[], float] = time.monotonic):
+                 stable_model: str, candidate_model: str, drain_s: float = 0.0, keep_stable: bool = False,
+                 clock: Callable[[], float] = time.monotonic):
         self.workload, self.canary = workload, canary
         self.handles = {STABLE: stable, CANDIDATE: candidate}
         self.adapter, self.coordinator, self.metrics, self.clock = adapter, coordinator, metrics, clock
         self.models = {STABLE: stable_model, CANDIDATE: candidate_model}
+        self.key = RolloutBook.key(canary.model_dump_json(), stable_model, candidate_model)
+        self.drain_s, self.keep_stable = drain_s, keep_stable
         self.digests = {STABLE: "-", CANDIDATE: "-"}  # the weights' digests, once each side's info is read
         self.state: dict = {"state": SHADOW, "weight": 0.0, "salt": f"{workload}:{candidate_model}"}
+        self.begun = False  # the coordinator's state is known: until then stable serves, nothing is mirrored
         self.observations: list[Observation] = []
         self.served = {STABLE: 0, CANDIDATE: 0}
+        self.stable_times: deque[float] = deque(maxlen=100)  # stable's recent answers: the time it needs
         self.mirrors: set[asyncio.Task] = set()
-        self._task: Optional[asyncio.Task] = None
+        self._claimed = False
+        self._tasks: list[asyncio.Task] = []
 
     @property
     def serving(self):
         """The deployment validators are served by when nothing else decides: what readiness probes."""
         return self.handles[CANDIDATE if self.state["state"] == PROMOTED else STABLE]
 
-    async def start(self, sync: bool = True) -> None:
-        """The shared state of this rollout (begun if new); `sync`: and the reports every SYNC_S."""
-        self.state = await asyncio.wait_for(self.coordinator.begin.remote(
-            self.workload, self.canary.model_dump_json(), self.models[STABLE], self.models[CANDIDATE]),
-            COORDINATOR_TIMEOUT_S * 5)
-        if sync:
-            self._task = asyncio.create_task(self._sync_forever())
+    async def start(self) -> None:
+        """The shared state of this rollout (begun if new) and the reports every SYNC_S. A
+        coordinator that does not answer does not stop the router: stable serves until it does."""
+        await self._begin()
+        self._tasks.append(asyncio.create_task(self._sync_forever()))
+
+    async def _begin(self) -> None:
+        try:
+            self.state = await asyncio.wait_for(self.coordinator.begin.remote(
+                self.workload, self.canary.model_dump_json(), self.models[STABLE], self.models[CANDIDATE]),
+                COORDINATOR_TIMEOUT_S * 5)
+            self.begun = True
+        except Exception as exc:
+            log.warning("the rollout coordinator did not answer (%s): stable serves %s until it does",
+                        type(exc).__name__, self.workload)
 
     @property
     def candidate_ready(self) -> bool:
@@ -211,32 +238,43 @@ class RolloutRouter:
             return CANDIDATE if on_candidate(caller, self.state["weight"], self.state["salt"]) else STABLE
         return CANDIDATE if state == PROMOTED else STABLE
 
+    def _candidate_budget(self, remaining: float) -> float:
+        """Of the time left, what the candidate may use: all but what stable needs to answer
+        after it (1.5 x stable's recent p95; half the time until stable has answered)."""
+        reserve = 1.5 * p95(list(self.stable_times)) if self.stable_times else remaining / 2
+        return remaining - reserve
+
     async def serve(self, caller: str, deadline: float, call: Call) -> dict:
         """The answer for a validator request: `call(handle, deadline)` runs it on one side."""
         side, comparing = self.side_for(caller), self.state["state"] in (SHADOW, CANARY)
-        if comparing and not self.candidate_ready:
+        if comparing and not (self.begun and self.candidate_ready):
             side, comparing = STABLE, False
+        mirror = comparing
+        now = self.clock()
+        timeout = deadline - now
         if side == CANDIDATE and comparing:
-            now = self.clock()
-            counted = True
-            try:
-                answer = await call(self.handles[CANDIDATE], now + (deadline - now) * CANDIDATE_TIME_SHARE)
-                failed = self.adapter.unfinished(answer)
-            except ApiError as err:  # refused for load, late, or failing: stable serves it
-                answer, failed, counted = None, True, err.code not in NOT_COUNTED
-            except Exception:  # the candidate's own failure (a RayTaskError from its replica)
-                answer, failed = None, True
-            seconds = self.clock() - now
-            if not failed:
-                self._count(CANDIDATE, seconds, False)
-                self.served[CANDIDATE] += 1
-                if not self._maybe_mirror(STABLE, answer, CANDIDATE, seconds, deadline, call):
-                    self.observations.append(Observation(candidate_s=seconds, candidate_failed=False))
-                return answer
-            if counted:
-                self._count(CANDIDATE, seconds, True)
-                self.observations.append(Observation(candidate_s=seconds, candidate_failed=True))
-            side = STABLE  # the candidate failed it: stable serves it with the time left
+            budget = self._candidate_budget(timeout)
+            if budget > 0:
+                counted = True
+                try:
+                    answer = await call(self.handles[CANDIDATE], now + budget)
+                    failed = self.adapter.unfinished(answer)
+                except ApiError as err:  # refused for load, late, or failing: stable serves it
+                    answer, failed, counted = None, True, err.code not in NOT_COUNTED
+                except Exception:  # the candidate's own failure (a RayTaskError from its replica)
+                    answer, failed = None, True
+                seconds = self.clock() - now
+                if not failed:
+                    self._count(CANDIDATE, seconds, False)
+                    self.served[CANDIDATE] += 1
+                    if not self._maybe_mirror(STABLE, answer, CANDIDATE, seconds, timeout, call):
+                        self.observations.append(Observation(candidate_s=seconds, candidate_failed=False))
+                    return answer
+                if counted:
+                    self._count(CANDIDATE, seconds, True)
+                    self.observations.append(Observation(candidate_s=seconds, candidate_failed=True))
+                mirror = False  # the candidate has just failed it: stable serves it, with the time left
+            side = STABLE
         started = self.clock()
         try:
             answer = await call(self.handles[side], deadline)
@@ -248,26 +286,30 @@ class RolloutRouter:
             raise
         seconds = self.clock() - started
         self.served[side] += 1
+        if side == STABLE:
+            self.stable_times.append(seconds)
         if comparing:
             failed = self.adapter.unfinished(answer)
             self._count(side, seconds, failed)
-            if not self._maybe_mirror(CANDIDATE if side == STABLE else STABLE, answer, side, seconds, deadline, call):
+            other = CANDIDATE if side == STABLE else STABLE
+            if not (mirror and self._maybe_mirror(other, answer, side, seconds, timeout, call)):
                 self.observations.append(Observation(**{f"{side}_s": seconds, f"{side}_failed": failed}))
         return answer
 
-    def _maybe_mirror(self, other: str, answer: dict, side: str, seconds: float, deadline: float, call: Call) -> bool:
+    def _maybe_mirror(self, other: str, answer: dict, side: str, seconds: float, timeout: float, call: Call) -> bool:
         """Whether the request is mirrored to the `other` side (its observation then comes from the mirror)."""
         if len(self.mirrors) >= self.canary.max_shadow_in_flight or random.random() >= self.canary.shadow_share:
             return False
-        task = asyncio.create_task(self._mirror(other, answer, side, seconds, deadline, call))
+        task = asyncio.create_task(self._mirror(other, answer, side, seconds, timeout, call))
         self.mirrors.add(task)
         task.add_done_callback(self.mirrors.discard)
         return True
 
-    async def _mirror(self, other: str, answer: dict, side: str, seconds: float, deadline: float, call: Call) -> None:
+    async def _mirror(self, other: str, answer: dict, side: str, seconds: float, timeout: float, call: Call) -> None:
+        """The same request on the `other` side, with the validator's whole timeout of its own."""
         started, other_answer = self.clock(), None
         try:
-            other_answer = await call(self.handles[other], deadline)
+            other_answer = await call(self.handles[other], started + timeout)
             other_failed = self.adapter.unfinished(other_answer)
         except ApiError as err:
             if err.code in NOT_COUNTED:  # refused for load: only the served side's call is seen
@@ -285,8 +327,9 @@ class RolloutRouter:
         failed = {side: self.adapter.unfinished(answer), other: other_failed}
         agree = measure = None
         if other_answer is not None:
-            try:
-                agree, measure = self.adapter.agreement(answers[STABLE], answers[CANDIDATE], self.canary)
+            try:  # off the event loop: decoding two images takes milliseconds
+                agree, measure = await asyncio.to_thread(self.adapter.agreement, answers[STABLE], answers[CANDIDATE],
+                                                         self.canary)
             except Exception:  # answers that cannot be compared (shapes differ): they disagree
                 agree = False
         if agree is not None:
@@ -302,12 +345,17 @@ class RolloutRouter:
         self.metrics.rollout_seconds.observe(seconds, tags)
 
     async def sync(self) -> None:
-        """Report what this replica saw; take back the shared state; log the decisions it led to."""
+        """Report what this replica saw and take back the shared state. Once the rollout is
+        decided, the one router that claims the decision logs it and, after drain_s, retires
+        the losing side."""
+        if not self.begun:
+            await self._begin()
+            return
         observations, served = self.observations, self.served
         self.observations, self.served = [], {STABLE: 0, CANDIDATE: 0}
         try:
-            state, events = await asyncio.wait_for(
-                self.coordinator.report.remote(self.workload, observations, served), COORDINATOR_TIMEOUT_S)
+            state = await asyncio.wait_for(
+                self.coordinator.report.remote(self.workload, self.key, observations, served), COORDINATOR_TIMEOUT_S)
         except Exception as exc:
             # Keep the last state: a coordinator restarting (Ray restarts it) holds no decision back for long.
             log.warning("the rollout coordinator did not answer (%s); keeping the %s state", type(exc).__name__,
@@ -316,30 +364,47 @@ class RolloutRouter:
             for side, count in served.items():
                 self.served[side] += count
             if isinstance(getattr(exc, "cause", None), KeyError):  # it has no record of this rollout
-                await self.start(sync=False)
+                await self._begin()
+            return
+        if state is None:  # the coordinator runs another rollout of this workload: this router's config is old
             return
         self.state = state
-        for event in events:
-            retired = await self._retire_loser(event["decision"])
-            log.info("rollout", extra={"rollout": {**event, "stable_digest": self.digests[STABLE],
-                                                   "candidate_digest": self.digests[CANDIDATE], "retired": retired}})
+        if state["state"] in (PROMOTED, ROLLED_BACK) and not self._claimed:
+            self._claimed = True  # asked once per router: the coordinator answers True to one of them
+            if await asyncio.wait_for(self.coordinator.claim.remote(self.workload, self.key), COORDINATOR_TIMEOUT_S):
+                self._tasks.append(asyncio.create_task(self._log_and_retire(state)))
         self.publish()
 
-    async def _retire_loser(self, decision: str) -> Optional[str]:
-        """After a promotion the old stable deployment goes, after a rollback the candidate's."""
-        if decision not in (PROMOTED, ROLLED_BACK):
-            return None
-        loser = self.handles[STABLE if decision == PROMOTED else CANDIDATE].deployment_name
+    async def _log_and_retire(self, state: dict) -> None:
+        decision = state["state"]
+        loser = STABLE if decision == PROMOTED else CANDIDATE
+        event = {"workload": self.workload, "decision": decision, "by": state["decided_by"], "reason": state["reason"],
+                 "comparisons": state["comparisons"], "served": state["served"], "traffic_s": state["traffic_s"],
+                 "stable_model": self.models[STABLE], "candidate_model": self.models[CANDIDATE],
+                 "stable_digest": self.digests[STABLE], "candidate_digest": self.digests[CANDIDATE]}
+        if loser == STABLE and self.keep_stable:
+            log.info("rollout", extra={"rollout": {**event, "retired": f"{self.handles[STABLE].deployment_name} kept: "
+                                                                        f"other deployments call it"}})
+            return
+        log.info("rollout", extra={"rollout": {**event, "retired": f"after {self.drain_s:g} s"}})
+        await asyncio.sleep(self.drain_s)  # requests already on the losing side finish first
+        retired = await self._retire(self.handles[loser].deployment_name)
+        log.info("rollout retired", extra={"rollout": {"workload": self.workload, "retired": retired}})
+
+    @staticmethod
+    async def _retire(deployment: str) -> str:
         try:
             from ray import serve
 
             app_name = serve.get_replica_context().app_name
-            return await asyncio.to_thread(retire_deployment, app_name, loser)
+            return await asyncio.to_thread(retire_deployment, app_name, deployment)
         except Exception as exc:  # the decision stands; the idle deployment only holds its resources
-            log.warning("could not retire %s: %s", loser, exc)
-            return f"{loser} kept (idle): {type(exc).__name__}"
+            log.warning("could not retire %s: %s", deployment, exc)
+            return f"{deployment} kept (idle): {type(exc).__name__}"
 
     def publish(self) -> None:
+        if "-" in self.digests.values():  # labelled by both digests: one series per state, not a stale one
+            return
         m, tags = self.metrics, {"workload": self.workload}
         for state in STATES:
             m.rollout_state.set(int(state == self.state["state"]), {
@@ -360,4 +425,3 @@ class RolloutRouter:
         return {**{k: v for k, v in self.state.items() if k != "salt"},
                 "stable": {"model": self.models[STABLE], "weights_sha256": self.digests[STABLE]},
                 "candidate": {"model": self.models[CANDIDATE], "weights_sha256": self.digests[CANDIDATE]}}
-

@@ -34,7 +34,9 @@ def deploy(miner, tmp_path_factory, name: str, netuid: int, model: str, **canary
     a config holds every app deployed from one, so this one replaces the last. Returns its prefix."""
     app, prefix = f"rollout-{name}", f"/rollout-{name}"
     cfg = app_config(miner, tmp_path_factory, app, netuid=netuid, prefix=prefix, protocol="openai-embeddings",
-                     neurons=NEURONS, router={"num_replicas": 1}, workloads={
+                     neurons=NEURONS, router={"num_replicas": 1},
+                     # The losing side is retired after the longest deadline (+2 s): keep it short here.
+                     subnet={"timeout_s": 5.0, "max_timeout_s": 5.0}, workloads={
                          "diffusion": None, "agents": None, "embeddings": {
                              "model": {"id": str(minilm_path())},
                              "runtime": {"backend": "torch", "precision": "fp32"},  # no conversion per candidate

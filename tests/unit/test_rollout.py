@@ -2,6 +2,7 @@
 router side's choice of side and fallback (serve_app/router/rollouts.py) on fake handles."""
 
 import asyncio
+import time
 
 import numpy as np
 import pytest
@@ -104,8 +105,9 @@ def test_errors_as_frequent_as_stables_are_not_the_candidates_fault():
 
 def test_a_slower_candidate_rolls_back():
     r = Rollout("embeddings", FAST, "stable", "candidate")
-    slow = [Observation(stable_s=0.02, stable_failed=False, candidate_s=0.30, candidate_failed=False, agree=True)] * 5
-    assert run(r, [slow]) == [ROLLED_BACK]
+    slow = [Observation(stable_s=0.02, stable_failed=False, candidate_s=0.30, candidate_failed=False, agree=True)] * 19
+    assert run(r, [slow]) == []  # a p95 of fewer than 20 pairs is one or two calls: no verdict yet
+    assert run(r, [slow[:1]], start=1) == [ROLLED_BACK]
     assert r.reason.startswith("slower: p95 300 ms")
 
 
@@ -148,28 +150,35 @@ def test_the_candidates_config_takes_the_canary_model_overrides_and_placement():
     assert candidate.placement.num_cpus == 0.25 and cfg.placement.num_cpus == 1.0
 
 
+KEY = RolloutBook.key(FAST.model_dump_json(), "stable", "candidate")
+
+
 def test_the_book_keeps_a_known_rollout_and_starts_a_new_one():
     book = RolloutBook()
     book.begin("embeddings", FAST.model_dump_json(), "stable", "candidate")
-    book.report("embeddings", agreeing(2), {"stable": 2})
+    book.report("embeddings", KEY, agreeing(2), {"stable": 2})
     assert book.states()["embeddings"]["comparisons"] == 2
     book.begin("embeddings", FAST.model_dump_json(), "stable", "candidate")  # a router restarting
     assert book.states()["embeddings"]["comparisons"] == 2
     book.begin("embeddings", FAST.model_dump_json(), "stable", "another")  # a new candidate
     assert book.states()["embeddings"]["comparisons"] == 0
+    # A router still on the old config (a rolling restart) feeds nothing into the new rollout.
+    assert book.report("embeddings", KEY, agreeing(5), {"stable": 5}) is None
+    assert book.states()["embeddings"]["comparisons"] == 0
 
 
-def test_a_decision_by_hand_is_logged_once_by_the_next_report():
+def test_a_decision_is_claimed_by_exactly_one_router():
     book = RolloutBook()
     book.begin("embeddings", FAST.model_dump_json(), "stable", "candidate")
+    assert not book.claim("embeddings", KEY)  # nothing decided yet
     assert book.decide("embeddings", "rollback", "by the operator")["state"] == ROLLED_BACK
     with pytest.raises(ValueError, match="already rolled_back"):
         book.decide("embeddings", "promote", "by the operator")
     with pytest.raises(ValueError, match="no rollout of agents"):
         book.decide("agents", "promote", "by the operator")
-    _, events = book.report("embeddings", [], {})
-    assert [(e["decision"], e["by"]) for e in events] == [(ROLLED_BACK, "operator")]
-    assert book.report("embeddings", [], {})[1] == []
+    assert book.states()["embeddings"]["decided_by"] == "operator"
+    assert not book.claim("agents", KEY) and not book.claim("embeddings", "another rollout")
+    assert [book.claim("embeddings", KEY) for _ in range(3)] == [True, False, False]
 
 
 class FakeMetrics:
@@ -231,8 +240,8 @@ def test_in_canary_a_request_the_candidate_fails_is_served_by_stable():
         r, call, calls = router(canary, vectors(0.0), ApiError(ErrorCode.internal_error, "boom"))
         await r.start()
         r.state = {**r.state, "state": CANARY, "weight": 1.0}  # every validator on the candidate
-        answer = await r.serve("5Validator", 100.0, call)
-        r._task.cancel()
+        answer = await r.serve("5Validator", time.monotonic() + 10, call)
+        [task.cancel() for task in r._tasks]
         return answer, calls, r.observations
 
     answer, calls, observations = asyncio.run(scenario())
@@ -244,10 +253,10 @@ def test_shadowing_compares_without_delaying_the_answer():
     async def scenario():
         r, call, calls = router(FAST.model_copy(update={"shadow_share": 1.0}), vectors(0.0), vectors(5.0))
         await r.start()
-        answer = await r.serve("5Validator", 100.0, call)
+        answer = await r.serve("5Validator", time.monotonic() + 10, call)
         served_first = list(calls)
         await asyncio.gather(*r.mirrors)
-        r._task.cancel()
+        [task.cancel() for task in r._tasks]
         return answer, served_first, calls, r.observations
 
     answer, served_first, calls, observations = asyncio.run(scenario())
@@ -262,9 +271,9 @@ def test_a_candidate_that_has_not_answered_yet_gets_no_request():
         r.digests["candidate"] = "-"  # still loading
         await r.start()
         r.state = {**r.state, "state": CANARY, "weight": 1.0}
-        await r.serve("5Validator", 100.0, call)
+        await r.serve("5Validator", time.monotonic() + 10, call)
         await asyncio.gather(*r.mirrors)
-        r._task.cancel()
+        [task.cancel() for task in r._tasks]
         return calls, r.observations
 
     calls, observations = asyncio.run(scenario())
@@ -283,3 +292,38 @@ def test_a_restarted_coordinator_keeps_its_decisions(monkeypatch):
     again = RolloutBook(store_key="miner-rollouts")  # what Ray's restart of the actor builds
     assert again.begin("embeddings", FAST.model_dump_json(), "stable", "candidate")["state"] == PROMOTED
     assert RolloutBook(store_key="another-miner").states() == {}
+
+
+def test_the_candidate_leaves_stable_the_time_it_needs():
+    async def scenario():
+        r, call, calls = router(FAST.model_copy(update={"shadow_share": 1e-9}), vectors(0.0), vectors(0.0))
+        await r.start()
+        r.state = {**r.state, "state": CANARY, "weight": 1.0}
+        r.stable_times.extend([4.0] * 10)  # stable needs 4 s: with 5 s left the candidate is not tried
+        await r.serve("5Validator", time.monotonic() + 5, call)
+        tried = list(calls)
+        await r.serve("5Validator", time.monotonic() + 10, call)  # 10 s: 4 s for the candidate
+        [task.cancel() for task in r._tasks]
+        return tried, calls
+
+    tried, calls = asyncio.run(scenario())
+    assert tried == ["stable"] and calls == ["stable", "candidate"]
+
+
+def test_a_router_serves_stable_until_the_coordinator_answers():
+    class Silent:
+        class begin:
+            @staticmethod
+            async def remote(*args):
+                raise TimeoutError("no coordinator")
+
+    async def scenario():
+        r, call, calls = router(FAST.model_copy(update={"shadow_share": 1.0}), vectors(0.0), vectors(0.0))
+        r.coordinator = Silent()
+        await r.start()  # does not raise: the router starts
+        await r.serve("5Validator", time.monotonic() + 10, call)
+        [task.cancel() for task in r._tasks]
+        return r.begun, calls, r.mirrors
+
+    begun, calls, mirrors = asyncio.run(scenario())
+    assert not begun and calls == ["stable"] and not mirrors
