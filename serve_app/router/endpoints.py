@@ -52,7 +52,7 @@ async def info(monitor: RouterMonitor, hotkey: str) -> dict:
                           "age_s": _age(cache)},
             "auth_scheme": subnet.auth.scheme,
             "standing": own.as_dict() if (own := monitor.standing(subnet)) is not None else None,
-            "axon": monitor.axon(subnet),
+            "axon": monitor.axon(subnet, own),
             "timeout_s": subnet.timeout_s,
             "max_timeout_s": subnet.max_timeout_s,
             "breakers": {w: b.snapshot() for w, b in monitor.table.subnet_breakers(subnet.netuid).items()},

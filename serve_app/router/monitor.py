@@ -108,9 +108,10 @@ class RouterMonitor:
             return None
         return endpoint_text(subnet.endpoint.ip, subnet.endpoint.port or self.http_port)
 
-    def axon(self, subnet: SubnetConfig) -> dict:
-        """For /info: the configured endpoint, the chain's axon, and whether they match (None: cannot tell)."""
-        own, endpoint = self.standing(subnet), self.endpoint(subnet)
+    def axon(self, subnet: SubnetConfig, own: Optional[Standing] = None) -> dict:
+        """For /info: the configured endpoint, the chain's axon, and whether they match (None: cannot tell).
+        `own`: the subnet's standing when the caller has just computed it."""
+        own, endpoint = own or self.standing(subnet), self.endpoint(subnet)
         on_chain = own.axon if own is not None else None
         known = endpoint is not None and self.table.metagraphs[subnet.netuid].view is not None
         return {"endpoint": endpoint, "on_chain": on_chain,
@@ -127,7 +128,7 @@ class RouterMonitor:
             for name, gauge in m.standing.items():
                 if (value := getattr(own, name)) is not None:
                     gauge.set(value, tags)
-        axon = self.axon(subnet)
+        axon = self.axon(subnet, own)
         if axon["matches"] is not None:
             m.axon_matches.set(int(axon["matches"]), tags)
 
