@@ -14,9 +14,12 @@ setup: $(STAMP)
 
 $(STAMP): pyproject.toml Makefile
 	@# Debian's prometheus: promtool for the rule tests, the server for the scrape test.
-	command -v promtool >/dev/null && command -v prometheus >/dev/null || \
+	@# Debian's chromium: the headless browser that loads the report and the public page in the tests.
+	missing="$$(command -v promtool >/dev/null && command -v prometheus >/dev/null || echo prometheus) \
+	  $$(command -v chromium >/dev/null || echo chromium)"; \
+	test -z "$$(echo $$missing)" || \
 	  { $(if $(filter 0,$(shell id -u)),,sudo) apt-get update -q && \
-	    $(if $(filter 0,$(shell id -u)),,sudo) env DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends prometheus; }
+	    $(if $(filter 0,$(shell id -u)),,sudo) env DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends $$missing; }
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q "$(TORCH_SPEC)" $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX))

@@ -18,7 +18,7 @@ from pydantic import ValidationError
 from ray.serve import Application
 
 from serve_app.chain.metagraph import SnapshotSource
-from serve_app.config import MinerConfig, SnapshotMetagraph
+from serve_app.config import CANDIDATE_SUFFIX, MinerConfig, SnapshotMetagraph
 from serve_app.observability.info import BuildInfo
 from serve_app.observability.logs import JSON_LOGS, WORKLOAD_LOGS
 from serve_app.ops.autoscaling import serve_autoscaling_config
@@ -29,14 +29,15 @@ from serve_app.workloads.embeddings import Embeddings
 
 
 def with_absolute_paths(cfg: MinerConfig, base: Union[str, Path, None] = None) -> MinerConfig:
-    """Snapshot paths resolved against `base`: by default the directory `serve run` started in."""
+    """Snapshot and ledger paths resolved against `base`: by default the directory `serve run` started in."""
     subnets = []
     for subnet in cfg.subnets:
         if isinstance(subnet.metagraph, SnapshotMetagraph):
             path = str((Path(base or ".") / Path(subnet.metagraph.path).expanduser()).resolve())
             subnet = subnet.model_copy(update={"metagraph": subnet.metagraph.model_copy(update={"path": path})})
         subnets.append(subnet)
-    return cfg.model_copy(update={"subnets": tuple(subnets)})
+    ledger = cfg.ledger.model_copy(update={"path": str((Path(base or ".") / Path(cfg.ledger.path).expanduser()).resolve())})
+    return cfg.model_copy(update={"subnets": tuple(subnets), "ledger": ledger})
 
 
 def check_startable(cfg: MinerConfig) -> None:
@@ -70,9 +71,6 @@ def with_placement(deployment, wl, name: str, cfg: MinerConfig, deployment_name:
         max_surge_percent=where.max_surge_percent,
         logging_config=WORKLOAD_LOGS,
     )
-
-
-CANDIDATE_SUFFIX = "Candidate"  # a canary's deployment: the workload's deployment name + this
 
 
 def build_app(args: MinerConfig) -> Application:

@@ -9,6 +9,10 @@
                                                   the chain holds another (run where the wallet lives)
   torchrank-miner rollout status [--json]         each canary's state; `rollout promote|rollback
                                                   --workload W` decides by hand
+  torchrank-miner economics [--window 24h]        per subnet: tasks, revenue, cost, profit, unit cost;
+                                                  `--pick` ranks subnets by expected profit an hour
+  torchrank-miner ledger [--json]                 each subnet's days and its verdict: hold, stable, expand
+  torchrank-miner report --out report.html        the operator's report: one HTML file with charts
 
 A relative --config (default deployments/local.yaml) is looked up in the current directory,
 then in the checkout. An error is one line on stderr (a bad config: one per problem) and
@@ -302,6 +306,87 @@ def cmd_rollout_decide(args) -> int:
     return 0
 
 
+def _ledger(args):
+    """(config, the ledger file opened read-only) for the economics commands."""
+    from serve_app.app import with_absolute_paths
+    from serve_app.economics.ledger import Clock, Ledger, LedgerError
+
+    path, base = resolve_config(args.config)
+    _, cfg = _config(args)
+    cfg = with_absolute_paths(cfg, base)
+    try:
+        return cfg, Ledger(cfg.ledger.path, Clock.of(cfg.ledger), cfg.ledger.keep_days, readonly=True)
+    except LedgerError as exc:
+        raise CliError(str(exc), code=1) from None
+
+
+def _throughput(items) -> dict[str, float]:
+    out = {}
+    for item in items or []:
+        workload, sep, rate = item.partition("=")
+        try:
+            out[workload] = float(rate)
+        except ValueError:
+            raise CliError(f"--throughput {item!r}: give WORKLOAD=TASKS_PER_S, e.g. embeddings=120") from None
+        if not sep or workload not in ("embeddings", "diffusion", "agents") or out[workload] <= 0:
+            raise CliError(f"--throughput {item!r}: give WORKLOAD=TASKS_PER_S (embeddings, diffusion or agents, "
+                           f"a rate above 0)")
+    return out
+
+
+def cmd_economics(args) -> int:
+    from serve_app.economics import commands
+
+    try:
+        seconds = commands.window_seconds(args.window)
+    except ValueError as exc:
+        raise CliError(f"--{exc}") from None
+    throughput = _throughput(args.throughput)
+    cfg, ledger = _ledger(args)
+    if args.pick:
+        if cfg.economics is None:
+            raise CliError(f"{args.config}: --pick needs prices and rewards: add an economics: block", code=1)
+        result = commands.pick(cfg, ledger, throughput, seconds)
+        print(json.dumps(result) if args.json else commands.pick_text(result))
+        return 0
+    figs = ledger.window(cfg, seconds)
+    if args.json:
+        print(json.dumps({"window": args.window, "subnets": {str(n): f for n, f in figs.items()}}))
+    else:
+        print(commands.economics_text(figs, args.window))
+    return 0
+
+
+def cmd_ledger(args) -> int:
+    from serve_app.economics import commands
+
+    cfg, ledger = _ledger(args)
+    data = commands.ledger_json(cfg, ledger, args.days)
+    print(json.dumps(data) if args.json else
+          commands.ledger_text(data, cfg.economics.currency if cfg.economics else None))
+    return 0
+
+
+def cmd_report(args) -> int:
+    from serve_app.economics import commands
+    from serve_app.economics.report import render_report
+
+    try:
+        commands.window_seconds(args.window)
+    except ValueError as exc:
+        raise CliError(f"--{exc}") from None
+    cfg, ledger = _ledger(args)
+    try:
+        hotkey = cfg.wallet.hotkey_ss58()
+    except ValueError:
+        hotkey = "-"
+    html = render_report(commands.report_data(cfg, ledger, args.window, hotkey))
+    out = Path(args.out)
+    out.write_text(html)
+    print(f"{out}: the report of {len(cfg.subnets)} subnet(s), {len(html) // 1024} KiB; open it in a browser")
+    return 0
+
+
 def _validator_options(cmd: argparse.ArgumentParser, path: str) -> None:
     cmd.add_argument("--url", default="http://127.0.0.1:8000")
     cmd.add_argument("--path", default=path)
@@ -383,6 +468,31 @@ def parser() -> argparse.ArgumentParser:
         cmd.add_argument("--address", default="auto", help="the Ray cluster (default: the local one)")
         cmd.add_argument("--config", default=DEFAULT_CONFIG, help="serve config (default deployments/local.yaml)")
         cmd.set_defaults(func=cmd_rollout_decide)
+
+    econ = sub.add_parser("economics", help="per subnet over a window: tasks, revenue, cost, profit, unit cost "
+                                            "(from the ledger)")
+    econ.add_argument("--config", default=DEFAULT_CONFIG, help="serve config (default deployments/local.yaml)")
+    econ.add_argument("--window", default="24h", help="1h, 24h, 7d, 30d... (ledger time)")
+    econ.add_argument("--json", action="store_true", help='print JSON: {"subnets": {"<netuid>": {...}}}')
+    econ.add_argument("--pick", action="store_true",
+                      help="rank the served and candidate subnets (economics.candidates) by expected profit an hour")
+    econ.add_argument("--throughput", action="append", metavar="WORKLOAD=TASKS_PER_S",
+                      help="--pick: a workload's measured throughput (a benchmark's), instead of the ledger's busiest "
+                           "minute (repeatable)")
+    econ.set_defaults(func=cmd_economics)
+
+    led = sub.add_parser("ledger", help="each subnet's days (SLOs, requests, refusals, money, versions) and its "
+                                        "verdict: hold, stable or expand")
+    led.add_argument("--config", default=DEFAULT_CONFIG, help="serve config (default deployments/local.yaml)")
+    led.add_argument("--json", action="store_true")
+    led.add_argument("--days", type=int, help="only the last DAYS days (the verdict still judges all)")
+    led.set_defaults(func=cmd_ledger)
+
+    rep = sub.add_parser("report", help="the operator's report: one self-contained HTML file with charts")
+    rep.add_argument("--config", default=DEFAULT_CONFIG, help="serve config (default deployments/local.yaml)")
+    rep.add_argument("--out", default="report.html")
+    rep.add_argument("--window", default="24h", help="the window of its economics table")
+    rep.set_defaults(func=cmd_report)
     return p
 
 

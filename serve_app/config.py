@@ -20,6 +20,7 @@ from serve_app.protocols.registry import PROTOCOLS
 
 # Serve's port when a serve config's http_options gives none: an endpoint's default port.
 DEFAULT_HTTP_PORT = 8000
+CANDIDATE_SUFFIX = "Candidate"  # a canary's deployment: the workload's deployment name + this
 DEV_URI = re.compile(r"^//[A-Za-z0-9]+$")
 # ss58 addresses of the Substrate dev keys (Keypair.create_from_uri; tests/unit/test_config.py checks them against
 # the SDK), hard-coded so this module imports nothing heavy. Anyone can sign as them.
@@ -263,6 +264,15 @@ class EndpointConfig(Strict):
         return str(address)
 
 
+class RewardConfig(Strict):
+    """What one task of this subnet earns (serve_app/economics/money.py)."""
+
+    source: Literal["fixed", "chain"] = Field(
+        default="fixed", description="fixed: per_task_tao for each accepted task; chain: the miner's own emission on "
+                                     "the subnet (its metagraph's emission at the subnet price), whatever the tasks.")
+    per_task_tao: float = Field(default=0.0, ge=0, description="TAO an accepted task earns (source fixed).")
+
+
 class SubnetConfig(Strict):
     netuid: int = Field(ge=0, le=65535)
     prefix: str = Field(
@@ -285,6 +295,7 @@ class SubnetConfig(Strict):
     allow_degraded: bool = Field(
         default=False, description="Under sustained overload, may this subnet's work use the workload's cheaper preset?")
     diffusion: SubnetDiffusion = SubnetDiffusion()
+    reward: RewardConfig = RewardConfig()
 
     @field_validator("routes")
     @classmethod
@@ -916,6 +927,79 @@ class ClusterConfig(Strict):
                     "every workload not marked preemption_safe require a sliver of it: they never land on spot nodes.")
 
 
+class ResourcePrices(Strict):
+    """The price of what a replica holds, per unit (a whole CPU core, a whole GPU) and hour: the
+    node type's price divided by its units. Power is the draw of those units, at economics.power_per_kwh
+    (leave it 0 where the hourly price already includes power, as cloud prices do)."""
+
+    cpu_per_hour: float = Field(default=0.0, ge=0, description="Currency per CPU core-hour held.")
+    gpu_per_hour: float = Field(default=0.0, ge=0, description="Currency per GPU-hour held.")
+    cpu_watts: float = Field(default=0.0, ge=0, description="Watts one CPU core draws.")
+    gpu_watts: float = Field(default=0.0, ge=0, description="Watts one GPU draws.")
+
+
+class CandidateSubnet(Strict):
+    """A subnet not served yet, for `torchrank-miner economics --pick`."""
+
+    netuid: int = Field(ge=0, le=65535)
+    name: str = ""
+    workload: Literal["embeddings", "diffusion", "agents"]
+    reward: RewardConfig = RewardConfig()
+    tao_per_day: Optional[float] = Field(default=None, ge=0, description="With reward.source chain: the emission a "
+                                                                          "miner there earns a day (a published figure).")
+    tasks_per_hour: Optional[float] = Field(default=None, gt=0, description="Tasks its validators send a miner an "
+                                                                            "hour; default: as many as it can answer.")
+    acceptance: float = Field(default=0.95, gt=0, le=1, description="Share of tasks expected to be accepted.")
+
+
+class EconomicsConfig(Strict):
+    """Prices and rewards: what `torchrank-miner economics` and the ledger turn the miner's own
+    figures into money with (serve_app/economics/money.py)."""
+
+    currency: str = Field(default="USD", min_length=1, max_length=8)
+    tao_price: float = Field(gt=0, description="Currency per TAO: a fixed figure (update it as the market moves).")
+    prices: ResourcePrices = Field(default=ResourcePrices(), description="For every workload and the router.")
+    workloads: dict[Literal["router", "embeddings", "diffusion", "agents"], ResourcePrices] = Field(
+        default_factory=dict, description="Per workload, in place of prices: one placed on another node type.")
+    power_per_kwh: float = Field(default=0.0, ge=0)
+    ops_per_month: float = Field(default=0.0, ge=0, description="Monitoring, storage, your time: shared equally "
+                                                                "by the subnets.")
+    egress_per_gb: float = Field(default=0.0, ge=0, description="Currency per GB of response bytes.")
+    candidates: tuple[CandidateSubnet, ...] = Field(default=(), description="Subnets not served yet, ranked by "
+                                                                            "`economics --pick` beside the served.")
+
+    def prices_of(self, workload: str) -> ResourcePrices:
+        return self.workloads.get(workload, self.prices)
+
+
+class VerdictRules(Strict):
+    """The miner guide's timing: "gather 7-14 day consistency data"; "scale after 2-4 weeks of
+    stable score + positive unit economics"."""
+
+    stable_days: int = Field(default=14, ge=1, description="Days in a row of SLOs met for `stable`.")
+    recent_days: int = Field(default=7, ge=1, description="A miss in this many last days means `hold`.")
+    expand_days: int = Field(default=21, ge=1, description="Days in a row of SLOs met, with a profit over them, "
+                                                           "for `expand`.")
+
+    @model_validator(mode="after")
+    def _ordered(self) -> "VerdictRules":
+        not_above(self, "recent_days", "stable_days")
+        return not_above(self, "stable_days", "expand_days")
+
+
+class LedgerConfig(Strict):
+    """The consistency ledger: a SQLite file of each subnet's days (serve_app/economics/ledger.py)."""
+
+    path: str = Field(default="~/.local/state/torchrank-miner/ledger.sqlite",
+                      description="On the head node; a relative path is relative to where the miner starts.")
+    day_s: float = Field(default=86400.0, gt=0, description="The length of a ledger day: shorter only to test "
+                                                            "weeks in seconds.")
+    origin_s: float = Field(default=0.0, description="Unix time a day starts at (0: UTC midnight).")
+    keep_days: int = Field(default=400, ge=35, description="Days kept; older ones are deleted.")
+    flush_s: float = Field(default=5.0, gt=0, description="How often each router replica hands its counts on.")
+    verdict: VerdictRules = VerdictRules()
+
+
 class MinerConfig(Strict):
     name: str = Field(default="torchrank-miner", description="Used for the shared replay store's actor name.")
     wallet: WalletConfig
@@ -923,6 +1007,9 @@ class MinerConfig(Strict):
     workloads: WorkloadsConfig = WorkloadsConfig()
     router: RouterConfig = RouterConfig()
     cluster: ClusterConfig = ClusterConfig()
+    economics: Optional[EconomicsConfig] = Field(default=None, description="Prices and rewards; without them the "
+                                                                           "ledger counts tasks but no money.")
+    ledger: LedgerConfig = LedgerConfig()
 
     def latency_slo_s(self, workload: str) -> float:
         """The strictest latency SLO among the subnets with a route to `workload`."""

@@ -98,6 +98,9 @@ def miner(tmp_path_factory):
             "subnets": (subnet, epistula),
             "router": base.router.model_copy(update={"num_replicas": 2, "num_cpus": 0.25, "max_body_bytes": 65536,
                                                     "body_timeout_s": 2.0}),
+            # The session's own ledger; the routers hand their counts on every second.
+            "ledger": base.ledger.model_copy(update={"path": str(tmp_path_factory.mktemp("ledger") / "ledger.sqlite"),
+                                                     "flush_s": 1.0}),
         }
     )
     # The shipped runtime choice (auto: openvino bf16 on a bf16 CPU), converted into the session's cache.
@@ -133,6 +136,7 @@ def app_config(miner, tmp_path_factory, app: str, netuid: int, prefix: str, prot
     snapshot.write_text(json.dumps({"netuid": netuid, "block": 1, "neurons": neurons}))
     args = miner.cfg.model_dump()
     args["name"] = f"torchrank-{app}"
+    args["ledger"]["path"] = str(snapshot.parent / "ledger.sqlite")
     for name, update in workloads.items():
         args["workloads"][name] = None if update is None else deep_update(args["workloads"][name], update)
     args["router"].update(router or {})

@@ -58,6 +58,10 @@ class RouterMetrics:
                                        tag_keys=("netuid",))
         self.egress = metrics.Counter("torchrank_response_bytes", "Response body bytes sent.",
                                       tag_keys=("netuid", "route"))
+        self.tasks = metrics.Counter(
+            "torchrank_tasks", "Admitted requests by result: accepted (answered inside the latency SLO), late "
+                               "(answered slower), failed (not answered); the economics' acceptance proxy.",
+            tag_keys=("netuid", "workload", "result"))
         self.slo_requests = metrics.Counter("torchrank_slo_requests", "Admitted requests, per SLO.",
                                             tag_keys=("netuid", "slo"))
         self.slo_errors = metrics.Counter("torchrank_slo_errors", "Admitted requests that missed the SLO.",
@@ -120,6 +124,9 @@ class RouterMetrics:
             self.egress.inc(response_bytes, tags)
         if not admitted:
             return
+        on_time = slo_latency_s is None or seconds <= slo_latency_s
+        self.tasks.inc(1, {"netuid": netuid, "workload": workload,
+                           "result": "failed" if outcome != "ok" else "accepted" if on_time else "late"})
         self.slo_requests.inc(1, {"netuid": netuid, "slo": "availability"})
         if outcome in MINER_FAILURES:
             self.slo_errors.inc(1, {"netuid": netuid, "slo": "availability"})

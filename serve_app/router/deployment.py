@@ -10,11 +10,13 @@ endpoints.py.
 import asyncio
 
 from fastapi import FastAPI, Request
+from fastapi.responses import HTMLResponse
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
 from serve_app import __version__
 from serve_app.config import DEFAULT_HTTP_PORT, MinerConfig
+from serve_app.economics.keeper import ledger_keeper
 from serve_app.errors import json_response, retry_after
 from serve_app.observability.info import BuildInfo
 from serve_app.observability.metrics import RouterMetrics
@@ -90,12 +92,17 @@ class Router:
         metrics = RouterMetrics()
         rollouts = await start_rollouts(cfg, workloads, candidates or {}, metrics)
         table = await build_routes(cfg, workloads, rollouts)
+        app_name = serve.get_replica_context().app_name
+        keeper = await asyncio.to_thread(ledger_keeper, cfg, app_name)
+        await keeper.configure.remote(cfg, app_name)  # an existing one may hold an older config
         self.monitor = RouterMonitor(cfg, table, workloads, build, hotkey=self.auth.self_hotkey_ss58,
-                                     http_port=await asyncio.to_thread(http_port), metrics=metrics, rollouts=rollouts)
+                                     http_port=await asyncio.to_thread(http_port), metrics=metrics, rollouts=rollouts,
+                                     keeper=keeper)
         self.pipeline = RequestPipeline(table.routes, self.auth, body_reads, max_in_progress=r.max_in_progress,
                                         workload_ready=self.monitor.workload_ready, record=self.monitor.record,
                                         replica=replica)
         self.monitor.start(self.pipeline.in_flight)
+        self.page_cache = endpoints.PublicPage(self.monitor, self.auth.self_hotkey_ss58, keeper)
 
     async def check_health(self) -> None:
         """Serve's health check: the shared replay store (see Authenticator.check_store)."""
@@ -113,6 +120,10 @@ class Router:
     @app.get("/info")
     async def info(self):
         return json_response(await endpoints.info(self.monitor, self.auth.self_hotkey_ss58))
+
+    @app.get("/")
+    async def page(self):
+        return HTMLResponse(await self.page_cache.get())
 
     @app.get("/openapi.json")
     def openapi(self):

@@ -1,8 +1,12 @@
 """The router's own documents: `/ready` (may this miner serve now?), `/info` (transparency
-for validators: version, uptime, subnets, models, recent changes; no secrets) and the
-OpenAPI description of the routes, with every refusal from the error catalogue."""
+for validators: version, uptime, subnets, models, recent changes; no secrets), `/` (the same
+as a small HTML page, with the last 14 days' availability from the ledger) and the OpenAPI
+description of the routes, with every refusal from the error catalogue."""
 
 from __future__ import annotations
+
+import asyncio
+import time
 
 from serve_app import __version__
 from serve_app.errors import ErrorCode
@@ -73,6 +77,47 @@ async def info(monitor: RouterMonitor, hotkey: str) -> dict:
     }
 
 
+PAGE_TTL_S = 30.0  # the public page is rendered at most this often, whoever asks
+PAGE_DAYS = 14
+
+
+class PublicPage:
+    """`GET /`: rendered from /info's public facts and the keeper's last days, then kept for
+    PAGE_TTL_S, so a stranger reloading it costs the miner nothing. Without the keeper (restarting)
+    the page says the availability is unavailable."""
+
+    def __init__(self, monitor: RouterMonitor, hotkey: str, keeper=None):
+        self.monitor, self.hotkey, self.keeper = monitor, hotkey, keeper
+        self.html, self.at = "", -PAGE_TTL_S
+        self.lock = asyncio.Lock()
+
+    async def _availability(self):
+        if self.keeper is None:
+            return None
+        try:
+            return await asyncio.wait_for(self.keeper.public_days.remote(PAGE_DAYS), 2.0)
+        except Exception:
+            return None
+
+    async def get(self) -> str:
+        async with self.lock:
+            if time.monotonic() - self.at >= PAGE_TTL_S:
+                from serve_app.economics.page import render_page
+
+                build, m = self.monitor.build.as_dict(), self.monitor
+                models = {name: {"model": info.get("model"), "weights_sha256": info.get("weights_sha256")}
+                          for name in m.workloads if (info := m.workload_info.get(name))}
+                self.html = render_page({
+                    "name": m.cfg.name, "version": build["version"], "git_sha": build["git_sha"],
+                    "started_at": build["started_at"], "uptime_s": build["uptime_s"], "hotkey": self.hotkey,
+                    "changes": build["changes"], "models": models,
+                    "subnets": [{"netuid": s.netuid, "routes": [s.prefix + r.path for r in s.routes]}
+                                for s in m.cfg.subnets],
+                    "availability": await self._availability()})
+                self.at = time.monotonic()
+            return self.html
+
+
 # Refusals a route can answer (the router's own endpoints answer neither these nor 499).
 ROUTE_REFUSALS = [code for code in ErrorCode if code is not ErrorCode.client_closed]
 
@@ -87,7 +132,9 @@ def openapi(routes) -> dict:
                                    "detail": {"type": "string"}},
                     "required": ["error", "detail"]}}}}
 
-    paths = {"/health": {"get": {"summary": "Liveness", "responses": {"200": {"description": "alive"}}}},
+    paths = {"/": {"get": {"summary": "The public page: uptime, version, changes, models, subnets, 14 days' "
+                                      "availability", "responses": {"200": {"description": "an HTML page"}}}},
+             "/health": {"get": {"summary": "Liveness", "responses": {"200": {"description": "alive"}}}},
              "/info": {"get": {"summary": "Version, uptime, subnets, models and recent changes",
                                "responses": {"200": {"description": "the miner's public facts"}}}},
              "/ready": {"get": {"summary": "Readiness: models answering, metagraph fresh, breakers not open",

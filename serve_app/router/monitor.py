@@ -13,6 +13,7 @@ from ray import serve
 
 from serve_app.chain.standing import Standing, axon_matches, endpoint_text, standing
 from serve_app.config import MinerConfig, SubnetConfig
+from serve_app.economics.ledger import Tally
 from serve_app.errors import MINER_FAILURES
 from serve_app.observability import logs
 from serve_app.observability.info import BuildInfo
@@ -27,11 +28,13 @@ log = logging.getLogger("ray.serve.torchrank.router")
 WATCH_PERIOD_S = 2.0
 WATCH_PERIOD_UNTIL_READY_S = 0.2
 INFO_TIMEOUT_S = 2.0  # a workload's info(): the readiness probe, and the /info cache
+LEDGER_TIMEOUT_S = 10.0  # handing the counts to the ledger keeper
 
 
 class RouterMonitor:
     def __init__(self, cfg: MinerConfig, table: RouteTable, workloads: dict, build: BuildInfo, *, hotkey: str,
-                 http_port: int, metrics: Optional[RouterMetrics] = None, rollouts: Optional[dict] = None):
+                 http_port: int, metrics: Optional[RouterMetrics] = None, rollouts: Optional[dict] = None,
+                 keeper=None):
         self.cfg = cfg
         self.hotkey = hotkey  # the miner's: whose standing the gauges and /info show
         self.http_port = http_port  # an endpoint's port when the config gives none
@@ -46,6 +49,8 @@ class RouterMonitor:
         # Autoscaled workloads -> their min_replicas: the size their admission bounds are set for.
         self.autoscaled = {name: scaling.min_replicas for name in workloads
                            if (scaling := getattr(cfg.workloads, name).placement.autoscaling) is not None}
+        self.keeper = keeper  # the ledger's LedgerKeeper actor (serve_app/economics/keeper.py); None: no ledger
+        self.tally = Tally()  # counts since the last hand-over to the keeper
         self.model_ids = ",".join(f"{name}={getattr(cfg.workloads, name).model.id}" for name in workloads)
         self._tasks: list[asyncio.Task] = []
 
@@ -57,6 +62,9 @@ class RouterMonitor:
                                                  "reading the workloads' replica counts")),
                        asyncio.create_task(every(self._watch_period, self.watch, "the watchdog pass")),
                        asyncio.create_task(logs.flush_every())]
+        if self.keeper is not None:
+            self._tasks.append(asyncio.create_task(every(self.cfg.ledger.flush_s, self.flush_ledger,
+                                                         "handing the counts to the ledger", wait_first=True)))
 
     def _watch_period(self) -> float:
         # Until every workload has answered once, probe again soon: its info carries the speed
@@ -72,11 +80,29 @@ class RouterMonitor:
             netuid, path, workload, slo_s = "-", "unmatched", "-", None
         self.metrics.record(netuid, path, workload, ended.outcome, ended.who, ended.seconds, ended.response_bytes,
                             ended.admitted, slo_s)
+        if route is not None:
+            self.tally.record(route.subnet.netuid, workload, ended.outcome, ended.admitted, ended.seconds,
+                              ended.response_bytes, slo_s)
         if ended.admitted:
             self.watchdogs[route.subnet.netuid].observe(ended.seconds, ended.outcome in MINER_FAILURES)
         logs.request_line(netuid=netuid, caller=ended.caller, caller_class=ended.who, path=ended.path,
                           status=ended.status, outcome=ended.outcome, admitted=ended.admitted,
                           ms=round(ended.seconds * 1000, 2))
+
+    async def flush_ledger(self) -> None:
+        """The counts since the last time, the miner's standing and what serves, to the keeper; kept
+        for the next time when it does not take them (restarting)."""
+        rows = self.tally.take()
+        standing = {s.netuid: {"incentive": own.incentive, "tao_per_day": own.tao_per_day}
+                    for s in self.cfg.subnets if (own := self.standing(s)) is not None}
+        digests = {name: (info.get("weights_sha256") or "")[:12] for name, info in self.workload_info.items()}
+        sha = self.build.git_sha
+        version = f"{self.build.version} {sha[:12]}{'-dirty' if sha.endswith('-dirty') else ''}"
+        try:
+            await asyncio.wait_for(self.keeper.add.remote(rows, standing, [version], digests), LEDGER_TIMEOUT_S)
+        except Exception:
+            self.tally.give_back(rows)
+            raise
 
     def publish_gauges(self, in_flight: dict[int, int]) -> None:
         # Ray exports a gauge value only for a while after it is set: publish them all again each period.

@@ -21,7 +21,10 @@ MUST_HAVE_DATA = {"Traffic by outcome (req/s)", "Latency of answered requests", 
                   "Batch size (items per forward pass)", "Model time per pass", "Items processed and egress",
                   "Metagraph age", "Build", "Incentive, trust, consensus, rank",
                   "Emission: alpha at the last epoch, TAO a day", "Pruning position, immunity left, free uids",
-                  "Registered, uid and axon matches"}
+                  "Registered, uid and axon matches",
+                  "Revenue, cost and profit over the last hour, per subnet", "Cost per 1,000 tasks (last hour, last day)",
+                  "Acceptance proxy: accepted / admitted tasks (last hour, last day)",
+                  "Resources held per workload (CPU and GPU units of RUNNING replicas)"}
 ABSENT_ON_CPU = {"GPU utilisation (absent on CPU)"}
 
 
@@ -33,7 +36,7 @@ def prometheus(miner, tmp_path_factory):
     target = miner.metrics_url.split("//")[1].split("/")[0]
     config = {
         "global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
-        "rule_files": [str(MONITORING / "rules" / "torchrank.yml")],
+        "rule_files": [str(path) for path in sorted((MONITORING / "rules").glob("*.yml"))],
         "scrape_configs": [{"job_name": "ray", "static_configs": [{"targets": [target]}]}],
     }
     (work / "prometheus.yml").write_text(yaml.safe_dump(config))

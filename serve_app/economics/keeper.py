@@ -1,0 +1,199 @@
+"""The ledger's one writer: a Ray actor per miner, on the head node.
+
+Router replicas hand it their counts every `ledger.flush_s` (Tally rows), the miner's own
+standing and what serves (versions, weights digests). By itself it reads, every few seconds,
+what each deployment holds from the Serve controller (RUNNING replicas x their CPU/GPU
+shares: what the autoscaler decided), which is the cost side and the uptime, and exports
+the economics gauges the Prometheus rules price (monitoring/rules/economics.yml).
+
+Detached, like the rollout coordinator: it outlives router replicas; Ray restarts it if it
+dies (its state is the SQLite file).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from typing import Optional
+
+import ray
+
+from serve_app.config import CANDIDATE_SUFFIX, MinerConfig
+from serve_app.economics.ledger import Clock, Ledger, verdict
+from serve_app.economics.money import ROUTER, cost_per_hour, subnet_workloads
+
+log = logging.getLogger("ray.serve.torchrank.ledger")
+SAMPLE_S = 5.0
+DEPLOYMENTS = {"Router": ROUTER, "Embeddings": "embeddings", "Diffusion": "diffusion", "Agents": "agents"}
+
+
+def shares(cfg: MinerConfig) -> dict[str, tuple[str, float, float]]:
+    """Deployment name -> (workload, CPUs, GPUs) one replica holds."""
+    out = {"Router": (ROUTER, cfg.router.num_cpus, 0.0)}
+    for deployment, name in DEPLOYMENTS.items():
+        wl = getattr(cfg.workloads, name, None) if name != ROUTER else None
+        if wl is None:
+            continue
+        out[deployment] = (name, wl.placement.num_cpus, wl.placement.num_gpus)
+        if wl.canary is not None:
+            placement = wl.canary.placement or wl.placement
+            out[deployment + CANDIDATE_SUFFIX] = (name, placement.num_cpus, placement.num_gpus)
+    return out
+
+
+def held_now(app: Optional[dict], cfg: MinerConfig) -> tuple[dict[str, tuple[float, float, float]], bool]:
+    """(workload -> (CPUs, GPUs, replicas) held by RUNNING replicas, up: the router and every
+    stable workload have one) from `app`: deployment name -> RUNNING replicas (None: no app)."""
+    held: dict[str, list[float]] = {}
+    if app is None:
+        return {}, False
+    for deployment, (workload, cpus, gpus) in shares(cfg).items():
+        running = app.get(deployment, 0)
+        h = held.setdefault(workload, [0.0, 0.0, 0.0])
+        h[0] += running * cpus
+        h[1] += running * gpus
+        h[2] += running
+    stable = [d for d in shares(cfg) if not d.endswith(CANDIDATE_SUFFIX)]
+    return {w: tuple(h) for w, h in held.items()}, all(app.get(d, 0) for d in stable)
+
+
+def running_replicas(app_name: str) -> Optional[dict[str, int]]:
+    """deployment -> RUNNING replicas of the application, from the Serve controller; None when it is not deployed."""
+    from ray import serve
+
+    app = serve.status().applications.get(app_name)
+    if app is None:
+        return None
+    return {name: d.replica_states.get("RUNNING", 0) for name, d in app.deployments.items()}
+
+
+class Gauges:
+    def __init__(self) -> None:
+        from ray.util.metrics import Gauge
+
+        self.held = Gauge("torchrank_resources_held", "CPU or GPU units held by RUNNING replicas.",
+                          tag_keys=("workload", "resource"))
+        self.cost = Gauge("torchrank_cost_per_hour", "Currency an hour of what the workload holds now (power "
+                                                     "included, ops not).", tag_keys=("workload",))
+        self.ops = Gauge("torchrank_ops_cost_per_hour", "economics.ops_per_month / 730.")
+        self.egress = Gauge("torchrank_egress_price_per_gb", "Currency per GB of response bytes.")
+        self.tao = Gauge("torchrank_tao_price", "Currency per TAO (economics.tao_price).")
+        self.reward = Gauge("torchrank_reward_per_task", "Currency per accepted task (a fixed reward).",
+                            tag_keys=("netuid",))
+        self.from_chain = Gauge("torchrank_reward_from_chain", "1 for a subnet whose revenue is its chain emission.",
+                                tag_keys=("netuid",))
+        self.routes = Gauge("torchrank_subnet_routes", "1 for each workload a subnet routes to.",
+                            tag_keys=("netuid", "workload"))
+
+    def publish(self, cfg: MinerConfig, held: dict) -> None:
+        for netuid, workloads in subnet_workloads(cfg).items():
+            for workload in workloads | {ROUTER}:
+                self.routes.set(1, {"netuid": str(netuid), "workload": workload})
+        for workload, (cpu, gpu, _) in held.items():
+            self.held.set(cpu, {"workload": workload, "resource": "cpu"})
+            self.held.set(gpu, {"workload": workload, "resource": "gpu"})
+        econ = cfg.economics
+        if econ is None:
+            return
+        for workload, (cpu, gpu, _) in held.items():
+            self.cost.set(cost_per_hour(econ, workload, cpu, gpu), {"workload": workload})
+        self.ops.set(econ.ops_per_month / 730.0)
+        self.egress.set(econ.egress_per_gb)
+        self.tao.set(econ.tao_price)
+        for subnet in cfg.subnets:
+            tags = {"netuid": str(subnet.netuid)}
+            self.from_chain.set(int(subnet.reward.source == "chain"), tags)
+            if subnet.reward.source == "fixed":
+                self.reward.set(subnet.reward.per_task_tao * econ.tao_price, tags)
+
+
+@ray.remote(num_cpus=0, max_restarts=-1, max_task_retries=0)
+class LedgerKeeper:
+    def __init__(self, cfg: MinerConfig, app_name: str):
+        self.lock = threading.RLock()  # the sampler thread and the routers' calls share the file
+        self.cfg: Optional[MinerConfig] = None
+        self.app_name = app_name  # the Serve application: whose replicas it counts
+        self.ledger: Optional[Ledger] = None
+        self.standing: dict[int, dict] = {}  # the latest a router reported, per subnet
+        self.gauges = Gauges()
+        self._last: Optional[float] = None  # when the sampler last counted
+        self.configure(cfg, app_name)
+        threading.Thread(target=self._sample_forever, name="ledger-sampler", daemon=True).start()
+
+    def configure(self, cfg: MinerConfig, app_name: str) -> None:
+        """The routers' config (a redeploy may change prices or the ledger's file)."""
+        with self.lock:
+            self.app_name = app_name
+            if cfg == self.cfg:
+                return
+            if self.ledger is not None:
+                self.ledger.close()
+            self.cfg = cfg
+            self.ledger = Ledger(cfg.ledger.path, Clock.of(cfg.ledger), cfg.ledger.keep_days)
+
+    def add(self, rows: list[dict], standing: dict[int, dict], versions: list[str], digests: dict[str, str]) -> None:
+        with self.lock:
+            self.standing.update(standing)
+            self.ledger.add_usage(rows)
+            self.ledger.add_build(versions, digests)
+
+    def public_days(self, last: int) -> dict[str, list[dict]]:
+        """netuid -> the last days' availability and uptime: what the public page shows."""
+        with self.lock:
+            days = self.ledger.days(self.cfg, last=last)
+        return {str(netuid): [{"label": d["label"], "availability": d["availability"], "uptime": d["uptime"],
+                               "partial": d["partial"]} for d in rows] for netuid, rows in days.items()}
+
+    def verdicts(self) -> dict[str, dict]:
+        with self.lock:
+            days = self.ledger.days(self.cfg)
+        return {str(netuid): verdict(rows, self.cfg.ledger.verdict) for netuid, rows in days.items()}
+
+    def flush(self) -> None:
+        """Sample now (tests, and the CLI's fresh figures)."""
+        self._sample()
+
+    def _sample_forever(self) -> None:
+        last_prune = 0.0
+        while True:
+            time.sleep(SAMPLE_S)
+            try:
+                self._sample()
+                if time.monotonic() - last_prune > 600:
+                    with self.lock:
+                        self.ledger.prune()
+                    last_prune = time.monotonic()
+            except Exception as exc:  # the controller restarting, a full disk: try again next time
+                log.warning("ledger sample failed: %s: %s", type(exc).__name__, exc)
+
+    def _sample(self) -> None:
+        with self.lock:
+            cfg, app_name = self.cfg, self.app_name
+        app = running_replicas(app_name)
+        held, up = held_now(app, cfg)
+        self.gauges.publish(cfg, held)
+        now = time.monotonic()
+        with self.lock:
+            # A gap (the keeper restarting, a stall) is not counted: at most 3 periods per sample.
+            elapsed = 0.0 if self._last is None else min(now - self._last, 3 * SAMPLE_S)
+            self._last = now
+            if not elapsed or cfg is not self.cfg:
+                return
+            self.ledger.add_held(held, elapsed, up=up)
+            if up:
+                self.ledger.add_standing({n: s for n, s in self.standing.items()
+                                          if n in {sub.netuid for sub in cfg.subnets}}, elapsed)
+
+
+def ledger_keeper(cfg: MinerConfig, app_name: str = "", create: bool = True):
+    """The miner's keeper (blocking), counting the replicas of Serve application `app_name`;
+    None when `create` is False and none runs."""
+    name = f"{cfg.name}-ledger"
+    if not create:
+        try:
+            return ray.get_actor(name, namespace="torchrank")
+        except ValueError:
+            return None
+    return LedgerKeeper.options(name=name, namespace="torchrank", get_if_exists=True, lifetime="detached",
+                                resources={"node:__internal_head__": 0.001}).remote(cfg, app_name)
