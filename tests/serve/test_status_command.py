@@ -25,7 +25,7 @@ def test_status_reports_traffic_latency_budget_and_queues(miner, capsys):
         sender.join()
     report = json.loads(capsys.readouterr().out)
     [row] = [r for r in report["subnets"] if r["netuid"] == "1"]
-    assert row["req_per_s"] > 0 and row["ok_share"] > 0.9
+    assert row["req_per_s"] > 0 and row["ok_share"] > 0.9, row
     assert 0 < row["p50_ms"] <= row["p95_ms"] <= row["p99_ms"]
     assert row["availability_budget_left"] == 1.0
     assert "embeddings" in report["queue_depth"]

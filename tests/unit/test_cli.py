@@ -6,6 +6,7 @@ from __future__ import annotations
 import http.server
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -224,7 +225,7 @@ def test_a_consistency_error_has_no_path_prefix_but_its_message(tmp_path, capsys
     bad = misspelt(tmp_path, "netuid: 1", "netuid: 1")
     text = bad.read_text()
     start = text.index("        - netuid: 1")
-    end = text.index("      workloads:")
+    end = re.compile(r"^      \w", re.M).search(text, start).start()  # the next section after subnets:
     bad.write_text(text[:end] + text[start:end] + text[end:])  # the same subnet twice
     assert cli.main(["config", "check", str(bad)]) == 1
     assert one_line(capsys.readouterr().err) == f"torchrank-miner: {bad}: subnets: duplicate netuid in [1, 1]"

@@ -1,6 +1,8 @@
 """The miner guide's arithmetic (serve_app/economics/money.py) and the subnet picker, on
 hand-made figures whose results are worked out in the comments."""
 
+from pathlib import Path
+
 import pytest
 
 from serve_app.config import MinerConfig
@@ -116,3 +118,18 @@ def test_candidates_on_a_workload_this_hardware_lacks_are_left_out():
     cfg = picker_config(candidates=[{"netuid": 9, "workload": "diffusion", "tasks_per_hour": 10}])
     cfg = cfg.model_copy(update={"workloads": cfg.workloads.model_copy(update={"diffusion": None})})
     assert [r["netuid"] for r in commands.pick(cfg, None, {}, 3600)["ranking"]] == [1]
+
+
+def test_the_commands_say_what_is_wrong_in_one_line(tmp_path, capsys):
+    from serve_app import cli
+
+    config = tmp_path / "serve.yaml"
+    config.write_text(Path("deployments/local.yaml").read_text().replace(
+        "~/.local/state/torchrank-miner/ledger.sqlite", str(tmp_path / "none.sqlite")))
+    assert cli.main(["economics", "--config", str(config)]) == 1
+    assert "no ledger at" in capsys.readouterr().err
+    assert cli.main(["economics", "--config", str(config), "--window", "3w"]) == 2
+    assert "--window '3w': give a number and a unit" in capsys.readouterr().err
+    assert cli.main(["economics", "--config", str(config), "--pick", "--throughput", "embeddings"]) == 2
+    assert "WORKLOAD=TASKS_PER_S" in capsys.readouterr().err
+    assert cli.main(["ledger", "--config", str(config)]) == 1 and "no ledger at" in capsys.readouterr().err
