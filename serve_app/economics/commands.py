@@ -7,7 +7,7 @@ import re
 from typing import Optional
 
 from serve_app.config import MinerConfig
-from serve_app.economics.ledger import Ledger, verdict
+from serve_app.economics.ledger import MINUTES_KEPT_DAYS, Ledger, verdict
 from serve_app.economics.money import HOURS_PER_MONTH, ROUTER, cost_per_hour, subnet_workloads
 
 WINDOW = re.compile(r"^(\d+(?:\.\d+)?)([smhd])$")
@@ -16,11 +16,15 @@ PICK_WINDOW_S = 7 * 86400  # live throughput: the busiest minute of the last wee
 
 
 def window_seconds(text: str) -> float:
-    """'24h' -> 86400.0; ValueError naming the forms it takes."""
+    """'24h' -> 86400.0; ValueError naming the forms it takes (up to the 35 days of minutes kept)."""
     match = WINDOW.match(text.strip())
     if not match or float(match.group(1)) <= 0:
         raise ValueError(f"window {text!r}: give a number and a unit, e.g. 1h, 24h, 7d, 30d")
-    return float(match.group(1)) * UNIT_S[match.group(2)]
+    seconds = float(match.group(1)) * UNIT_S[match.group(2)]
+    if seconds > MINUTES_KEPT_DAYS * 86400:
+        raise ValueError(f"window {text!r}: at most {MINUTES_KEPT_DAYS}d (the ledger keeps its minutes that long; "
+                         f"`ledger` shows every day kept)")
+    return seconds
 
 
 def money(value: Optional[float], currency: Optional[str], digits: int = 2) -> str:
@@ -111,29 +115,37 @@ def pick(cfg: MinerConfig, ledger: Optional[Ledger], throughput: dict[str, float
     """Served and candidate subnets ranked by expected profit an hour on this hardware, and what
     would change the ranking. Tasks an hour: a served subnet's own demand over the window, a
     candidate's declared one, never more than the workload answers (`throughput`, tasks/s, else the
-    live busiest minute). Cost an hour: the workload's configured replicas, the router's, and an
-    equal share of ops."""
+    live busiest minute). Cost an hour: the workload's configured replicas, the router's, and a
+    subnet's share of ops."""
     econ = cfg.economics
     live = busiest_per_hour(ledger, cfg) if ledger is not None else {}
     capacity = {w: (throughput[w] * 3600, "--throughput") if w in throughput else (live[w], "busiest minute")
                 for w in set(throughput) | set(live)}
     figs = ledger.window(cfg, window_s) if ledger is not None else {}
-    hours = window_s / 3600
-    fixed = (econ.ops_per_month / HOURS_PER_MONTH
+    # Each row as if it ran alone on this hardware: the router's cost, and a subnet's share of ops.
+    fixed = (econ.ops_per_month / HOURS_PER_MONTH / len(cfg.subnets)
              + cost_per_hour(econ, ROUTER, cfg.router.num_replicas * cfg.router.num_cpus, 0.0))
     rows = []
 
-    def row(netuid, name, workload, reward_source, per_task, tao_per_day, demand, acceptance, served):
-        cap, cap_from = capacity.get(workload, (None, None))
-        tasks = demand if cap is None else cap if demand is None else min(demand, cap)
-        cost = placement_cost_per_hour(cfg, workload) + fixed
+    def row(netuid, name, demands: dict, reward_source, per_task, tao_per_day, acceptance, served):
+        """`demands`: workload -> tasks an hour its validators send it (None: unknown)."""
+        tasks, capacities, sources = 0.0, 0.0, set()
+        for workload, demand in demands.items():
+            cap, cap_from = capacity.get(workload, (None, None))
+            sources.add(cap_from or "unknown")
+            capacities = None if cap is None or capacities is None else capacities + cap
+            answered = demand if cap is None else cap if demand is None else min(demand, cap)
+            tasks = None if answered is None or tasks is None else tasks + answered
+        cost = sum(placement_cost_per_hour(cfg, w) for w in demands) + fixed
         if reward_source == "chain":
             revenue = None if tao_per_day is None else tao_per_day / 24 * econ.tao_price
         else:
             revenue = None if tasks is None else tasks * acceptance * per_task * econ.tao_price
-        rows.append({"netuid": netuid, "name": name, "workload": workload, "served": served,
-                     "tasks_per_hour": tasks, "capacity_per_hour": cap, "capacity_from": cap_from,
-                     "demand_per_hour": demand, "acceptance": acceptance, "reward_source": reward_source,
+        rows.append({"netuid": netuid, "name": name, "workload": ", ".join(sorted(demands)), "served": served,
+                     "tasks_per_hour": tasks, "capacity_per_hour": capacities,
+                     "capacity_from": ", ".join(sorted(sources)),
+                     "demand_per_hour": None if any(d is None for d in demands.values()) else sum(demands.values()),
+                     "acceptance": acceptance, "reward_source": reward_source,
                      "reward_per_task_tao": per_task if reward_source == "fixed" else None,
                      "tao_per_day": tao_per_day, "revenue_per_hour": revenue, "cost_per_hour": cost,
                      "profit_per_hour": None if revenue is None else revenue - cost})
@@ -141,18 +153,18 @@ def pick(cfg: MinerConfig, ledger: Optional[Ledger], throughput: dict[str, float
     routes = subnet_workloads(cfg)
     for subnet in cfg.subnets:
         f = figs.get(subnet.netuid)
-        for workload in sorted(routes[subnet.netuid]):
-            demand = f["tasks"] / hours if f and f["tasks"] else None
-            tao = None
-            if subnet.reward.source == "chain" and f:
-                tao = (f["inputs"]["chain_tao"] or 0) / hours * 24 if f.get("inputs") else None
-            row(subnet.netuid, f"subnet {subnet.netuid}", workload, subnet.reward.source, subnet.reward.per_task_tao,
-                tao, demand, f["acceptance_rate"] if f and f["acceptance_rate"] is not None else 0.95, True)
+        hours = f["hours"] if f else 0.0  # the window's part since the ledger started
+        # Its own demand: the tasks it sent each workload over the window (none known: no ledger yet).
+        demands = {w: f["workloads"][w]["tasks"] / hours if f and hours else None
+                   for w in sorted(routes[subnet.netuid])}
+        tao = (f["inputs"]["chain_tao"] or 0) / hours * 24 if subnet.reward.source == "chain" and f and hours else None
+        row(subnet.netuid, f"subnet {subnet.netuid}", demands, subnet.reward.source, subnet.reward.per_task_tao, tao,
+            f["acceptance_rate"] if f and f["acceptance_rate"] is not None else 0.95, True)
     for c in econ.candidates:
         if getattr(cfg.workloads, c.workload) is None:
             continue  # not on this hardware
-        row(c.netuid, c.name or f"subnet {c.netuid}", c.workload, c.reward.source, c.reward.per_task_tao,
-            c.tao_per_day, c.tasks_per_hour, c.acceptance, False)
+        row(c.netuid, c.name or f"subnet {c.netuid}", {c.workload: c.tasks_per_hour}, c.reward.source,
+            c.reward.per_task_tao, c.tao_per_day, c.acceptance, False)
     rows.sort(key=lambda r: (r["profit_per_hour"] is None, -(r["profit_per_hour"] or 0)))
     for above, below in zip(rows, rows[1:]):
         below["to_overtake"] = overtake(above, below, econ.tao_price)
@@ -169,6 +181,7 @@ def overtake(above: dict, below: dict, tao_price: float) -> list[str]:
         per_task = below["reward_per_task_tao"] + gap / (below["tasks_per_hour"] * below["acceptance"] * tao_price)
         out.append(f"a reward above {per_task:.8f} TAO per task (now {below['reward_per_task_tao']:.8f})")
         if below["capacity_per_hour"] is None or below["tasks_per_hour"] < below["capacity_per_hour"]:
+            # Not at capacity: more demand would pay.
             per_hour = below["tasks_per_hour"] + gap / (below["acceptance"] * below["reward_per_task_tao"] * tao_price) \
                 if below["reward_per_task_tao"] else None
             if per_hour is not None:

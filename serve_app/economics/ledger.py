@@ -188,7 +188,13 @@ class Ledger:
                 self.db.execute("PRAGMA journal_mode=WAL")
                 self.db.executescript(SCHEMA)
                 self.db.execute("INSERT OR IGNORE INTO meta VALUES ('started_at', ?)", (repr(clock.now()),))
+                self.db.execute("INSERT OR IGNORE INTO meta VALUES ('days', ?)", (f"{clock.day_s!r} {clock.origin_s!r}",))
                 self.db.commit()
+            kept = self.db.execute("SELECT value FROM meta WHERE key='days'").fetchone()
+            if kept and kept[0] != f"{clock.day_s!r} {clock.origin_s!r}":
+                raise LedgerError(f"the ledger {self.path} counts days of {kept[0].split()[0]} s from "
+                                  f"{kept[0].split()[1]}, the config {clock.day_s!r} s from {clock.origin_s!r}: "
+                                  f"its buckets would mean other times; give ledger.path a new file")
         except (sqlite3.Error, OSError) as exc:
             raise LedgerError(f"cannot open the ledger {self.path}: {exc}") from None
 
@@ -326,6 +332,9 @@ class Ledger:
     def window(self, cfg: MinerConfig, seconds: float) -> dict:
         """The figures of the last `seconds` of ledger time, per subnet (money.figures: its `hours`
         are the window's part since the ledger started), with the window's p95 and uptime."""
+        if seconds > MINUTES_KEPT_DAYS * DAY:
+            raise LedgerError(f"a window of at most {MINUTES_KEPT_DAYS} days: the ledger keeps its minutes that "
+                              f"long (`ledger` shows every day kept)")
         now = self.clock.now()
         real = seconds / self.clock.scale
         low, high = self.clock.bucket(now - real) + 1, self.clock.bucket(now)
@@ -349,7 +358,7 @@ class Ledger:
         now = self.clock.now()
         today = self.clock.day(now)
         started = self.started_at()
-        first = self.clock.day(started) if started is not None else today
+        first = max(self.clock.day(started) if started is not None else today, today - self.keep_days + 1)
         if last is not None:
             first = max(first, today - last + 1)
         sums = self._sums("d", first, today)
@@ -370,8 +379,10 @@ class Ledger:
             span = (min(end, now) - max(start, started if started is not None else start)) * self.clock.scale
             money = figures(cfg, b["usage"], b["held"], b["chain_tao"], max(span, 0.0) / 3600)
             for subnet in cfg.subnets:
+                # Partial, not judged: today, and the day the ledger started in (it saw only part of it).
+                partial = day == today or (started is not None and started > start)
                 out[subnet.netuid].append(day_row(subnet, day, self.clock, b, money[subnet.netuid], span,
-                                                  builds.get(day, {}), partial=day == today))
+                                                  builds.get(day, {}), partial=partial))
         return out
 
 
@@ -415,7 +426,8 @@ def day_row(subnet, day: int, clock: Clock, sums: dict, money: dict, span_s: flo
 
 
 def verdict(days: list[dict], rules) -> dict:
-    """The guide's readiness rules on a subnet's days (today, partial, is not judged):
+    """The guide's readiness rules on a subnet's days (partial ones, today and the ledger's first, are
+    not judged):
     hold (fewer than `stable_days` days, or an SLO missed in the last `recent_days`), stable
     (`stable_days` days in a row of SLOs met), expand (`expand_days` in a row and a profit over them)."""
     closed = [d for d in days if not d["partial"]]
@@ -443,12 +455,13 @@ def verdict(days: list[dict], rules) -> dict:
             reasons.append(f"{rules.expand_days - streak} more days like these for expand")
         return {**out, "verdict": "stable", "rule": f"stable: {rules.stable_days} days in a row of SLOs met",
                 "reasons": reasons}
+    if len(closed) >= rules.stable_days and not recent_misses:
+        return {**out, "verdict": "hold", "rule": f"hold: not yet {rules.stable_days} days in a row of SLOs met",
+                "reasons": [f"SLOs met {streak} days in a row since the last miss: stable needs {rules.stable_days}"]}
     reasons = []
     if len(closed) < rules.stable_days:
         reasons.append(f"{len(closed)} full days recorded: stable needs {rules.stable_days}")
     for d in recent_misses:
         reasons.append(f"{d['label']}: SLO missed ({'; '.join(d['misses'])})")
-    if not reasons:
-        reasons.append(f"SLOs met {streak} days in a row: stable needs {rules.stable_days}")
     return {**out, "verdict": "hold", "rule": f"hold: fewer than {rules.stable_days} days, or an SLO missed in the "
                                               f"last {rules.recent_days}", "reasons": reasons}

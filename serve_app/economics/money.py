@@ -11,8 +11,8 @@ what a validator scores), `reward_per_task` the subnet's reward in the configure
 Costs are what the replicas held (units x hours x price, plus their power), not what they
 used: a replica holds its CPU/GPU share whether it is busy or idle. Workloads are shared by
 subnets, so each workload's cost is split by the subnets' shares of its tasks (equally among
-the subnets routing to it when it had none), the router's by the shares of all tasks, ops
-equally; egress is each subnet's own.
+the subnets routing to it when it had none), the router's (and a workload's that no route
+uses) by the shares of all tasks, ops equally; egress is each subnet's own.
 
 Nothing here reads a clock or a file: the ledger hands in the sums of a window.
 """
@@ -99,10 +99,12 @@ def figures(cfg: MinerConfig, usage: dict[tuple[int, str], Usage], held: dict[st
     window; `hours`: the window's length. Money is None without an `economics:` block."""
     econ = cfg.economics
     routes = subnet_workloads(cfg)
+    usage = {key: u for key, u in usage.items() if key[0] in routes}  # a subnet no longer served pays nothing
     per_workload: dict[str, int] = {}
     for (netuid, workload), u in usage.items():
         per_workload[workload] = per_workload.get(workload, 0) + u.admitted
     all_tasks = sum(per_workload.values())
+    routed = set().union(*routes.values())
     out = {}
     for subnet in cfg.subnets:
         netuid = subnet.netuid
@@ -117,8 +119,12 @@ def figures(cfg: MinerConfig, usage: dict[tuple[int, str], Usage], held: dict[st
                "acceptance_rate": acceptance, "egress_gb": total.egress_bytes / 1e9, "hours": hours,
                "resource_hours": {}, "currency": econ.currency if econ else None}
         cost = 0.0
+        row["workloads"] = {w: {"tasks": usage.get((netuid, w), Usage()).admitted,
+                                "accepted": usage.get((netuid, w), Usage()).accepted, "cost": None}
+                            for w in sorted(routes[netuid])}
         for workload, h in sorted(held.items()):
-            if workload == ROUTER:
+            if workload == ROUTER or workload not in routed:
+                # The router, and a workload no route uses (the agents' retrieve tool's embeddings), serve all tasks.
                 part = share(tasks, all_tasks, len(cfg.subnets))
             elif workload in routes[netuid]:
                 sharing = sum(1 for s in routes.values() if workload in s)
@@ -128,7 +134,10 @@ def figures(cfg: MinerConfig, usage: dict[tuple[int, str], Usage], held: dict[st
             row["resource_hours"][workload] = {"cpu": h.cpu_hours * part, "gpu": h.gpu_hours * part,
                                                "share": part}
             if econ:
-                cost += part * held_cost(econ.prices_of(workload), econ.power_per_kwh, h.cpu_hours, h.gpu_hours)
+                held_part = part * held_cost(econ.prices_of(workload), econ.power_per_kwh, h.cpu_hours, h.gpu_hours)
+                cost += held_part
+                if workload in row["workloads"]:
+                    row["workloads"][workload]["cost"] = held_part
         if econ is None:
             row.update(revenue=None, cost=None, profit=None, unit_cost=None, cost_per_1k_tasks=None,
                        reward_per_task=None)

@@ -8,6 +8,7 @@ endpoints.py.
 
 # No `from __future__ import annotations`: FastAPI must see real types through serve.ingress.
 import asyncio
+import logging
 
 from fastapi import FastAPI, Request
 from fastapi.responses import HTMLResponse
@@ -78,6 +79,20 @@ async def start_rollouts(cfg: MinerConfig, workloads: dict, candidates: dict, me
     return rollouts
 
 
+async def start_ledger(cfg: MinerConfig, app_name: str):
+    """The ledger keeper, told this config (an existing one may hold an older); None when it does
+    not answer in time: the router serves without it and looks for it again when it hands its
+    counts on (RouterMonitor.flush_ledger)."""
+    try:
+        keeper = await asyncio.wait_for(asyncio.to_thread(ledger_keeper, cfg, app_name), 10)
+        await asyncio.wait_for(keeper.configure.remote(cfg, app_name), 10)
+        return keeper
+    except Exception as exc:
+        logging.getLogger("ray.serve.torchrank.router").warning(
+            "no ledger keeper yet (%s: %s): serving on, trying again later", type(exc).__name__, exc)
+        return None
+
+
 @serve.deployment(name="Router")
 @serve.ingress(app)
 class Router:
@@ -93,16 +108,15 @@ class Router:
         rollouts = await start_rollouts(cfg, workloads, candidates or {}, metrics)
         table = await build_routes(cfg, workloads, rollouts)
         app_name = serve.get_replica_context().app_name
-        keeper = await asyncio.to_thread(ledger_keeper, cfg, app_name)
-        await keeper.configure.remote(cfg, app_name)  # an existing one may hold an older config
+        keeper = await start_ledger(cfg, app_name)
         self.monitor = RouterMonitor(cfg, table, workloads, build, hotkey=self.auth.self_hotkey_ss58,
                                      http_port=await asyncio.to_thread(http_port), metrics=metrics, rollouts=rollouts,
-                                     keeper=keeper)
+                                     keeper=keeper, app_name=app_name)
         self.pipeline = RequestPipeline(table.routes, self.auth, body_reads, max_in_progress=r.max_in_progress,
                                         workload_ready=self.monitor.workload_ready, record=self.monitor.record,
                                         replica=replica)
         self.monitor.start(self.pipeline.in_flight)
-        self.page_cache = endpoints.PublicPage(self.monitor, self.auth.self_hotkey_ss58, keeper)
+        self.page_cache = endpoints.PublicPage(self.monitor, self.auth.self_hotkey_ss58)
 
     async def check_health(self) -> None:
         """Serve's health check: the shared replay store (see Authenticator.check_store)."""

@@ -86,16 +86,17 @@ class PublicPage:
     PAGE_TTL_S, so a stranger reloading it costs the miner nothing. Without the keeper (restarting)
     the page says the availability is unavailable."""
 
-    def __init__(self, monitor: RouterMonitor, hotkey: str, keeper=None):
-        self.monitor, self.hotkey, self.keeper = monitor, hotkey, keeper
+    def __init__(self, monitor: RouterMonitor, hotkey: str):
+        self.monitor, self.hotkey = monitor, hotkey
         self.html, self.at = "", -PAGE_TTL_S
         self.lock = asyncio.Lock()
 
     async def _availability(self):
-        if self.keeper is None:
+        keeper = self.monitor.keeper  # None until the router has found it
+        if keeper is None:
             return None
         try:
-            return await asyncio.wait_for(self.keeper.public_days.remote(PAGE_DAYS), 2.0)
+            return await asyncio.wait_for(keeper.public_days.remote(PAGE_DAYS), 2.0)
         except Exception:
             return None
 

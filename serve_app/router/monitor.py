@@ -13,6 +13,7 @@ from ray import serve
 
 from serve_app.chain.standing import Standing, axon_matches, endpoint_text, standing
 from serve_app.config import MinerConfig, SubnetConfig
+from serve_app.economics.keeper import config_digest, ledger_keeper
 from serve_app.economics.ledger import Tally
 from serve_app.errors import MINER_FAILURES
 from serve_app.observability import logs
@@ -34,7 +35,7 @@ LEDGER_TIMEOUT_S = 10.0  # handing the counts to the ledger keeper
 class RouterMonitor:
     def __init__(self, cfg: MinerConfig, table: RouteTable, workloads: dict, build: BuildInfo, *, hotkey: str,
                  http_port: int, metrics: Optional[RouterMetrics] = None, rollouts: Optional[dict] = None,
-                 keeper=None):
+                 keeper=None, app_name: str = ""):
         self.cfg = cfg
         self.hotkey = hotkey  # the miner's: whose standing the gauges and /info show
         self.http_port = http_port  # an endpoint's port when the config gives none
@@ -49,7 +50,9 @@ class RouterMonitor:
         # Autoscaled workloads -> their min_replicas: the size their admission bounds are set for.
         self.autoscaled = {name: scaling.min_replicas for name in workloads
                            if (scaling := getattr(cfg.workloads, name).placement.autoscaling) is not None}
-        self.keeper = keeper  # the ledger's LedgerKeeper actor (serve_app/economics/keeper.py); None: no ledger
+        self.keeper = keeper  # the ledger's LedgerKeeper actor (serve_app/economics/keeper.py); None: found later
+        self.app_name = app_name  # the Serve application: whose replicas the keeper counts
+        self.cfg_digest = config_digest(cfg)
         self.tally = Tally()  # counts since the last hand-over to the keeper
         self.model_ids = ",".join(f"{name}={getattr(cfg.workloads, name).model.id}" for name in workloads)
         self._tasks: list[asyncio.Task] = []
@@ -62,7 +65,7 @@ class RouterMonitor:
                                                  "reading the workloads' replica counts")),
                        asyncio.create_task(every(self._watch_period, self.watch, "the watchdog pass")),
                        asyncio.create_task(logs.flush_every())]
-        if self.keeper is not None:
+        if self.app_name:  # a Serve application: it has a ledger
             self._tasks.append(asyncio.create_task(every(self.cfg.ledger.flush_s, self.flush_ledger,
                                                          "handing the counts to the ledger", wait_first=True)))
 
@@ -90,19 +93,38 @@ class RouterMonitor:
                           ms=round(ended.seconds * 1000, 2))
 
     async def flush_ledger(self) -> None:
-        """The counts since the last time, the miner's standing and what serves, to the keeper; kept
-        for the next time when it does not take them (restarting)."""
+        """The counts since the last time, the miner's standing and what serves, to the ledger keeper
+        (found or created first if need be). The rows are kept for the next time when the keeper
+        surely did not take them; after a timeout it may have, so they are dropped rather than
+        counted twice. The ledger is best-effort: the requests never wait for it."""
+        if self.keeper is None:
+            self.keeper = await asyncio.wait_for(asyncio.to_thread(ledger_keeper, self.cfg, self.app_name),
+                                                 LEDGER_TIMEOUT_S)
+            await asyncio.wait_for(self.keeper.configure.remote(self.cfg, self.app_name), LEDGER_TIMEOUT_S)
         rows = self.tally.take()
-        standing = {s.netuid: {"incentive": own.incentive, "tao_per_day": own.tao_per_day}
-                    for s in self.cfg.subnets if (own := self.standing(s)) is not None}
+        standing = {}
+        for subnet in self.cfg.subnets:
+            if self.table.metagraphs[subnet.netuid].view is not None:  # None: no longer registered
+                own = self.standing(subnet)
+                standing[subnet.netuid] = None if own is None else {"incentive": own.incentive,
+                                                                    "tao_per_day": own.tao_per_day}
         digests = {name: (info.get("weights_sha256") or "")[:12] for name, info in self.workload_info.items()}
         sha = self.build.git_sha
         version = f"{self.build.version} {sha[:12]}{'-dirty' if sha.endswith('-dirty') else ''}"
         try:
-            await asyncio.wait_for(self.keeper.add.remote(rows, standing, [version], digests), LEDGER_TIMEOUT_S)
+            answer = await asyncio.wait_for(self.keeper.add.remote(rows, standing, [version], digests,
+                                                                   self.cfg_digest), LEDGER_TIMEOUT_S)
+        except asyncio.TimeoutError:
+            log.warning("the ledger keeper did not answer in %.0f s: %d rows of counts dropped", LEDGER_TIMEOUT_S,
+                        len(rows))
+            return
         except Exception:
-            self.tally.give_back(rows)
+            self.tally.give_back(rows)  # the actor is gone or restarting: the call did not run
             raise
+        if answer == "reconfigure":  # Ray restarted it with its first config
+            await asyncio.wait_for(self.keeper.configure.remote(self.cfg, self.app_name), LEDGER_TIMEOUT_S)
+        if answer != "stored":
+            self.tally.give_back(rows)
 
     def publish_gauges(self, in_flight: dict[int, int]) -> None:
         # Ray exports a gauge value only for a while after it is set: publish them all again each period.

@@ -133,3 +133,15 @@ def test_the_commands_say_what_is_wrong_in_one_line(tmp_path, capsys):
     assert cli.main(["economics", "--config", str(config), "--pick", "--throughput", "embeddings"]) == 2
     assert "WORKLOAD=TASKS_PER_S" in capsys.readouterr().err
     assert cli.main(["ledger", "--config", str(config)]) == 1 and "no ledger at" in capsys.readouterr().err
+
+
+def test_a_workload_no_route_uses_is_paid_like_the_router_and_old_subnets_pay_nothing():
+    cfg = config()
+    usage = {(1, "embeddings"): Usage(admitted=30), (2, "embeddings"): Usage(admitted=10),
+             (9, "embeddings"): Usage(admitted=1000)}  # subnet 9 is no longer in the config
+    # Agents held a CPU for an hour though no subnet routes to it: 0.5, split by all tasks 3:1.
+    figs = figures(cfg, usage, {"agents": Held(cpu_hours=1.0), "embeddings": Held(cpu_hours=1.0)}, {}, 0.0)
+    assert figs[1]["resource_hours"]["agents"]["share"] == pytest.approx(0.75)
+    assert figs[1]["resource_hours"]["embeddings"]["share"] == pytest.approx(0.75)
+    assert figs[1]["cost"] + figs[2]["cost"] == pytest.approx(1.0)
+    assert figs[1]["workloads"]["embeddings"] == {"tasks": 30, "accepted": 0, "cost": pytest.approx(0.375)}

@@ -231,3 +231,31 @@ def test_a_window_charges_ops_only_since_the_ledger_started(ledger, now):
     now.t += DAY_S / 24  # a ledger hour after the ledger started
     day = ledger.window(cfg, 86400)[1]
     assert day["hours"] == pytest.approx(1.0) and day["cost"] == pytest.approx(0.5)
+
+
+def test_the_first_day_is_partial_when_the_ledger_started_inside_it(tmp_path, now):
+    now.t = 10_095.0  # the last 5 s of day 100
+    ledger = Ledger(tmp_path / "late.sqlite", Clock(DAY_S, 0.0, now))
+    ledger.add_held({"embeddings": (1.0, 0.0, 1)}, 5)
+    now.t = 10_150.0
+    first, today = ledger.days(config())[1]
+    assert first["partial"] and first["uptime"] == pytest.approx(1.0) and today["partial"]
+    assert verdict([first, today], RULES)["days"] == 0  # five minutes are not a day of consistency
+
+
+def test_a_ledger_refuses_another_day_length(tmp_path, now):
+    Ledger(tmp_path / "l.sqlite", Clock(DAY_S, 0.0, now)).close()
+    with pytest.raises(LedgerError, match="days of 100.0 s .* give ledger.path a new file"):
+        Ledger(tmp_path / "l.sqlite", Clock(86400.0, 0.0, now))
+
+
+def test_days_older_than_keep_days_are_not_shown(tmp_path, now):
+    ledger = Ledger(tmp_path / "k.sqlite", Clock(DAY_S, 0.0, now), keep_days=35)
+    now.t += 50 * DAY_S
+    assert len(ledger.days(config())[1]) == 35
+
+
+def test_hold_names_its_rule_when_the_run_since_a_miss_is_short():
+    v = verdict(days(*[True] * 10, False, *[True] * 8), RULES)
+    assert v["verdict"] == "hold" and v["rule"] == "hold: not yet 14 days in a row of SLOs met"
+    assert v["reasons"] == ["SLOs met 8 days in a row since the last miss: stable needs 14"]
