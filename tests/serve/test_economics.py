@@ -129,3 +129,22 @@ def test_public_page_in_a_real_browser(miner):
     assert miner.cfg.wallet.hotkey_ss58() in dom
     for key in ("//Alice", "//Charlie", "//Dave"):  # nothing per validator: no hotkey but the miner's own
         assert ss58(key) not in dom
+
+
+def test_a_ledger_that_cannot_be_written_does_not_stop_the_keeper(miner):
+    import ray
+
+    from serve_app.economics.keeper import LedgerKeeper, config_digest
+
+    cfg = miner.cfg.model_copy(update={"ledger": miner.cfg.ledger.model_copy(
+        update={"path": "/proc/no-such-dir/ledger.sqlite"})})
+    keeper = LedgerKeeper.options(name="unwritable-ledger", namespace="torchrank").remote(cfg, APP)
+    try:
+        row = {"netuid": 1, "workload": "embeddings", "requests": 1, "admitted": 1, "answered": 1, "accepted": 1,
+               "late": 0, "failed": 0, "miner_failures": 0, "retry_refusals": 0, "egress_bytes": 10, "refused": {},
+               "latency": [1]}
+        assert ray.get(keeper.add.remote([row], {}, ["v"], {}, config_digest(cfg)), timeout=30) == "unavailable"
+        assert ray.get(keeper.add.remote([row], {}, ["v"], {}, "another config"), timeout=30) == "reconfigure"
+        assert ray.get(keeper.public_days.remote(14), timeout=30) is None
+    finally:
+        ray.kill(keeper)

@@ -145,3 +145,19 @@ def test_a_workload_no_route_uses_is_paid_like_the_router_and_old_subnets_pay_no
     assert figs[1]["resource_hours"]["embeddings"]["share"] == pytest.approx(0.75)
     assert figs[1]["cost"] + figs[2]["cost"] == pytest.approx(1.0)
     assert figs[1]["workloads"]["embeddings"] == {"tasks": 30, "accepted": 0, "cost": pytest.approx(0.375)}
+
+
+def test_what_the_keeper_counts_as_held():
+    from serve_app.economics.keeper import held_now, shares
+
+    cfg = config(workloads={"embeddings": {"placement": {"num_cpus": 0.5},
+                                           "canary": {"model": "/m", "placement": {"num_cpus": 0.25}}},
+                            "diffusion": {"placement": {"num_cpus": 1, "num_gpus": 0.5}}})
+    assert shares(cfg)["EmbeddingsCandidate"] == ("embeddings", 0.25, 0.0)
+    held, up = held_now({"Router": 2, "Embeddings": 1, "EmbeddingsCandidate": 2, "Diffusion": 2}, cfg)
+    assert held["router"] == (1.0, 0.0, 2) and held["embeddings"] == (1.0, 0.0, 3)
+    assert held["diffusion"] == (2.0, 1.0, 2) and up
+    held, up = held_now({"Router": 1, "Embeddings": 1, "Diffusion": 0}, cfg)
+    assert not up  # a workload with no RUNNING replica: the miner cannot serve all its routes
+    held, up = held_now(None, cfg)  # no application: nothing held, down
+    assert not up and all(h == (0.0, 0.0, 0) for h in held.values())
