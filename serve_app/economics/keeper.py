@@ -26,6 +26,7 @@ from serve_app.economics.money import ROUTER, cost_per_hour, subnet_workloads
 
 log = logging.getLogger("ray.serve.torchrank.ledger")
 SAMPLE_S = 5.0
+GONE_S = 60.0  # the application deleted this long: the keeper ends (a redeploy starts one again)
 DEPLOYMENTS = {"Router": ROUTER, "Embeddings": "embeddings", "Diffusion": "diffusion", "Agents": "agents"}
 
 
@@ -142,6 +143,7 @@ class LedgerKeeper:
         self.standing: dict[int, Optional[dict]] = {}  # the latest a router reported, per subnet
         self.gauges = Gauges()
         self._last: Optional[float] = None  # when the sampler last counted
+        self._gone_since: Optional[float] = None  # when the application was last seen missing
         self._open()
         threading.Thread(target=self._sample_forever, name="ledger-sampler", daemon=True).start()
 
@@ -210,6 +212,14 @@ class LedgerKeeper:
         with self.lock:
             cfg, app_name = self.cfg, self.app_name
         app = running_replicas(app_name)
+        if app is None:
+            self._gone_since = self._gone_since or time.monotonic()
+            if time.monotonic() - self._gone_since > GONE_S:
+                # No miner to count: stop polling the controller. Killed, not exited, so Ray does not restart it.
+                log.info("application %s deleted %.0f s ago: the ledger keeper ends", app_name, GONE_S)
+                ray.kill(ray.get_runtime_context().current_actor, no_restart=True)
+        else:
+            self._gone_since = None
         held, up = held_now(app, cfg)
         self.gauges.publish(cfg, held)
         now = time.monotonic()

@@ -186,6 +186,7 @@ class Ledger:
                 self.path.parent.mkdir(parents=True, exist_ok=True)
                 self.db = sqlite3.connect(self.path, timeout=10, check_same_thread=False)  # the keeper serialises its threads
                 self.db.execute("PRAGMA journal_mode=WAL")
+                self.db.execute("PRAGMA synchronous=NORMAL")  # WAL stays consistent; no fsync per hand-over
                 self.db.executescript(SCHEMA)
                 self.db.execute("INSERT OR IGNORE INTO meta VALUES ('started_at', ?)", (repr(clock.now()),))
                 self.db.execute("INSERT OR IGNORE INTO meta VALUES ('days', ?)", (f"{clock.day_s!r} {clock.origin_s!r}",))

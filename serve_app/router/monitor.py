@@ -120,6 +120,7 @@ class RouterMonitor:
             return
         except Exception:
             self.tally.give_back(rows)  # the actor is gone or restarting: the call did not run
+            self.keeper = None  # found (or started) again next time
             raise
         if answer == "reconfigure":  # Ray restarted it with its first config
             await asyncio.wait_for(self.keeper.configure.remote(self.cfg, self.app_name), LEDGER_TIMEOUT_S)
