@@ -9,11 +9,9 @@ CSS (no script, no chart library), so it renders in microseconds on the Router.
 
 from __future__ import annotations
 
-import html
-import math
 from datetime import datetime, timezone
 
-DASH = "\u2014"
+from serve_app.economics.report import DASH, esc, finite  # report.py imports matplotlib only to draw
 
 CSS = """
 body { font: 15px/1.45 system-ui, -apple-system, "Segoe UI", Roboto, "DejaVu Sans", sans-serif;
@@ -38,19 +36,10 @@ footer { margin-top: 2rem; color: #616161; font-size: .9rem; }
 """
 
 
-def _e(value) -> str:
-    return html.escape(str(value), quote=True)
-
-
 def _share(value) -> float | None:
     """A share in [0, 1], or None when not known."""
-    if value is None or isinstance(value, bool):
-        return None
-    try:
-        number = float(value)
-    except (TypeError, ValueError):
-        return None
-    return min(1.0, max(0.0, number)) if math.isfinite(number) else None
+    number = finite(value)
+    return None if number is None else min(1.0, max(0.0, number))
 
 
 def _pct(value) -> str:
@@ -84,14 +73,14 @@ def _availability(netuid, days: list[dict]) -> str:
         share = _share(day.get("availability"))
         bar = ('<span class="note">no data</span>' if share is None
                else f'<span style="width: {share * 100:.2f}%"></span>')
-        rows.append(f'<tr class="day{"" if share is not None else " unknown"}"><td>{_e(day.get("label", DASH))}</td>'
+        rows.append(f'<tr class="day{"" if share is not None else " unknown"}"><td>{esc(day.get("label", DASH))}</td>'
                     f'<td class="bar">{bar}</td>'
                     f'<td class="number">{_pct(day.get("availability"))}</td>'
                     f'<td class="number">{_pct(day.get("uptime"))}</td></tr>')
     if not rows:
         rows.append('<tr class="empty"><td colspan="4" class="note">no days recorded yet</td></tr>')
-    return (f"<h3>Subnet {_e(netuid)}</h3>\n"
-            f'<table id="availability-{_e(netuid)}"><thead><tr><th>day</th><th colspan="2">availability</th>'
+    return (f"<h3>Subnet {esc(netuid)}</h3>\n"
+            f'<table id="availability-{esc(netuid)}"><thead><tr><th>day</th><th colspan="2">availability</th>'
             f"<th>uptime</th></tr></thead><tbody>{''.join(rows)}</tbody></table>")
 
 
@@ -101,19 +90,19 @@ def render_page(data: dict) -> str:
     weights_sha256}}, subnets [{netuid, routes}], availability {netuid: [{label, availability,
     uptime}], oldest first} or None when the ledger is unavailable."""
     name = data.get("name") or "torchrank-miner"
-    facts = [("version", _e(data.get("version") or DASH)),
-             ("git sha", f"<code>{_e(data.get('git_sha') or DASH)}</code>"),
-             ("up for", f"{_e(_duration(data.get('uptime_s')))} (since {_e(_utc(data.get('started_at')))})"),
-             ("hotkey", f"<code>{_e(data.get('hotkey') or DASH)}</code>")]
+    facts = [("version", esc(data.get("version") or DASH)),
+             ("git sha", f"<code>{esc(data.get('git_sha') or DASH)}</code>"),
+             ("up for", f"{esc(_duration(data.get('uptime_s')))} (since {esc(_utc(data.get('started_at')))})"),
+             ("hotkey", f"<code>{esc(data.get('hotkey') or DASH)}</code>")]
     subnets = data.get("subnets") or []
-    served = "".join(f"<tr><td>{_e(s.get('netuid', DASH))}</td>"
-                     f"<td>{'<br>'.join(f'<code>{_e(r)}</code>' for r in s.get('routes') or []) or DASH}</td></tr>"
+    served = "".join(f"<tr><td>{esc(s.get('netuid', DASH))}</td>"
+                     f"<td>{'<br>'.join(f'<code>{esc(r)}</code>' for r in s.get('routes') or []) or DASH}</td></tr>"
                      for s in subnets)
-    models = "".join(f"<tr><td>{_e(workload)}</td><td>{_e((m or {}).get('model') or DASH)}</td>"
-                     f"<td><code>{_e((m or {}).get('weights_sha256') or 'unknown')}</code></td></tr>"
+    models = "".join(f"<tr><td>{esc(workload)}</td><td>{esc((m or {}).get('model') or DASH)}</td>"
+                     f"<td><code>{esc((m or {}).get('weights_sha256') or 'unknown')}</code></td></tr>"
                      for workload, m in sorted((data.get("models") or {}).items()))
-    changes = "".join(f"<h3>{_e(entry.get('version', DASH))}</h3><ul>"
-                      + "".join(f"<li>{_e(c)}</li>" for c in entry.get("changes") or []) + "</ul>"
+    changes = "".join(f"<h3>{esc(entry.get('version', DASH))}</h3><ul>"
+                      + "".join(f"<li>{esc(c)}</li>" for c in entry.get("changes") or []) + "</ul>"
                       for entry in data.get("changes") or [])
     availability = data.get("availability")
     if availability is None:
@@ -133,8 +122,8 @@ def render_page(data: dict) -> str:
     return ("<!DOCTYPE html>\n<html lang=\"en\">\n<head>\n<meta charset=\"utf-8\">\n"
             '<meta name="viewport" content="width=device-width, initial-scale=1">\n'
             '<link rel="icon" href="data:,">\n'  # no /favicon.ico request: the miner answers it 404
-            f"<title>{_e(name)}</title>\n<style>{CSS}</style>\n</head>\n<body>\n<main>\n"
-            f"<h1>{_e(name)}</h1>\n<dl>" + "".join(f"<dt>{k}</dt><dd>{v}</dd>" for k, v in facts) + "</dl>\n"
+            f"<title>{esc(name)}</title>\n<style>{CSS}</style>\n</head>\n<body>\n<main>\n"
+            f"<h1>{esc(name)}</h1>\n<dl>" + "".join(f"<dt>{k}</dt><dd>{v}</dd>" for k, v in facts) + "</dl>\n"
             + "\n".join(sections)
             + '\n<footer>This page for programs: <a href="/info">the JSON form</a> (<code>/info</code>).</footer>\n'
             "</main>\n</body>\n</html>\n")

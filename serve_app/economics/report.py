@@ -74,11 +74,12 @@ figure.chart .note { margin: .2rem 0; }
 """
 
 
-def _e(value) -> str:
+def esc(value) -> str:
+    """Any value as HTML text (the page uses it too)."""
     return html.escape(str(value), quote=True)
 
 
-def _number(value) -> float | None:
+def finite(value) -> float | None:
     """A finite float, or None for a missing, None or non-finite figure."""
     if value is None or isinstance(value, bool):
         return None
@@ -90,24 +91,24 @@ def _number(value) -> float | None:
 
 
 def _pct(value, digits: int = 2) -> str:
-    number = _number(value)
+    number = finite(value)
     return DASH if number is None else f"{number * 100:.{digits}f}%"
 
 
 def _money(value) -> str:
-    number = _number(value)
+    number = finite(value)
     if number is None:
         return DASH
     return f"{number:,.2f}" if number == 0 or abs(number) >= 0.01 else f"{number:.3g}"
 
 
 def _count(value) -> str:
-    number = _number(value)
+    number = finite(value)
     return DASH if number is None else f"{number:,.0f}"
 
 
 def _seconds(value) -> str:
-    number = _number(value)
+    number = finite(value)
     if number is None:
         return DASH
     if number >= 1:
@@ -118,7 +119,7 @@ def _seconds(value) -> str:
 
 def _cell(text: str, css: str = "") -> str:
     css = " ".join(c for c in (*css.split(), "na" if text == DASH else "") if c)
-    return f'<td class="{css}">{_e(text)}</td>' if css else f"<td>{_e(text)}</td>"
+    return f'<td class="{css}">{esc(text)}</td>' if css else f"<td>{esc(text)}</td>"
 
 
 def _plain(text) -> str:
@@ -152,7 +153,7 @@ def _svg(fig, name: str) -> str:
     svg = svg[svg.index("<svg"):]
     root, svg = svg.split(">", 1)  # the root tag: sized by CSS, namespaces implied by HTML
     root = re.sub(r'\s(?:xmlns(?::xlink)?|width|height|version)="[^"]*"', "", root)
-    svg = root.replace("<svg", f'<svg role="img" aria-label="{_e(name)}"', 1) + ">" + svg
+    svg = root.replace("<svg", f'<svg role="img" aria-label="{esc(name)}"', 1) + ">" + svg
     svg = re.sub(r"<metadata>.*?</metadata>", "", svg, flags=re.S)
     svg = re.sub(r"<!--.*?-->", "", svg, flags=re.S)
     svg = re.sub(r'<style type="text/css">.*?</style>', "", svg, flags=re.S)  # its global "*" rule is in CSS
@@ -188,11 +189,11 @@ def _chart(name: str, caption: str, draw, rows, note: str | None = None, detail:
     if note is None:
         with matplotlib.rc_context(RC):
             drawn = draw(name, rows)
-        body = f'<p class="note">{_e(drawn)}</p>' if isinstance(drawn, _Note) else drawn
+        body = f'<p class="note">{esc(drawn)}</p>' if isinstance(drawn, _Note) else drawn
     else:
-        body = f'<p class="note">{_e(note)}</p>'
-    detail = f" <small>{_e(detail)}</small>" if detail else ""
-    return (f'<figure class="chart" id="chart-{_e(name)}">\n<figcaption>{_e(caption)}{detail}</figcaption>\n'
+        body = f'<p class="note">{esc(note)}</p>'
+    detail = f" <small>{esc(detail)}</small>" if detail else ""
+    return (f'<figure class="chart" id="chart-{esc(name)}">\n<figcaption>{esc(caption)}{detail}</figcaption>\n'
             f"{body}\n</figure>")
 
 
@@ -203,9 +204,9 @@ def _requests_svg(name: str, days: list[dict]) -> str:
     total = 0.0
     for part in ("accepted", "late", "failed", "refused"):
         if part == "refused":
-            values = [sum(_number(v) or 0.0 for v in (d.get("refused") or {}).values()) for d in days]
+            values = [sum(finite(v) or 0.0 for v in (d.get("refused") or {}).values()) for d in days]
         else:
-            values = [_number(d.get(part)) or 0.0 for d in days]
+            values = [finite(d.get(part)) or 0.0 for d in days]
         total += sum(values)
         ax.bar(xs, values, bottom=bottom, color=COLOURS[part], label=part, width=0.7)
         bottom = [b + v for b, v in zip(bottom, values)]
@@ -221,8 +222,8 @@ def _requests_svg(name: str, days: list[dict]) -> str:
 def _latency_svg(name: str, days: list[dict]) -> str:
     from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
 
-    p95 = [_number(d.get("p95_s")) for d in days]
-    slo = [_number(d.get("slo_latency_s")) for d in days]
+    p95 = [finite(d.get("p95_s")) for d in days]
+    slo = [finite(d.get("slo_latency_s")) for d in days]
     if all(v is None for v in p95):
         return _Note("no request was answered on these days: no p95 to draw")
     fig, ax = _figure()
@@ -253,7 +254,7 @@ def _latency_svg(name: str, days: list[dict]) -> str:
 
 
 def _error_budget_svg(name: str, days: list[dict]) -> str:
-    used = [_number(d.get("error_budget_used")) for d in days]
+    used = [finite(d.get("error_budget_used")) for d in days]
     if all(v is None for v in used):
         return _Note("no admitted requests on these days: no error budget spent")
     fig, ax = _figure()
@@ -273,7 +274,7 @@ def _profit_svg(name: str, subnets: dict) -> str:
     starts = {}
     for subnet in subnets.values():
         for d in subnet.get("days") or []:
-            starts.setdefault(d.get("label", ""), _number(d.get("start")) or 0.0)
+            starts.setdefault(d.get("label", ""), finite(d.get("start")) or 0.0)
     labels = sorted(starts, key=lambda label: (starts[label], label))
     if not labels:
         return _Note("no days recorded yet")
@@ -281,7 +282,7 @@ def _profit_svg(name: str, subnets: dict) -> str:
     fig, ax = _figure()
     drawn = False
     for i, netuid in enumerate(sorted(subnets, key=_netuid_order)):
-        points = sorted((position[d.get("label", "")], _number(d.get("profit")))
+        points = sorted((position[d.get("label", "")], finite(d.get("profit")))
                         for d in subnets[netuid].get("days") or [])
         if all(p is None for _, p in points):
             continue
@@ -305,7 +306,7 @@ def _replicas_svg(name: str, days: list[dict]) -> str:
     xs = list(range(len(days)))
     top = 0.0
     for i, workload in enumerate(workloads):
-        values = [_number((d.get("replicas") or {}).get(workload)) for d in days]
+        values = [finite((d.get("replicas") or {}).get(workload)) for d in days]
         top = max([top] + [v for v in values if v is not None])
         ax.plot(xs, [float("nan") if v is None else v for v in values], color=LINE_COLOURS[i % len(LINE_COLOURS)],
                 marker="o", markersize=4, label=_plain(workload))
@@ -322,15 +323,15 @@ def _replicas_svg(name: str, days: list[dict]) -> str:
 def _verdict(netuid: str, verdict: dict | None) -> str:
     verdict = verdict or {}
     word = str(verdict.get("verdict") or "unknown")
-    reasons = "".join(f"<li>{_e(r)}</li>" for r in verdict.get("reasons") or [])
+    reasons = "".join(f"<li>{esc(r)}</li>" for r in verdict.get("reasons") or [])
     facts = [f"{_count(verdict.get('days'))} days recorded", f"{_count(verdict.get('stable_days'))} stable"]
-    if _number(verdict.get("profit_stable")) is not None:
+    if finite(verdict.get("profit_stable")) is not None:
         facts.append(f"profit over the stable days {_money(verdict.get('profit_stable'))}")
-    return (f'<section class="verdict" id="verdict-{_e(netuid)}" data-verdict="{_e(word)}">\n'
-            f'<p class="verdict-word">{_e(word)}</p>\n'
-            f'<p class="rule">Rule: {_e(verdict.get("rule") or DASH)}</p>\n'
+    return (f'<section class="verdict" id="verdict-{esc(netuid)}" data-verdict="{esc(word)}">\n'
+            f'<p class="verdict-word">{esc(word)}</p>\n'
+            f'<p class="rule">Rule: {esc(verdict.get("rule") or DASH)}</p>\n'
             + (f"<ul>{reasons}</ul>\n" if reasons else "")
-            + f'<p class="rule">{_e(", ".join(facts))}</p>\n</section>')
+            + f'<p class="rule">{esc(", ".join(facts))}</p>\n</section>')
 
 
 def _economics(economics: dict | None, currency: str | None, window: str) -> str:
@@ -344,16 +345,16 @@ def _economics(economics: dict | None, currency: str | None, window: str) -> str
             (f"profit{unit}", _money(economics.get("profit")), _sign(economics.get("profit"))),
             (f"unit cost per task{unit}", _money(economics.get("unit_cost")), ""),
             (f"cost per 1,000 tasks{unit}", _money(economics.get("cost_per_1k_tasks")), "")]
-    body = "".join(f"<tr><th>{_e(label)}</th>{_cell(value, css)}</tr>" for label, value, css in rows)
+    body = "".join(f"<tr><th>{esc(label)}</th>{_cell(value, css)}</tr>" for label, value, css in rows)
     note = ("" if currency else
             '<p class="note">No economics configured (the serve config has no <code>economics:</code> block): '
             "revenue, cost and profit are not known.</p>\n")
-    return (f'<div class="economics"><h3>The last {_e(window)}</h3>\n<table class="economics">{body}</table>\n'
+    return (f'<div class="economics"><h3>The last {esc(window)}</h3>\n<table class="economics">{body}</table>\n'
             f"{note}</div>")
 
 
 def _sign(value) -> str:
-    number = _number(value)
+    number = finite(value)
     return "" if number is None or number == 0 else ("good" if number > 0 else "bad")
 
 
@@ -375,9 +376,9 @@ def _days_table(netuid: str, days: list[dict]) -> str:
             _cell(_money(d.get("revenue"))), _cell(_money(d.get("cost"))),
             _cell(_money(d.get("profit")), _sign(d.get("profit"))),
             _cell(", ".join(str(v) for v in d.get("versions") or []) or DASH, "text")]) + "</tr>")
-    header = "".join(f'<th class="text">{_e(h)}</th>' if h in ("date", "SLO met", "versions") else f"<th>{_e(h)}</th>"
+    header = "".join(f'<th class="text">{esc(h)}</th>' if h in ("date", "SLO met", "versions") else f"<th>{esc(h)}</th>"
                      for h in head)
-    return (f'<h3>Day by day <small>(newest first)</small></h3>\n<table class="days" id="days-{_e(netuid)}">'
+    return (f'<h3>Day by day <small>(newest first)</small></h3>\n<table class="days" id="days-{esc(netuid)}">'
             f"<thead><tr>{header}</tr></thead><tbody>{''.join(rows)}</tbody></table>")
 
 
@@ -387,7 +388,7 @@ def _subnet(netuid: str, subnet: dict, currency: str | None, window: str) -> str
     refused = {}
     for d in days:
         for kind, n in (d.get("refused") or {}).items():
-            refused[kind] = refused.get(kind, 0) + (_number(n) or 0)
+            refused[kind] = refused.get(kind, 0) + (finite(n) or 0)
     refused_detail = ("refused: " + ", ".join(f"{k} {_count(v)}" for k, v in sorted(refused.items()))
                       if refused else "")
     slug = re.sub(r"[^A-Za-z0-9_-]", "_", str(netuid))
@@ -398,7 +399,7 @@ def _subnet(netuid: str, subnet: dict, currency: str | None, window: str) -> str
         _chart(f"error-budget-{slug}", "Error budget used per day", _error_budget_svg, days, note=empty,
                detail="over 100%: the day missed its availability or latency objective"),
     ]
-    return (f'<section class="subnet" id="subnet-{_e(netuid)}">\n<h2>Subnet {_e(netuid)}</h2>\n'
+    return (f'<section class="subnet" id="subnet-{esc(netuid)}">\n<h2>Subnet {esc(netuid)}</h2>\n'
             + '<div class="overview">' + _verdict(netuid, subnet.get("verdict")) + "\n"
             + _economics(subnet.get("economics"), currency, window) + "</div>\n"
             + "\n".join(charts) + "\n" + _days_table(netuid, days) + "\n</section>")
@@ -411,12 +412,12 @@ def _summary(order: list[str], subnets: dict, currency: str | None) -> str:
         subnet = subnets[netuid]
         economics = subnet.get("economics") or {}
         word = str((subnet.get("verdict") or {}).get("verdict") or "unknown")
-        rows.append(f'<tr><td><a href="#subnet-{_e(netuid)}">subnet {_e(netuid)}</a></td>'
+        rows.append(f'<tr><td><a href="#subnet-{esc(netuid)}">subnet {esc(netuid)}</a></td>'
                     f"{_cell(word, 'text')}{_cell(_count(len(subnet.get('days') or [])))}"
                     f"{_cell(_count(economics.get('tasks')))}{_cell(_pct(economics.get('acceptance_rate')))}"
                     f"{_cell(_money(economics.get('profit')), _sign(economics.get('profit')))}</tr>")
     return ('<table class="summary"><thead><tr><th>subnet</th><th>verdict</th><th>days</th><th>tasks</th>'
-            f"<th>acceptance</th><th>profit{_e(unit)}</th></tr></thead><tbody>{''.join(rows)}</tbody></table>")
+            f"<th>acceptance</th><th>profit{esc(unit)}</th></tr></thead><tbody>{''.join(rows)}</tbody></table>")
 
 
 def render_report(data: dict) -> str:
@@ -428,14 +429,14 @@ def render_report(data: dict) -> str:
     window = str(data.get("window") or DASH)
     subnets = data.get("subnets") or {}
     order = sorted(subnets, key=_netuid_order)
-    generated = _number(data.get("generated_at"))
+    generated = finite(data.get("generated_at"))
     generated_text = (datetime.fromtimestamp(generated, timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
                       if generated is not None else DASH)
     facts = [("version", miner.get("version")), ("git sha", miner.get("git_sha")), ("hotkey", miner.get("hotkey")),
              ("generated", generated_text), ("window", window),
              ("currency", currency or "none (no economics configured)")]
-    header = ("<header>\n<h1>" + _e(f"{miner.get('name') or 'miner'}: the operator's report") + "</h1>\n"
-              '<dl class="facts">' + "".join(f"<dt>{_e(k)}</dt><dd>{_e(v if v not in (None, '') else DASH)}</dd>"
+    header = ("<header>\n<h1>" + esc(f"{miner.get('name') or 'miner'}: the operator's report") + "</h1>\n"
+              '<dl class="facts">' + "".join(f"<dt>{esc(k)}</dt><dd>{esc(v if v not in (None, '') else DASH)}</dd>"
                                              for k, v in facts) + "</dl>\n</header>")
     if not order:
         body = '<p class="note">No subnets in the ledger yet.</p>'
@@ -452,7 +453,7 @@ def render_report(data: dict) -> str:
                           detail=f"(the miner's deployments; from subnet {first}'s ledger)")
         body = ("<h2>All subnets</h2>\n" + _summary(order, subnets, currency) + "\n" + profit + "\n" + replicas
                 + "\n" + "\n".join(_subnet(n, subnets[n], currency, window) for n in order))
-    title = _e(f"{miner.get('name') or 'miner'} report, {generated_text}")
+    title = esc(f"{miner.get('name') or 'miner'} report, {generated_text}")
     return ("<!DOCTYPE html>\n<html lang=\"en\">\n<head>\n<meta charset=\"utf-8\">\n"
             '<meta name="viewport" content="width=device-width, initial-scale=1">\n'
             f"<title>{title}</title>\n<style>{CSS}</style>\n</head>\n<body>\n<main>\n{header}\n{body}\n"
