@@ -13,6 +13,8 @@
                                                   `--pick` ranks subnets by expected profit an hour
   torchrank-miner ledger [--json]                 each subnet's days and its verdict: hold, stable, expand
   torchrank-miner report --out report.html        the operator's report: one HTML file with charts
+  torchrank-miner simulate [--seconds 60]         simulated validators score the running miner; the verdict
+                                                  says whether it would hold its score at that load
 
 A relative --config (default deployments/local.yaml) is looked up in the current directory,
 then in the checkout. An error is one line on stderr (a bad config: one per problem) and
@@ -387,6 +389,41 @@ def cmd_report(args) -> int:
     return 0
 
 
+def cmd_simulate(args) -> int:
+    import httpx
+
+    from serve_app.app import with_absolute_paths
+    from serve_app.chain.publish import http_port
+    from serve_app.simulate import driver, scoring
+
+    path, base = resolve_config(args.config)
+    _, cfg = _config(args)
+    cfg = with_absolute_paths(cfg, base)
+    url = (args.url or f"http://127.0.0.1:{http_port(path)}").rstrip("/")
+    try:
+        httpx.get(url + "/health", timeout=5)
+    except httpx.HTTPError as exc:
+        raise CliError(f"cannot reach the miner at {url}: {type(exc).__name__} (is it running? `make run` starts "
+                       f"it)") from None
+    try:
+        subnet = driver.pick_subnet(cfg, args.netuid)
+        sim = driver.prepare(cfg, subnet, url, args.validators, args.seed, reference=not args.no_reference)
+    except ValueError as exc:
+        raise CliError(str(exc)) from None
+    report = driver.simulate(sim, subnet.netuid, args.seconds, args.rate, args.profile, args.seed, target=args.target)
+    if args.record:
+        from serve_app.economics.ledger import Clock, Ledger, LedgerError
+
+        try:
+            ledger = Ledger(cfg.ledger.path, Clock.of(cfg.ledger), cfg.ledger.keep_days)
+            ledger.add_simulation(report["ledger_line"])
+            ledger.close()
+        except LedgerError as exc:
+            raise CliError(str(exc), code=1) from None
+    print(json.dumps(report) if args.json else scoring.text(report))
+    return 0 if report["verdict"]["holds"] else 1
+
+
 def _validator_options(cmd: argparse.ArgumentParser, path: str) -> None:
     cmd.add_argument("--url", default="http://127.0.0.1:8000")
     cmd.add_argument("--path", default=path)
@@ -487,6 +524,27 @@ def parser() -> argparse.ArgumentParser:
     led.add_argument("--json", action="store_true")
     led.add_argument("--days", type=int, help="only the last DAYS days (the verdict still judges all)")
     led.set_defaults(func=cmd_ledger)
+
+    from serve_app.simulate.arrivals import PROFILES
+
+    sim = sub.add_parser("simulate", help="simulated validators against a running miner: each one's score, its "
+                                          "breakdown, and whether the miner would hold its score at this load")
+    sim.add_argument("--config", default=DEFAULT_CONFIG, help="serve config (default deployments/local.yaml)")
+    sim.add_argument("--url", help="the miner (default: 127.0.0.1 at the config's http_options.port)")
+    sim.add_argument("--netuid", type=int, help="the subnet to simulate (default: the config's first)")
+    sim.add_argument("--seconds", type=float, default=60.0)
+    sim.add_argument("--rate", type=float, default=4.0, help="mean arrivals a second, all validators together")
+    sim.add_argument("--profile", choices=PROFILES, default="steady",
+                     help="steady Poisson, bursts at 3x, or a diurnal curve compressed into the run")
+    sim.add_argument("--validators", type=Path,
+                     help="a YAML/JSON file of validators (keys held here) instead of the snapshot's dev keys")
+    sim.add_argument("--seed", type=int, default=0)
+    sim.add_argument("--target", type=float, default=0.99, help="the stake-weighted score the verdict asks for")
+    sim.add_argument("--no-reference", action="store_true",
+                     help="do not load the embeddings model here: check vectors' shapes only")
+    sim.add_argument("--record", action="store_true", help="append the run's line to the config's ledger")
+    sim.add_argument("--json", action="store_true", help='print JSON: {"validators": [...], "verdict": {...}}')
+    sim.set_defaults(func=cmd_simulate)
 
     rep = sub.add_parser("report", help="the operator's report: one self-contained HTML file with charts")
     rep.add_argument("--config", default=DEFAULT_CONFIG, help="serve config (default deployments/local.yaml)")

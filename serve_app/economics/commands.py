@@ -4,6 +4,7 @@ for a terminal, and the JSON forms."""
 from __future__ import annotations
 
 import re
+import time
 from typing import Optional
 
 from serve_app.config import MinerConfig
@@ -63,7 +64,8 @@ def economics_text(figs: dict[int, dict], window: str) -> str:
 def ledger_json(cfg: MinerConfig, ledger: Ledger, last: Optional[int]) -> dict:
     days = ledger.days(cfg, last=None)
     return {"subnets": {str(netuid): {"days": rows if last is None else rows[-last:],
-                                      "verdict": verdict(rows, cfg.ledger.verdict)}
+                                      "verdict": verdict(rows, cfg.ledger.verdict),
+                                      "simulations": ledger.simulations(netuid)}
                         for netuid, rows in days.items()}}
 
 
@@ -86,6 +88,12 @@ def ledger_text(data: dict, currency: Optional[str]) -> str:
             lines.append(f"  {d['label'] + ('*' if d['partial'] else ''):<12} {d['requests']:>8} "
                          f"{pct(d['availability']):>8} {pct(d['latency_attainment']):>8} {p95:>8} "
                          f"{pct(d['uptime']):>8} {met:>5} {money(d['profit'], currency):>12}  {served}")
+        for sim in sub.get("simulations", []):
+            lines.append(f"  simulated {time.strftime('%Y-%m-%d %H:%M', time.localtime(sim['at']))}: "
+                         f"{sim['validators']} validators, {sim['rate']:g} req/s {sim['profile']} for "
+                         f"{sim['seconds']:g} s, score {sim['score']:.3f}, "
+                         f"{'holds' if sim['holds'] else 'would lose score'}"
+                         + (f" (first limit: {sim['first_limit']})" if sim.get("first_limit") else ""))
     lines.append("(* today, so far: not judged)")
     return "\n".join(lines)
 

@@ -53,7 +53,9 @@ CREATE TABLE IF NOT EXISTS uptime (scale TEXT, bucket INTEGER, seconds REAL NOT 
 CREATE TABLE IF NOT EXISTS builds (day INTEGER, kind TEXT, name TEXT, value TEXT,
   PRIMARY KEY (day, kind, name, value));
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT);
+CREATE TABLE IF NOT EXISTS simulations (at REAL, netuid INTEGER, line TEXT);
 """
+SIMULATIONS_SHOWN = 10  # the latest simulator runs `ledger` lists
 
 
 class LedgerError(Exception):
@@ -267,6 +269,13 @@ class Ledger:
                                 [(day, "version", "", v) for v in versions]
                                 + [(day, "digest", w, d) for w, d in digests.items() if d])
 
+    def add_simulation(self, line: dict) -> None:
+        """A `torchrank-miner simulate --record` line (serve_app/simulate/scoring.py): what simulated
+        validators scored, beside what real ones were served."""
+        with self.db:
+            self.db.execute("INSERT INTO simulations VALUES (?,?,?)",
+                            (line.get("at") or self.clock.now(), line.get("netuid"), json.dumps(line)))
+
     def prune(self, t: Optional[float] = None) -> None:
         """Bounded in size: minute buckets for 35 days, days for keep_days."""
         t = self.clock.now() if t is None else t
@@ -277,8 +286,18 @@ class Ledger:
                 self.db.execute(f"DELETE FROM {table} WHERE (scale='m' AND bucket<?) OR (scale='d' AND bucket<?)",
                                 (oldest_minute, oldest_day))
             self.db.execute("DELETE FROM builds WHERE day<?", (oldest_day,))
+            self.db.execute("DELETE FROM simulations WHERE at<?", (self.clock.day_start(oldest_day),))
 
     # -- reading ----------------------------------------------------------------------------
+
+    def simulations(self, netuid: int, last: int = SIMULATIONS_SHOWN) -> list[dict]:
+        """The latest simulator lines of a subnet, oldest first (none in a ledger from before them)."""
+        try:
+            rows = self.db.execute("SELECT line FROM simulations WHERE netuid=? ORDER BY at DESC LIMIT ?",
+                                   (netuid, last)).fetchall()
+        except sqlite3.OperationalError:  # a ledger written before the table existed, opened read-only
+            return []
+        return [json.loads(row[0]) for row in reversed(rows)]
 
     def started_at(self) -> Optional[float]:
         row = self.db.execute("SELECT value FROM meta WHERE key='started_at'").fetchone()

@@ -31,7 +31,7 @@ def test_the_shipped_snapshot_shows_a_plausible_standing():
     assert own.uid == 1 and 0 < own.incentive < 1 and own.immunity_blocks_left == 0
     assert own.emission_tao == pytest.approx(own.emission_alpha * v.price)
     assert own.tao_per_day == pytest.approx(own.emission_tao * 7200 / 361)
-    assert own.pruning_position == 3 and own.free_uids == 251  # uid 2 is immune, uids 3 and 4 earn less
+    assert own.pruning_position == 3 and own.free_uids == 249  # uid 2 is immune, uids 3 and 4 earn less
     assert own.axon == "127.0.0.1:8000"
 
 
