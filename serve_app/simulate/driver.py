@@ -30,13 +30,13 @@ def prepare(cfg: MinerConfig, subnet: SubnetConfig, url: str, validators_file: O
     embeddings model here to check vectors (else shapes only)."""
     validators = population(cfg, subnet, validators_file)
     kinds = served_kinds(subnet)
-    texts = text_pool(seed)
+    texts = text_pool()
     vectors = None
     if reference and "embeddings" in kinds and cfg.workloads.embeddings is not None:
         vectors = reference_encoder(cfg.workloads.embeddings.model.id)(texts)
     tools = tuple(cfg.workloads.agents.tools.offered(cfg.workloads.embeddings is not None)) \
         if cfg.workloads.agents is not None else ()
-    payloads = Payloads(kinds, seed=seed, reference=vectors, texts=texts, tools=tools,
+    payloads = Payloads(kinds, reference=vectors, texts=texts, tools=tools,
                         max_texts=min(4, cfg.workloads.embeddings.limits.max_texts_per_request)
                         if cfg.workloads.embeddings is not None else 4)
     return Simulation(url, cfg.wallet.hotkey_ss58(), subnet.auth.scheme, validators, payloads, seed=seed)

@@ -46,8 +46,10 @@ class Work:
     repeat: bool = False  # images: this re-requests `key`
 
 
-def text_pool(seed: int, n: int = POOL_TEXTS) -> list[str]:
-    rng = random.Random(seed)
+def text_pool(n: int = POOL_TEXTS) -> list[str]:
+    """The validators' texts: one fixed pool (like a validator's dataset), whatever the run's seed,
+    so its reference vectors are computed once."""
+    rng = random.Random(0)
     return [" ".join(rng.choice(WORDS) for _ in range(rng.randint(4, 24))) for _ in range(n)]
 
 
@@ -86,10 +88,10 @@ def png_size(data: bytes) -> Optional[tuple[int, int]]:
 class Payloads:
     """Requests and their checks for one subnet's kinds (kind -> path), seeded."""
 
-    def __init__(self, paths: dict[str, str], seed: int = 0, reference: Optional[np.ndarray] = None,
+    def __init__(self, paths: dict[str, str], reference: Optional[np.ndarray] = None,
                  texts: Optional[list[str]] = None, tools: tuple[str, ...] = (), max_texts: int = 4):
         self.paths = paths
-        self.texts = texts or text_pool(seed)
+        self.texts = texts or text_pool()
         self.reference = reference  # the pool's reference vectors; None: shapes only
         self.tools = tools  # the agent tools the miner offers
         self.max_texts = max_texts
