@@ -14,10 +14,10 @@ from dataclasses import dataclass
 from typing import Callable, Optional
 
 import aiohttp
-import orjson
 
-from serve_app.client import signed_request
+from serve_app.client import error_code, signed_request
 from serve_app.errors import REFUSALS
+from serve_app.simulate.scoring import percentile
 
 # (path, payload) for request number i.
 MakeRequest = Callable[[int], tuple[str, object]]
@@ -66,7 +66,7 @@ class Load:
         try:
             async with client.post(self.url + path, data=body, headers={**headers, **self.headers}) as resp:
                 status, answer = resp.status, await resp.read()
-            error = "" if status == 200 else _error_code(status, answer)
+            error = "" if status == 200 else error_code(status, answer)
         except Exception as exc:  # the client gave up or the connection broke: that is a lost request
             status, error = 0, type(exc).__name__
         self.outcomes.append(Outcome(sent - t0, time.perf_counter() - sent, status, error))
@@ -107,20 +107,6 @@ class Load:
 
             await asyncio.gather(*(caller() for _ in range(concurrency)), *([fault()] if during else []))
         return self.outcomes
-
-
-def _error_code(status: int, body: bytes) -> str:
-    try:
-        return str(orjson.loads(body).get("error", "?"))
-    except Exception:
-        return f"non-json {status}"
-
-
-def percentile(values: list[float], q: float) -> Optional[float]:
-    if not values:
-        return None
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
 
 
 def summary(outcomes: list[Outcome], seconds: float) -> dict:

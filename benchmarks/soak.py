@@ -44,7 +44,7 @@ from serve_app import rayenv  # noqa: E402
 from serve_app.app import build_app, load_config, with_absolute_paths  # noqa: E402
 from serve_app.errors import REFUSALS  # noqa: E402
 from serve_app.simulate.arrivals import arrival_times  # noqa: E402
-from serve_app.simulate.driver import prepare, simulate  # noqa: E402
+from serve_app.simulate.driver import prepare, reference_vectors, simulate  # noqa: E402
 from serve_app.simulate.runner import Fault  # noqa: E402
 from serve_app.simulate.scoring import outside, percentile, score_run  # noqa: E402
 
@@ -226,6 +226,7 @@ def slices(report: dict, attempts, samples: list[dict], t0: float, seconds: floa
                     "p95_ms": ms(percentile(ok, 0.95)), "p99_ms": ms(percentile(ok, 0.99)),
                     "top_stake_score": score,
                     "rss_total_mb": inside[-1]["rss_total_mb"] if inside else None,
+                    "rss_by_process_mb": inside[-1]["rss_mb"] if inside else None,
                     "connections_max": max((s["connections"] or 0 for s in inside), default=None),
                     "faults": faults, "statuses": statuses(mine)})
     return out
@@ -256,20 +257,24 @@ def plot(path: Path, attempts, samples, report, t0: float) -> None:
     import matplotlib.pyplot as plt
 
     bin_s = 30.0
-    end = max((a.sent_at for a in attempts), default=t0) - t0
-    bins = int(end // bin_s) + 1
-    answered, refused, p95 = [0] * bins, [0] * bins, [[] for _ in range(bins)]
+    bins = int(report["run"]["seconds"] // bin_s)
+    answered, refused, auth, p95 = [0] * bins, [0] * bins, [0] * bins, [[] for _ in range(bins)]
     for a in attempts:
         b = int((a.sent_at - t0) // bin_s)
+        if not 0 <= b < bins:
+            continue  # a retry after the run's end
         if a.status == 200:
             answered[b] += 1
             p95[b].append(a.seconds)
+        elif 400 <= a.status < 500 and a.status != 429:
+            auth[b] += 1
         else:
             refused[b] += 1
     xs = [(i + 0.5) * bin_s / 60 for i in range(bins)]
     fig, axes = plt.subplots(3, 1, figsize=(10, 8), sharex=True)
     axes[0].plot(xs, [n / bin_s for n in answered], label="answered/s")
-    axes[0].plot(xs, [n / bin_s for n in refused], label="not answered/s (refused, lost)")
+    axes[0].plot(xs, [n / bin_s for n in refused], label="refused for load or a fault, or lost /s")
+    axes[0].plot(xs, [n / bin_s for n in auth], label="refused by auth /s (//Ferdie: no receiver)", linestyle=":")
     axes[0].set_ylabel("requests/s")
     axes[0].legend(loc="upper left")
     axes[1].plot(xs, [1000 * (percentile(v, 0.95) or 0) for v in p95], color="tab:purple")
@@ -318,10 +323,11 @@ def main() -> None:
     miner.wait_healthy({"Router": 1, "Embeddings": 1})
     miner.wait_answering()
     url = f"http://127.0.0.1:{args.port}"
-    reference = prepare(cfg, cfg.subnets[0], url).payloads.reference  # loaded once, shared by every run
+    first = prepare(cfg, cfg.subnets[0], url)
+    reference = reference_vectors(cfg, first.payloads.texts)  # loaded once, shared by every run
 
     def fresh(seed=0):
-        sim = prepare(cfg, cfg.subnets[0], url, seed=seed, reference=False)
+        sim = prepare(cfg, cfg.subnets[0], url, seed=seed)
         sim.payloads.reference = reference
         return sim
 
@@ -368,6 +374,7 @@ def main() -> None:
             "validators": [{k: r[k] for k in ("name", "stake", "score", "tasks", "answered", "refused", "failed",
                                                "wrong", "p95_ms", "breakdown")} for r in report["validators"]],
             "slices": warm, "faults": fault_costs(report, attempts), "fault_notes": faults.notes,
+            "samples": sampler.samples,
             "rss_mb": {"after_warmup": first_rss, "end": last_rss,
                        "growth": None if growth is None else round(growth, 4),
                        "by_process_end": sampler.samples[-1]["rss_mb"]},

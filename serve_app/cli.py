@@ -401,15 +401,17 @@ def cmd_simulate(args) -> int:
     cfg = with_absolute_paths(cfg, base)
     url = (args.url or f"http://127.0.0.1:{http_port(path)}").rstrip("/")
     try:
+        subnet = driver.pick_subnet(cfg, args.netuid)
+        sim = driver.prepare(cfg, subnet, url, args.validators, args.seed)
+    except ValueError as exc:
+        raise CliError(str(exc)) from None
+    try:
         httpx.get(url + "/health", timeout=5)
     except httpx.HTTPError as exc:
         raise CliError(f"cannot reach the miner at {url}: {type(exc).__name__} (is it running? `make run` starts "
                        f"it)") from None
-    try:
-        subnet = driver.pick_subnet(cfg, args.netuid)
-        sim = driver.prepare(cfg, subnet, url, args.validators, args.seed, reference=not args.no_reference)
-    except ValueError as exc:
-        raise CliError(str(exc)) from None
+    if not args.no_reference and "embeddings" in sim.payloads.paths:
+        sim.payloads.reference = driver.reference_vectors(cfg, sim.payloads.texts)
     report = driver.simulate(sim, subnet.netuid, args.seconds, args.rate, args.profile, args.seed, target=args.target)
     if args.record:
         from serve_app.economics.ledger import Clock, Ledger, LedgerError

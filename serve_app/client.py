@@ -48,3 +48,12 @@ def signed_request(signer, path: str, payload: object, receiver_ss58: Optional[s
         headers = bittensor.http_auth.sign(signer, method="POST", path=path, body=body, receiver_ss58=receiver_ss58)
     headers["Content-Type"] = "application/json"
     return body, headers
+
+
+def error_code(status: int, body: bytes) -> str:
+    """The miner's JSON error code of a refusal; `non-json <status>` for anything else (HAProxy's
+    own pages, a proxy in between)."""
+    try:
+        return str(orjson.loads(body).get("error", "?"))
+    except Exception:
+        return f"non-json {status}"

@@ -25,21 +25,24 @@ def pick_subnet(cfg: MinerConfig, netuid: Optional[int]) -> SubnetConfig:
 
 
 def prepare(cfg: MinerConfig, subnet: SubnetConfig, url: str, validators_file: Optional[Path] = None,
-            seed: int = 0, reference: bool = True) -> Simulation:
-    """The subnet's validators and payloads, ready to run against `url`. `reference`: load the
-    embeddings model here to check vectors (else shapes only)."""
+            seed: int = 0) -> Simulation:
+    """The subnet's validators and payloads, ready to run against `url` (checking vectors' shapes
+    only until `with_reference`)."""
     validators = population(cfg, subnet, validators_file)
-    kinds = served_kinds(subnet)
-    texts = text_pool()
-    vectors = None
-    if reference and "embeddings" in kinds and cfg.workloads.embeddings is not None:
-        vectors = reference_encoder(cfg.workloads.embeddings.model.id)(texts)
     tools = tuple(cfg.workloads.agents.tools.offered(cfg.workloads.embeddings is not None)) \
         if cfg.workloads.agents is not None else ()
-    payloads = Payloads(kinds, reference=vectors, texts=texts, tools=tools,
-                        max_texts=min(4, cfg.workloads.embeddings.limits.max_texts_per_request)
-                        if cfg.workloads.embeddings is not None else 4)
+    embeddings = cfg.workloads.embeddings
+    payloads = Payloads(served_kinds(subnet), texts=text_pool(), tools=tools,
+                        max_texts=min(4, embeddings.limits.max_texts_per_request) if embeddings is not None else 4)
     return Simulation(url, cfg.wallet.hotkey_ss58(), subnet.auth.scheme, validators, payloads, seed=seed)
+
+
+def reference_vectors(cfg: MinerConfig, texts: list[str]):
+    """The text pool's vectors from the reference model, loaded in this process; None without an
+    embeddings workload."""
+    if cfg.workloads.embeddings is None:
+        return None
+    return reference_encoder(cfg.workloads.embeddings.model.id)(texts)
 
 
 def simulate(sim: Simulation, netuid: int, seconds: float, rate: float, profile: str = "steady", seed: int = 0,

@@ -15,7 +15,7 @@ from typing import Callable, Optional, Sequence
 
 import orjson
 
-from serve_app.client import signed_request
+from serve_app.client import error_code, signed_request
 from serve_app.simulate.arrivals import pick
 from serve_app.simulate.payloads import Payloads, Work
 from serve_app.simulate.population import MAX_RETRY_DELAY_S, Validator
@@ -126,15 +126,8 @@ class Simulation:
             if not a.correct:
                 a.note = a.note or "the answer failed its check"
         elif status:
-            a.error = _error_code(status, raw)
+            a.error = error_code(status, raw)
         return a, retry_after
-
-
-def _error_code(status: int, body: bytes) -> str:
-    try:
-        return str(orjson.loads(body).get("error", "?"))
-    except Exception:  # HAProxy's own pages, or anything else that is not the miner's JSON
-        return f"non-json {status}"
 
 
 def _seconds(value: Optional[str]) -> Optional[float]:

@@ -7,7 +7,7 @@ import time
 import ray
 from ray import serve
 
-from serve_app.simulate.driver import prepare, simulate
+from serve_app.simulate.driver import prepare, reference_vectors, simulate
 from serve_app.simulate.runner import Fault
 from serve_app.simulate.scoring import outside, score_run
 from tests.conftest import APP, wait_until
@@ -31,6 +31,7 @@ def test_simulated_validators_score_the_miner_and_a_fault_shows_in_the_breakdown
                           "  - {key: '//Alice', mix: {embeddings: 1}, timeout_s: 4, share: 3}\n"
                           "  - {key: '//Poor', mix: {embeddings: 1}}\n")
     sim = prepare(miner.cfg, miner.cfg.subnets[0], miner.url, validators, seed=1)
+    sim.payloads.reference = reference_vectors(miner.cfg, sim.payloads.texts)
     assert [v.name for v in sim.validators] == ["//Alice", "//Poor"] and sim.payloads.reference is not None
     victims = embeddings_replicas()
     assert victims

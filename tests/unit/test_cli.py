@@ -136,6 +136,25 @@ def test_no_miner_running(capsys):
     assert url in line and "refused" in line
 
 
+def test_simulate_with_no_miner_running(capsys):
+    url = f"http://127.0.0.1:{closed_port()}"
+    assert cli.main(["simulate", "--url", url, "--no-reference"]) == 2
+    line = one_line(capsys.readouterr().err)
+    assert f"cannot reach the miner at {url}" in line and "make run" in line
+
+
+def test_simulate_names_a_bad_validators_file(tmp_path, capsys):
+    with socket.socket() as listener:  # something listening: /health gets past the connect
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(8)
+        url = f"http://127.0.0.1:{listener.getsockname()[1]}"
+        bad = tmp_path / "v.yaml"
+        bad.write_text("validators: []\n")
+        assert cli.main(["simulate", "--url", url, "--no-reference", "--validators", str(bad)]) == 2
+    line = one_line(capsys.readouterr().err)
+    assert f"validators file {bad}" in line and "at least 1 item" in line
+
+
 def test_a_miner_that_does_not_answer_in_time(capsys):
     with socket.socket() as listener:  # accepts connections (the backlog) and never answers
         listener.bind(("127.0.0.1", 0))
