@@ -46,13 +46,12 @@ from serve_app.errors import REFUSALS  # noqa: E402
 from serve_app.simulate.arrivals import arrival_times  # noqa: E402
 from serve_app.simulate.driver import prepare, reference_vectors, simulate  # noqa: E402
 from serve_app.simulate.runner import Fault  # noqa: E402
-from serve_app.simulate.scoring import outside, percentile, score_run  # noqa: E402
+from serve_app.client import error_code  # noqa: E402
+from serve_app.simulate.scoring import outside, percentile, score_run, tasks_of  # noqa: E402
 
 APP = "miner"
 PORT = 8141
 SAMPLE_S = 10.0
-MINER_PROCESSES = ("ray::", "raylet", "gcs_server", "haproxy", "dashboard", "log_monitor", "monitor.py",
-                   "runtime_env", "serve")
 
 
 def miner_config(snapshot: Path, ledger: Path):
@@ -74,7 +73,9 @@ def lost(a) -> bool:
 
 
 class Sampler(threading.Thread):
-    """Every SAMPLE_S: RSS per miner process (by its name) and the port's open connections."""
+    """Every SAMPLE_S: RSS per miner process (by its name) and the port's open connections. The
+    miner's processes are this one's descendants: ray.init started the GCS and the raylet, the
+    raylet the workers and replicas, the proxy actor HAProxy."""
 
     def __init__(self, port: int):
         super().__init__(daemon=True)
@@ -90,16 +91,13 @@ class Sampler(threading.Thread):
     def sample(self) -> dict:
         import psutil
 
-        me = os.getpid()
         rss: dict[str, int] = {}
-        for p in psutil.process_iter(["pid", "name", "cmdline", "memory_info"]):
+        for p in psutil.Process(os.getpid()).children(recursive=True):
             try:
-                cmd = " ".join(p.info["cmdline"] or []) or p.info["name"] or ""
-                if p.info["pid"] == me or not any(k in cmd for k in MINER_PROCESSES):
-                    continue
-                name = cmd.split()[0] if cmd.startswith("ray::") else (p.info["name"] or "?")
-                rss[name] = rss.get(name, 0) + p.info["memory_info"].rss
-            except (psutil.Error, TypeError):
+                cmd = p.cmdline()
+                name = cmd[0] if cmd and cmd[0].startswith("ray::") else p.name()
+                rss[name] = rss.get(name, 0) + p.memory_info().rss
+            except psutil.Error:  # gone since the listing
                 continue
         try:
             conns = sum(1 for c in psutil.net_connections("tcp")
@@ -143,8 +141,13 @@ class Faults:
 
         from serve_app.client import signed_request
 
-        body, headers = signed_request(self.miner.signer, "/v1/embeddings", {"input": "sent once"}, self.miner.hotkey)
-        first = self.miner.http.post("/v1/embeddings", content=body, headers=headers).status_code
+        for _ in range(20):  # a request answered first (under load one may be refused)
+            body, headers = signed_request(self.miner.signer, "/v1/embeddings", {"input": "sent once"},
+                                           self.miner.hotkey)
+            first = self.miner.http.post("/v1/embeddings", content=body, headers=headers).status_code
+            if first == 200:
+                break
+            time.sleep(0.25)
         self.replay = (body, headers, first)
         ray.kill(ray.get_actor(f"{self.cfg.name}-nonces", namespace="torchrank"), no_restart=False)
 
@@ -163,8 +166,8 @@ class Faults:
         again = self.miner.http.post("/v1/embeddings", content=body, headers=headers)
         self.notes["replay-restart"] = {
             "recovered": recovered, "recover_s": round(time.monotonic() - started, 1), "first": first,
-            "replayed_after_restart": f"{again.status_code} {again.json().get('error', '')}",
-            "replay_refused": again.status_code != 200}
+            "replayed_after_restart": f"{again.status_code} {error_code(again.status_code, again.content)}",
+            "replay_refused": first == 200 and again.status_code != 200}
 
     def break_metagraph(self) -> None:
         self.snapshot.write_text("{not a metagraph")
@@ -179,7 +182,13 @@ class Faults:
         self.notes["metagraph-down"] = {"recovered": ready, "recover_s": round(time.monotonic() - started, 1)}
 
     def burst_over(self) -> None:
-        self.notes["burst-3x"] = {"recovered": True, "recover_s": 0.0}
+        started = time.monotonic()
+        try:
+            self.miner.wait_answering(timeout_s=300)
+            recovered = True
+        except RuntimeError:
+            recovered = False
+        self.notes["burst-3x"] = {"recovered": recovered, "recover_s": round(time.monotonic() - started, 1)}
 
 
 def capacity(sim_factory, seconds: float) -> tuple[float, list[dict]]:
@@ -210,11 +219,13 @@ def statuses(attempts) -> dict[str, int]:
 
 
 def slices(report: dict, attempts, samples: list[dict], t0: float, seconds: float, slice_s: float, validators) -> list[dict]:
+    """Per slice: the tasks first sent in it, all their attempts (a retry may land in the next)."""
     out = []
     top = max(range(len(validators)), key=lambda i: validators[i].stake)
+    started = {key: a.sent_at for key, a in tasks_of(attempts).items()}
     for k in range(int(-(-seconds // slice_s))):
         lo, hi = t0 + k * slice_s, t0 + min(seconds, (k + 1) * slice_s)
-        mine = [a for a in attempts if lo <= a.sent_at < hi]
+        mine = [a for a in attempts if lo <= started[(a.validator, a.task)] < hi]
         ok = [a.seconds for a in mine if a.status == 200]
         top_only = [a for a in mine if a.validator == top]
         score = score_run(top_only, validators, report["run"])["validators"][top]["score"] if top_only else None
@@ -227,7 +238,8 @@ def slices(report: dict, attempts, samples: list[dict], t0: float, seconds: floa
                     "top_stake_score": score,
                     "rss_total_mb": inside[-1]["rss_total_mb"] if inside else None,
                     "rss_by_process_mb": inside[-1]["rss_mb"] if inside else None,
-                    "connections_max": max((s["connections"] or 0 for s in inside), default=None),
+                    "connections_max": max((s["connections"] for s in inside if s["connections"] is not None),
+                                           default=None),
                     "faults": faults, "statuses": statuses(mine)})
     return out
 

@@ -26,11 +26,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 from pathlib import Path
 
 DEFAULT_CONFIG = "deployments/local.yaml"
+MAX_SIMULATED = 2_000_000  # requests in one simulate run: every attempt is kept for the scores
 # The checkout (an editable install): where the shipped deployments/ lives.
 REPO = Path(__file__).resolve().parent.parent
 
@@ -400,6 +402,9 @@ def cmd_simulate(args) -> int:
     _, cfg = _config(args)
     cfg = with_absolute_paths(cfg, base)
     url = (args.url or f"http://127.0.0.1:{http_port(path)}").rstrip("/")
+    if args.rate * args.seconds > MAX_SIMULATED:
+        raise CliError(f"--rate {args.rate:g} for --seconds {args.seconds:g} is {args.rate * args.seconds:,.0f} requests: "
+                       f"at most {MAX_SIMULATED:,} a run")
     try:
         subnet = driver.pick_subnet(cfg, args.netuid)
         sim = driver.prepare(cfg, subnet, url, args.validators, args.seed)
@@ -413,6 +418,7 @@ def cmd_simulate(args) -> int:
     if not args.no_reference and "embeddings" in sim.payloads.paths:
         sim.payloads.reference = driver.reference_vectors(cfg, sim.payloads.texts)
     report = driver.simulate(sim, subnet.netuid, args.seconds, args.rate, args.profile, args.seed, target=args.target)
+    print(json.dumps(report) if args.json else scoring.text(report))
     if args.record:
         from serve_app.economics.ledger import Clock, Ledger, LedgerError
 
@@ -422,8 +428,21 @@ def cmd_simulate(args) -> int:
             ledger.close()
         except LedgerError as exc:
             raise CliError(str(exc), code=1) from None
-    print(json.dumps(report) if args.json else scoring.text(report))
     return 0 if report["verdict"]["holds"] else 1
+
+
+def _bounded(low: float, high: float, what: str, low_open: bool = True):
+    """An argparse type: a finite number in (low, high] (or [low, high])."""
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            value = math.nan
+        if not (math.isfinite(value) and (value > low if low_open else value >= low) and value <= high):
+            raise argparse.ArgumentTypeError(f"{text!r}: {what} ({'over' if low_open else 'at least'} {low:g}, "
+                                             f"at most {high:g})")
+        return value
+    return parse
 
 
 def _validator_options(cmd: argparse.ArgumentParser, path: str) -> None:
@@ -534,14 +553,16 @@ def parser() -> argparse.ArgumentParser:
     sim.add_argument("--config", default=DEFAULT_CONFIG, help="serve config (default deployments/local.yaml)")
     sim.add_argument("--url", help="the miner (default: 127.0.0.1 at the config's http_options.port)")
     sim.add_argument("--netuid", type=int, help="the subnet to simulate (default: the config's first)")
-    sim.add_argument("--seconds", type=float, default=60.0)
-    sim.add_argument("--rate", type=float, default=4.0, help="mean arrivals a second, all validators together")
+    sim.add_argument("--seconds", type=_bounded(0, 86400, "seconds of run"), default=60.0)
+    sim.add_argument("--rate", type=_bounded(0, 10000, "arrivals a second"), default=4.0,
+                     help="mean arrivals a second, all validators together")
     sim.add_argument("--profile", choices=PROFILES, default="steady",
                      help="steady Poisson, bursts at 3x, or a diurnal curve compressed into the run")
     sim.add_argument("--validators", type=Path,
                      help="a YAML/JSON file of validators (keys held here) instead of the snapshot's dev keys")
     sim.add_argument("--seed", type=int, default=0)
-    sim.add_argument("--target", type=float, default=0.99, help="the stake-weighted score the verdict asks for")
+    sim.add_argument("--target", type=_bounded(0, 1, "a score"), default=0.99,
+                     help="the stake-weighted score the verdict asks for")
     sim.add_argument("--no-reference", action="store_true",
                      help="do not load the embeddings model here: check vectors' shapes only")
     sim.add_argument("--record", action="store_true", help="append the run's line to the config's ledger")

@@ -272,9 +272,12 @@ class Ledger:
     def add_simulation(self, line: dict) -> None:
         """A `torchrank-miner simulate --record` line (serve_app/simulate/scoring.py): what simulated
         validators scored, beside what real ones were served."""
-        with self.db:
-            self.db.execute("INSERT INTO simulations VALUES (?,?,?)",
-                            (line.get("at") or self.clock.now(), line.get("netuid"), json.dumps(line)))
+        try:
+            with self.db:
+                self.db.execute("INSERT INTO simulations VALUES (?,?,?)",
+                                (line.get("at") or self.clock.now(), line.get("netuid"), json.dumps(line)))
+        except sqlite3.Error as exc:  # e.g. locked past the timeout
+            raise LedgerError(f"cannot write the simulation to the ledger {self.path}: {exc}") from None
 
     def prune(self, t: Optional[float] = None) -> None:
         """Bounded in size: minute buckets for 35 days, days for keep_days."""

@@ -2,8 +2,8 @@
 process whose rate follows a profile over the run. Seeded: the same seed, the same arrivals.
 
   steady   the rate all along
-  bursty   bursts at BURST x the rate for a tenth of every period, a lower rate between: the
-           same mean
+  bursty   bursts at BURST x the rate for the last tenth of every period (a minute, or a third
+           of a shorter run), a lower rate between: the same mean over whole periods
   diurnal  a day compressed into the run: from a trough at half the rate at the start, up to
            1.5 x in the middle and back (mean: the rate)
 """
@@ -39,13 +39,16 @@ def rate_at(profile: str, t: float, seconds: float, rate: float) -> float:
 
 
 def peak_rate(profile: str, rate: float) -> float:
+    rate_at(profile, 0.0, 1.0, rate)  # an unknown profile: its clear error
     return {"steady": rate, "bursty": rate * BURST, "diurnal": rate * (1 + DIURNAL_SWING)}[profile]
 
 
 def arrival_times(rate: float, seconds: float, profile: str = "steady", seed: int = 0) -> list[float]:
     """Arrival offsets in [0, seconds): a Poisson process of rate `rate_at(profile, t)`, drawn by
     thinning one at the peak rate (Lewis and Shedler)."""
-    if rate <= 0 or seconds <= 0:
+    if not (math.isfinite(rate) and math.isfinite(seconds)) or rate < 0 or seconds < 0:
+        raise ValueError(f"arrivals need a finite rate and length, not {rate} req/s for {seconds} s")
+    if rate == 0 or seconds == 0:
         return []
     rng = random.Random(seed)
     peak = peak_rate(profile, rate)

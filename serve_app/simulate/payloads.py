@@ -41,9 +41,8 @@ class Work:
     kind: str
     path: str
     payload: dict
-    check: Callable[[dict], tuple[bool, str]]
-    key: Optional[tuple] = None  # images: what a seeded re-request must answer identically
-    repeat: bool = False  # images: this re-requests `key`
+    check: Callable[[dict], tuple[bool, str]]  # (correct, why not: "" when correct)
+    repeat: bool = False  # images: this re-requests an earlier prompt and seed
 
 
 def text_pool(n: int = POOL_TEXTS) -> list[str]:
@@ -117,17 +116,20 @@ class Payloads:
             vectors = np.asarray([item["embedding"] for item in items], dtype=np.float32)
         except (KeyError, TypeError, ValueError):
             return False, "vectors of mixed or missing dimensions"
-        if vectors.ndim != 2 or not np.isfinite(vectors).all():
+        if vectors.ndim != 2:
+            return False, "vectors of mixed dimensions"
+        if not np.isfinite(vectors).all():
             return False, "vectors that are not finite numbers"
         if self.reference is None:
             self._dimension = self._dimension or vectors.shape[1]
-            return (vectors.shape[1] == self._dimension,
-                    f"dimension {vectors.shape[1]}, earlier answers {self._dimension}")
+            if vectors.shape[1] != self._dimension:
+                return False, f"dimension {vectors.shape[1]}, earlier answers {self._dimension}"
+            return True, ""
         reference = self.reference[picked]
         if vectors.shape[1] != reference.shape[1]:
             return False, f"dimension {vectors.shape[1]}, the reference model's {reference.shape[1]}"
         low = float(cosines(vectors, reference).min())
-        return low >= MIN_COSINE, f"cosine {low:.3f} to the reference, under {MIN_COSINE}"
+        return (True, "") if low >= MIN_COSINE else (False, f"cosine {low:.3f} to the reference, under {MIN_COSINE}")
 
     # -- images ------------------------------------------------------------------------------
 
@@ -139,9 +141,8 @@ class Payloads:
         repeat = bool(answered) and rng.random() < REPEAT_SHARE
         key = rng.choice(sorted(answered)) if repeat else (rng.choice(PROMPTS), rng.randrange(2 ** 31))
         payload = {"prompt": key[0], "n": 1, "seed": key[1], "response_format": "b64_json"}
-        work = Work("images", self.paths["images"], payload, lambda data: self._check_image(data, validator, key),
-                    key=key, repeat=repeat)
-        return work
+        return Work("images", self.paths["images"], payload, lambda data: self._check_image(data, validator, key),
+                    repeat=repeat)
 
     def _check_image(self, data: dict, validator: int, key: tuple) -> tuple[bool, str]:
         items = data.get("data") or []
@@ -160,7 +161,7 @@ class Payloads:
             return False, f"seed {items[0].get('seed')}, asked {key[1]}"
         digest = hashlib.sha256(png).hexdigest()
         first = self._answered(validator).setdefault(key, digest)
-        return first == digest, "a seeded re-request returned other bytes"
+        return (True, "") if first == digest else (False, "a seeded re-request returned other bytes")
 
     # -- agents ------------------------------------------------------------------------------
 

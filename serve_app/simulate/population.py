@@ -63,11 +63,18 @@ class Validator:
     retry_delay_s: float = 1.0
 
 
+class WalletEntry(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    name: str
+    hotkey: str = "default"
+    path: str = "~/.bittensor/wallets"
+
+
 class ValidatorEntry(BaseModel):
     """One validator of a validators file (YAML or JSON: {"validators": [...]})."""
     model_config = ConfigDict(extra="forbid")
     key: Optional[str] = Field(default=None, description="A dev key URI (//Alice); or give wallet.")
-    wallet: Optional[dict] = Field(default=None, description="{name, hotkey, path} of a wallet on disk.")
+    wallet: Optional[WalletEntry] = Field(default=None, description="{name, hotkey, path} of a wallet on disk.")
     stake: Optional[float] = Field(default=None, ge=0, description="Default: the metagraph's.")
     share: Optional[float] = Field(default=None, gt=0)
     mix: Optional[dict[str, float]] = None
@@ -93,23 +100,27 @@ def served_kinds(subnet: SubnetConfig) -> dict[str, str]:
     return out
 
 
-def _mix(wanted: dict[str, float], kinds: dict[str, str]) -> dict[str, float]:
-    """`wanted` over the kinds the subnet serves, normalised; all of them evenly when none is left."""
+def _mix(wanted: dict[str, float], kinds: dict[str, str], strict: bool) -> dict[str, float]:
+    """`wanted` over the kinds the subnet serves, normalised. `strict` (a file's mix): none of them
+    served is an error; else (a style's) all served kinds evenly."""
     unknown = set(wanted) - set(KINDS.values())
     if unknown:
         raise ValueError(f"mix: {sorted(unknown)} are not kinds of work; use {sorted(KINDS.values())}")
     kept = {k: w for k, w in wanted.items() if k in kinds and w > 0}
+    if not kept and strict:
+        raise ValueError(f"mix: the subnet serves none of {sorted(wanted)}; it serves {sorted(kinds)}")
     if not kept:
         kept = {k: 1.0 for k in kinds}
     total = sum(kept.values())
     return {k: w / total for k, w in kept.items()}
 
 
-def _build(name: str, signer, stake: float, registered: bool, style: Style, subnet: SubnetConfig) -> Validator:
+def _build(name: str, signer, stake: float, registered: bool, style: Style, subnet: SubnetConfig,
+           strict_mix: bool = False) -> Validator:
     kinds = served_kinds(subnet)
     return Validator(
         name=name, signer=signer, hotkey=_hotkey(signer), stake=stake, registered=registered, share=style.share,
-        mix=_mix(style.mix, kinds), timeout_s=min(style.timeout_s, subnet.max_timeout_s),
+        mix=_mix(style.mix, kinds, strict_mix), timeout_s=min(style.timeout_s, subnet.max_timeout_s),
         slo_s=style.slo_s if style.slo_s is not None else subnet.slo.latency_s,
         receiver=style.receiver, retries=style.retries, retry_delay_s=style.retry_delay_s)
 
@@ -152,16 +163,21 @@ def file_population(path: Path, subnet: SubnetConfig, view) -> list[Validator]:
         if (entry.key is None) == (entry.wallet is None):
             raise ValueError(f"validators file {path}: validators[{i}]: give exactly one of key or wallet")
         if entry.wallet is not None:
-            wallet = {"name": None, "hotkey": "default", "path": "~/.bittensor/wallets", **entry.wallet}
-            signer = signer_for(None, wallet["name"], wallet["hotkey"], wallet["path"])
-            name = f"{wallet['name']}/{wallet['hotkey']}"
+            wallet = entry.wallet
+            signer = signer_for(None, wallet.name, wallet.hotkey, wallet.path)
+            name = f"{wallet.name}/{wallet.hotkey}"
         else:
             try:
                 signer = signer_for(entry.key)
             except Exception as exc:
                 raise ValueError(f"validators file {path}: validators[{i}].key: {exc}") from None
             name = entry.key
-        neuron = view.neuron(_hotkey(signer)) if view is not None else None
+        try:
+            hotkey = _hotkey(signer)
+        except Exception as exc:  # a wallet whose hotkey file is missing or unreadable
+            raise ValueError(f"validators file {path}: validators[{i}]: cannot read the hotkey of {name}: "
+                             f"{' '.join(str(exc).split())}") from None
+        neuron = view.neuron(hotkey) if view is not None else None
         stake = entry.stake if entry.stake is not None else (neuron.stake if neuron is not None else 0.0)
         entries.append((i, name, signer, stake, neuron is not None and neuron.validator_permit, entry))
     ranked = sorted(entries, key=lambda e: -e[3])
@@ -171,7 +187,7 @@ def file_population(path: Path, subnet: SubnetConfig, view) -> list[Validator]:
         style = Style(**{f: getattr(entry, f) if getattr(entry, f) is not None else getattr(base, f)
                          for f in ("mix", "timeout_s", "receiver", "retries", "retry_delay_s", "share", "slo_s")})
         try:
-            out.append((i, _build(name, signer, stake, registered, style, subnet)))
+            out.append((i, _build(name, signer, stake, registered, style, subnet, strict_mix=entry.mix is not None)))
         except ValueError as exc:
             raise ValueError(f"validators file {path}: validators[{i}]: {exc}") from None
     return [v for _, v in sorted(out, key=lambda item: item[0])]

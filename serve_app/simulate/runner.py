@@ -55,11 +55,13 @@ class Simulation:
             out.append((i, pick(self.rng, self.validators[i].mix)))
         return out
 
-    async def run(self, arrivals: Sequence[float], faults: Sequence[Fault] = (), connections: int = 512) -> list[Attempt]:
+    async def run(self, arrivals: Sequence[float], faults: Sequence[Fault] = ()) -> list[Attempt]:
         import aiohttp
 
         plan = self.assign(len(arrivals))
-        async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=connections)) as client:
+        # No pool limit: each validator has connections of its own, and a wait for a pooled one would
+        # be charged to the miner's latency.
+        async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as client:
             t0 = time.perf_counter()
             fault_tasks = [asyncio.create_task(self._fault(f, t0)) for f in faults]
             sending = []
@@ -117,17 +119,26 @@ class Simulation:
         a = Attempt(validator=i, kind=work.kind, task=task, attempt=attempt, sent_at=sent, seconds=seconds,
                     status=status, error=error)
         if status == 200:
-            try:
-                data = orjson.loads(raw)
-                a.correct, a.note = work.check(data) if isinstance(data, dict) else (False, "not a JSON object")
-                a.unanswered = work.kind == "agents" and isinstance(data, dict) and data.get("answer") is None
-            except orjson.JSONDecodeError:
-                a.correct, a.note = False, "200 with a body that is not JSON"
-            if not a.correct:
-                a.note = a.note or "the answer failed its check"
+            a.correct, a.note, a.unanswered = judge(work, raw)
         elif status:
             a.error = error_code(status, raw)
         return a, retry_after
+
+
+def judge(work: Work, raw: bytes) -> tuple[bool, str, bool]:
+    """(correct, why not, an agent run without an answer) for a 200's body; an answer of any
+    shape is judged, never raised on."""
+    try:
+        data = orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        return False, "200 with a body that is not JSON", False
+    if not isinstance(data, dict):
+        return False, "200 with a body that is not a JSON object", False
+    try:
+        correct, note = work.check(data)
+    except Exception as exc:  # a field of another type than the protocol's, deep inside
+        correct, note = False, f"an answer of another shape than the protocol's ({type(exc).__name__})"
+    return correct, note if not correct else "", work.kind == "agents" and data.get("answer") is None
 
 
 def _seconds(value: Optional[str]) -> Optional[float]:

@@ -10,11 +10,13 @@ that cost the most stake-weighted score first.
 
 from __future__ import annotations
 
+import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Iterable, Optional, Sequence
 
 TARGET = 0.99  # the stake-weighted score a miner must keep to hold its place
+EPISODE_GAP_S = 10.0  # refusals of one kind further apart than this are separate episodes
 # Error codes (serve_app/errors.py), and the client's own timeout, by what they say of the miner.
 CAPACITY = frozenset({"shed", "deadline_exceeded", "TimeoutError"})
 AVAILABILITY = frozenset({"breaker_open", "unavailable", "internal_error"})
@@ -85,7 +87,7 @@ def outcome(a: Attempt) -> str:
 
 
 def task_loss(a: Attempt, slo_s: float, deadline_s: float) -> tuple[float, str]:
-    """(score lost, the cause charged) for a task whose last attempt is `a`."""
+    """(score lost, the cause charged) for a task (`tasks`: its last attempt, timed from its first send)."""
     if a.status != 200:
         return 1.0, outcome(a)
     if not a.correct:
@@ -96,8 +98,8 @@ def task_loss(a: Attempt, slo_s: float, deadline_s: float) -> tuple[float, str]:
 def percentile(values: Sequence[float], q: float) -> Optional[float]:
     if not values:
         return None
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+    ordered = sorted(values)  # nearest rank: the smallest value with at least q of them at or under it
+    return ordered[max(0, math.ceil(q * len(ordered)) - 1)]
 
 
 def _ms(seconds: Optional[float]) -> Optional[float]:
@@ -108,8 +110,21 @@ def clock(t: float) -> str:
     return time.strftime("%H:%M:%S", time.localtime(t))
 
 
-def _during(start: float, end: float, faults: Sequence[dict]) -> str:
-    names = [f["name"] for f in faults if f["start"] <= end and start <= f["end"]]
+def episodes(hits: list[Attempt]) -> list[list[Attempt]]:
+    """`hits` (by send time) in runs without a gap over EPISODE_GAP_S."""
+    out: list[list[Attempt]] = []
+    for a in sorted(hits, key=lambda a: a.sent_at):
+        if out and a.sent_at - (out[-1][-1].sent_at + out[-1][-1].seconds) <= EPISODE_GAP_S:
+            out[-1].append(a)
+        else:
+            out.append([a])
+    return out
+
+
+def _during(hits: list[Attempt], faults: Sequence[dict]) -> str:
+    """The faults that most of these hits fell inside."""
+    names = [f["name"] for f in faults
+             if 2 * sum(1 for a in hits if f["start"] <= a.sent_at + a.seconds and a.sent_at <= f["end"]) > len(hits)]
     return f" (during {', '.join(names)})" if names else ""
 
 
@@ -118,17 +133,23 @@ def _share(n: int, of: int) -> str:
     return f"{share:.0f} %" if share >= 1 or n == 0 else "<1 %"
 
 
-def last_attempts(attempts: Iterable[Attempt]) -> dict[tuple[int, int], Attempt]:
-    """(validator, task) -> its last attempt."""
-    out: dict[tuple[int, int], Attempt] = {}
+def tasks_of(attempts: Iterable[Attempt]) -> dict[tuple[int, int], Attempt]:
+    """(validator, task) -> the task as the validator lived it: its last attempt's outcome, sent
+    when its first was, taking until its last answer (refused tries and retry waits included)."""
+    first: dict[tuple[int, int], Attempt] = {}
+    last: dict[tuple[int, int], Attempt] = {}
     for a in attempts:
         key = (a.validator, a.task)
-        if key not in out or a.attempt > out[key].attempt:
-            out[key] = a
-    return out
+        if key not in first or a.attempt < first[key].attempt:
+            first[key] = a
+        if key not in last or a.attempt > last[key].attempt:
+            last[key] = a
+    return {key: a if a is first[key] else replace(a, sent_at=first[key].sent_at,
+                                                   seconds=a.sent_at + a.seconds - first[key].sent_at)
+            for key, a in last.items()}
 
 
-def validator_result(index: int, v, attempts: list[Attempt], tasks: list[Attempt], faults: Sequence[dict]) -> dict:
+def validator_result(v, attempts: list[Attempt], tasks: list[Attempt], faults: Sequence[dict]) -> dict:
     """One validator's score, counts, latency and breakdown, from its attempts and tasks' last attempts."""
     losses: dict[str, float] = {}
     categories: dict[str, tuple[str, str]] = {}
@@ -146,9 +167,11 @@ def validator_result(index: int, v, attempts: list[Attempt], tasks: list[Attempt
     breakdown = []
     for what in sorted({outcome(a) for a in tasks if a.status != 200}):
         hit = [a for a in tasks if a.status != 200 and outcome(a) == what]
-        start, end = min(a.sent_at for a in hit), max(a.sent_at + a.seconds for a in hit)
+        runs = episodes(hit)
+        spans = ", ".join(f"{clock(r[0].sent_at)}-{clock(max(a.sent_at + a.seconds for a in r))}{_during(r, faults)}"
+                          for r in runs[:3]) + (f" and {len(runs) - 3} more episodes" if len(runs) > 3 else "")
         verb = "refused" if hit[0].status else "got"
-        breakdown.append(f"{_share(len(hit), n)} {verb} {what} at {clock(start)}-{clock(end)}{_during(start, end, faults)}")
+        breakdown.append(f"{_share(len(hit), n)} {verb} {what} at {spans}")
     retried = [a for a in tasks if a.attempt > 0]
     if retried:
         breakdown.append(f"{len(retried)} tasks retried after a refusal: "
@@ -208,6 +231,8 @@ def verdict(results: list[dict], target: float, run: dict) -> dict:
     score = sum(w * r["score"] for w, r in zip(weights, scored)) / total if scored else 0.0
     causes: dict[str, dict] = {}
     for w, r in zip(weights, scored):
+        if w <= 0:
+            continue  # no stake, no weight in consensus
         for cause, loss in r["losses"].items():
             c = causes.setdefault(cause, {"lost": 0.0, "category": loss["category"], "hint": loss["hint"],
                                           "validators": []})
@@ -228,8 +253,8 @@ def verdict(results: list[dict], target: float, run: dict) -> dict:
         if limits:
             text += f"; the first to give: {_limit_text(limits[0])}"
     else:
-        text = (f"would lose score at {load}: stake-weighted {score:.3f} under {target:g}; "
-                f"first limit: {_limit_text(limits[0])}")
+        text = (f"would lose score at {load}: stake-weighted {score:.3f} under {target:g}"
+                + (f"; first limit: {_limit_text(limits[0])}" if limits else ""))
     return {"holds": holds, "score": round(score, 4), "target": target,
             "top_stake": None if top is None else {"name": top["name"], "score": top["score"]},
             "limits": limits, "text": text}
@@ -243,11 +268,11 @@ def _limit_text(limit: dict) -> str:
 def score_run(attempts: list[Attempt], validators, run: dict, faults: Sequence[dict] = (),
               target: float = TARGET) -> dict:
     """The whole report: {"run", "validators": [...], "routes": {...}, "faults", "verdict", "ledger_line"}."""
-    tasks = last_attempts(attempts)
+    tasks = tasks_of(attempts)
     results = []
     for i, v in enumerate(validators):
         mine = [a for a in attempts if a.validator == i]
-        results.append(validator_result(i, v, mine, [a for (vi, _), a in sorted(tasks.items()) if vi == i], faults))
+        results.append(validator_result(v, mine, [a for (vi, _), a in sorted(tasks.items()) if vi == i], faults))
     judged = verdict(results, target, run)
     line = {"at": run.get("started_at"), "netuid": run.get("netuid"), "seconds": run.get("seconds"),
             "rate": run.get("rate"), "profile": run.get("profile"), "validators": len(validators),

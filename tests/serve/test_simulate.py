@@ -74,3 +74,14 @@ def test_simulated_validators_score_the_miner_and_a_fault_shows_in_the_breakdown
     first = report["verdict"]["limits"][0]
     assert first["validators"] == ["//Alice"] and first["category"] in ("availability", "capacity"), first
     assert report["ledger_line"]["validators"] == 2 and report["ledger_line"]["first_limit"] == first["cause"]
+
+
+def test_the_simulator_signs_with_epistula_where_the_subnet_does(miner):
+    subnet = next(s for s in miner.cfg.subnets if s.auth.scheme == "epistula")
+    sim = prepare(miner.cfg, subnet, miner.url)  # the snapshot's dev-key validators: //Alice
+    assert sim.scheme == "epistula" and [v.name for v in sim.validators] == ["//Alice"]
+    assert sim.payloads.paths == {"embeddings": subnet.prefix + "/v1/embeddings"}
+    report = simulate(sim, subnet.netuid, seconds=3.0, rate=5.0)
+    alice = report["validators"][0]
+    assert alice["tasks"] > 3 and alice["answered"] == alice["tasks"] and alice["score"] == 1.0, alice
+    assert report["verdict"]["holds"]

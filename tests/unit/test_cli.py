@@ -143,6 +143,19 @@ def test_simulate_with_no_miner_running(capsys):
     assert f"cannot reach the miner at {url}" in line and "make run" in line
 
 
+@pytest.mark.parametrize("flag, value", [("--rate", "inf"), ("--rate", "0"), ("--seconds", "nan"),
+                                         ("--seconds", "-5"), ("--target", "1.5")])
+def test_simulate_refuses_rates_lengths_and_targets_out_of_range(flag, value, capsys):
+    with pytest.raises(SystemExit) as exited:
+        cli.main(["simulate", flag, value])
+    assert exited.value.code == 2 and f"{value!r}" in capsys.readouterr().err
+
+
+def test_simulate_refuses_a_run_too_large_to_keep(capsys):
+    assert cli.main(["simulate", "--rate", "10000", "--seconds", "86400"]) == 2
+    assert "at most 2,000,000 a run" in one_line(capsys.readouterr().err)
+
+
 def test_simulate_names_a_bad_validators_file(tmp_path, capsys):
     with socket.socket() as listener:  # something listening: /health gets past the connect
         listener.bind(("127.0.0.1", 0))

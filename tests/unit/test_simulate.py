@@ -22,8 +22,8 @@ from serve_app.economics.ledger import Clock, Ledger
 from serve_app.simulate.arrivals import BURST, arrival_times, burst_period_s, rate_at
 from serve_app.simulate.payloads import Payloads, check_trace, png_size
 from serve_app.simulate.population import STYLES, Validator, file_population, population
-from serve_app.simulate.runner import Fault, Simulation
-from serve_app.simulate.scoring import Attempt, latency_credit, outside, score_run
+from serve_app.simulate.runner import Fault, Simulation, judge
+from serve_app.simulate.scoring import Attempt, latency_credit, outside, percentile, score_run
 
 SNAPSHOT = {"source": "snapshot", "path": "deployments/local-metagraph.json"}
 ROUTES = [{"path": "/v1/embeddings", "protocol": "openai-embeddings"},
@@ -84,9 +84,14 @@ def test_diurnal_arrivals_peak_in_the_middle_of_the_compressed_day():
     assert len(times) / seconds == pytest.approx(rate, rel=0.05)
 
 
-def test_an_unknown_profile_is_named():
+def test_an_unknown_profile_and_endless_runs_are_refused():
     with pytest.raises(ValueError, match="unknown profile 'weekly'"):
         rate_at("weekly", 0, 10, 1)
+    with pytest.raises(ValueError, match="unknown profile 'weekly'"):
+        arrival_times(1, 10, "weekly")
+    for rate, seconds in ((float("inf"), 10), (1, float("nan")), (-1, 10)):
+        with pytest.raises(ValueError, match="a finite rate and length"):
+            arrival_times(rate, seconds)
 
 
 # -- checks ----------------------------------------------------------------------------------
@@ -127,7 +132,7 @@ def test_images_must_be_pngs_of_their_size_and_seeded_repeats_must_match_bytes()
     seed = first.payload["seed"]
     answer = lambda data, size="64x64": {"size": size, "data": [{"b64_json": base64.b64encode(data).decode(),  # noqa: E731
                                                                   "seed": seed}]}
-    assert first.check(answer(png(64, 64))) == (True, "a seeded re-request returned other bytes")
+    assert first.check(answer(png(64, 64))) == (True, "")
     assert first.check(answer(png(64, 32)))[1] == "a 64x32 PNG, answered as 64x64"
     assert first.check(answer(b"not a png"))[1] == "not a PNG"
     repeats = [w for w in (payloads.make(0, "images", rng) for _ in range(40)) if w.repeat]
@@ -180,14 +185,59 @@ def test_refusals_and_wrong_answers_score_zero_and_the_breakdown_names_them():
     assert report["routes"]["embeddings"]["tasks"] == 110
 
 
-def test_a_retried_task_scores_its_last_attempt_and_the_breakdown_counts_retries():
-    vs = [validator(retries=1)]
+def test_percentiles_are_nearest_rank():
+    assert percentile([1, 2], 0.5) == 1 and percentile(list(range(1, 21)), 0.95) == 19
+    assert percentile(list(range(1, 101)), 0.99) == 99 and percentile([7], 0.99) == 7 and percentile([], 0.5) is None
+
+
+def test_a_retried_task_scores_its_last_attempt_timed_from_its_first_send():
+    vs = [validator(retries=1)]  # SLO 1 s, deadline 5 s
+    late = [refused(0, 1, status=503, error="shed", at=1000.0), answered(0, 1, attempt=1, at=1004.0, seconds=0.2)]
+    r = score_run(late, vs, RUN)["validators"][0]
+    assert r["score"] == pytest.approx(0.2) and "latency on embeddings" in r["losses"]  # 4.2 s from its first send
+    past = [refused(0, 1, status=503, error="shed", at=1000.0), answered(0, 1, attempt=1, at=1005.0, seconds=0.2)]
+    assert score_run(past, vs, RUN)["validators"][0]["score"] == 0.0  # answered past the validator's deadline
+    quick = [refused(0, 1, status=503, error="shed", at=1000.0), answered(0, 1, attempt=1, at=1000.5, seconds=0.1)]
+    assert score_run(quick, vs, RUN)["validators"][0]["score"] == 1.0
     attempts = [refused(0, 1, status=429, error="rate_limited"), answered(0, 1, attempt=1),
                 refused(0, 2, status=429, error="rate_limited"), refused(0, 2, status=429, error="rate_limited", attempt=1)]
     r = score_run(attempts, vs, RUN)["validators"][0]
     assert r["score"] == 0.5 and r["tasks"] == 2 and r["attempts"] == 4 and r["retried"] == 2
     assert "2 tasks retried after a refusal: 1 answered on a retry" in r["breakdown"]
     assert r["losses"]["429 rate_limited"]["category"] == "rate limit"
+
+
+def test_validators_without_stake_weigh_nothing():
+    vs = [validator("//Alice", stake=100), validator("//Ferdie", stake=0)]
+    attempts = [answered(0, t) for t in range(10)] + [refused(1, t, 401, "wrong_receiver") for t in range(10)]
+    v = score_run(attempts, vs, RUN)["verdict"]
+    assert v["holds"] and v["score"] == 1.0 and v["limits"] == [] and "first to give" not in v["text"]
+    nobody = [validator("//Alice", stake=0), validator("//Eve", stake=0)]  # no stakes at all: a plain mean
+    assert score_run(attempts, nobody, RUN)["verdict"]["score"] == 0.5
+
+
+def test_refusal_episodes_apart_in_time_are_listed_apart_and_only_a_covering_fault_is_named():
+    vs = [validator()]
+    fault = {"name": "kill", "start": 1100.0, "end": 1110.0}
+    attempts = [refused(0, t, at=1000.0 + t) for t in range(3)] + [refused(0, 10 + t, at=1100.0 + t) for t in range(3)]
+    attempts += [refused(0, 20 + t, 403, "insufficient_stake", at=1000.0 + 20 * t) for t in range(10)]
+    lines = score_run(attempts, vs, RUN, faults=[fault])["validators"][0]["breakdown"]
+    shed = next(line for line in lines if "503 shed" in line)
+    assert shed.count("-") == 2 and shed.endswith("(during kill)") and ", " in shed  # two episodes, the second in the fault
+    stake = next(line for line in lines if "insufficient_stake" in line)
+    assert "during" not in stake  # spread over the run, not the fault's doing
+
+
+def test_an_answer_of_any_shape_is_judged_never_raised_on():
+    payloads = Payloads({"embeddings": "/v1/embeddings", "agents": "/v1/agents/runs"}, texts=["a"])
+    work = payloads.make(0, "embeddings", random.Random(0))
+    for body in (b'{"data": ["x"]}', b'{"data": [{"index": "a"}, {"index": 1}]}', b"[1, 2]", b"not json",
+                 b'{"data": [{"index": 0, "embedding": "abc"}]}'):
+        correct, note, _ = judge(work, body)
+        assert correct is False and note, body
+    run = payloads.make(0, "agents", random.Random(0))
+    assert judge(run, b'{"finish": "max_steps", "steps": "many"}')[:2] == (False, "no steps list")
+    assert judge(run, b'{"finish": "max_steps", "answer": null, "steps": []}') == (True, "", True)
 
 
 def test_a_holding_miner_and_auth_refusals_with_their_hint():
@@ -244,6 +294,13 @@ def test_a_validators_file(tmp_path):
         population(cfg, cfg.subnets[0], path)
     with pytest.raises(ValueError, match="cannot read the validators file"):
         population(cfg, cfg.subnets[0], tmp_path / "none.yaml")
+    path.write_text("validators:\n  - {wallet: {hotkey: h}}\n")  # a wallet needs its name
+    with pytest.raises(ValueError, match="name"):
+        population(cfg, cfg.subnets[0], path)
+    only_embeddings = config(routes=[ROUTES[0]])
+    path.write_text("validators:\n  - {key: '//Alice', mix: {images: 1}}\n")
+    with pytest.raises(ValueError, match=r"the subnet serves none of \['images'\]; it serves \['embeddings'\]"):
+        population(only_embeddings, only_embeddings.subnets[0], path)
 
 
 def test_a_chain_subnet_needs_a_validators_file():
