@@ -1,6 +1,7 @@
 """Sends the simulated validators' requests: open loop at the arrival times, each signed as its
 validator signs (the subnet's scheme, with or without the receiver), with its own deadline in
-X-Bittensor-Timeout and as its own timeout, and retried after a 429 or 503 by those that retry
+X-Bittensor-Timeout (an answer after it scores 0; the validator listens LATE_GRACE_S longer, to
+tell a late answer from none), and retried after a 429 or 503 by those that retry
 (after Retry-After, at most MAX_RETRY_DELAY_S). Faults (benchmarks/soak.py, the serve test) run
 in a thread at their time; each records the window from its start until its `end` returns.
 """
@@ -22,6 +23,9 @@ from serve_app.simulate.population import MAX_RETRY_DELAY_S, Validator
 from serve_app.simulate.scoring import Attempt
 
 RETRIED = (429, 503)
+# A validator keeps listening this long past its deadline, to tell an answer that came a little
+# late (it scores 0 all the same) from none at all (work the miner dropped).
+LATE_GRACE_S = 1.0
 
 
 @dataclass(frozen=True)
@@ -108,11 +112,11 @@ class Simulation:
         error = ""
         try:
             async with client.post(self.url + work.path, data=body, headers=headers,
-                                   timeout=aiohttp.ClientTimeout(total=v.timeout_s)) as resp:
+                                   timeout=aiohttp.ClientTimeout(total=v.timeout_s + LATE_GRACE_S)) as resp:
                 status, raw = resp.status, await resp.read()
                 retry_after = _seconds(resp.headers.get("Retry-After"))
         except asyncio.TimeoutError:
-            error = "TimeoutError"  # no answer inside the validator's deadline
+            error = "TimeoutError"  # no answer, even a little past the validator's deadline
         except (aiohttp.ClientError, OSError) as exc:
             error = type(exc).__name__
         seconds = time.perf_counter() - started
