@@ -95,7 +95,9 @@ class Sampler(threading.Thread):
         for p in psutil.Process(os.getpid()).children(recursive=True):
             try:
                 cmd = p.cmdline()
-                name = cmd[0] if cmd and cmd[0].startswith("ray::") else p.name()
+                # A worker's title carries the method it runs ("ray::ServeReplica:app:X.handle_..."):
+                # the actor's name without it.
+                name = cmd[0].split(".")[0] if cmd and cmd[0].startswith("ray::") else p.name()
                 rss[name] = rss.get(name, 0) + p.memory_info().rss
             except psutil.Error:  # gone since the listing
                 continue
@@ -375,7 +377,11 @@ def main() -> None:
         calm = score_run(outside(attempts, report["faults"]), sim.validators, report["run"])
         top = max(calm["validators"], key=lambda r: r["stake"])
         warm = slices(report, attempts, sampler.samples, t0, seconds, args.slice_minutes * 60, sim.validators)
-        first_rss = warm[0]["rss_total_mb"]
+        # After warm-up: the last reading of the first slice taken before the first fault.
+        first_fault = min(f["start"] for f in report["faults"]) if report["faults"] else float("inf")
+        warm_end = min(t0 + args.slice_minutes * 60, first_fault)
+        first_rss = max((s for s in sampler.samples if s["t"] < warm_end), key=lambda s: s["t"],
+                        default=sampler.samples[0])["rss_total_mb"]
         last_rss = sampler.samples[-1]["rss_total_mb"]
         growth = (last_rss - first_rss) / first_rss if first_rss else None
         lost_all = sum(1 for a in attempts if lost(a))
