@@ -1,28 +1,31 @@
 """The validator simulator against the session's miner: two validators from a file (//Alice,
 admitted; //Poor, stake under the session's min_stake) scored with the real reference model,
-and a scripted fault (the Embeddings replica killed, Serve replacing it) in the breakdown."""
+and a scripted fault in the breakdown: the metagraph withdraws //Alice's validator permit for a
+while (a caller-side refusal: it does not spend the miner's error budget, which later tests read)."""
 
+import json
 import time
-
-import ray
-from ray import serve
+from pathlib import Path
 
 from serve_app.simulate.driver import prepare, reference_vectors, simulate
 from serve_app.simulate.runner import Fault
 from serve_app.simulate.scoring import outside, score_run
-from tests.conftest import APP, wait_until
-
-
-def embeddings_replicas() -> list[str]:
-    from ray._private.state import actors
-
-    cls = f"ServeReplica:{APP}:Embeddings"
-    return [a["Name"] for a in actors().values() if a["ActorClassName"] == cls and a["State"] == "ALIVE"]
+from tests.conftest import ss58, wait_until
 
 
 def answering(miner, streak=8) -> bool:
-    """`streak` signed embeddings in a row answered (no breaker left half-open)."""
+    """`streak` signed embeddings in a row answered (every router replica has the view back)."""
     return all(miner.post({"input": "answering?"}).status_code == 200 for _ in range(streak))
+
+
+def set_permit(snapshot: Path, hotkey: str, permit: bool) -> None:
+    """Rewrite the snapshot one block later (a view behind the current block is refused)."""
+    data = json.loads(snapshot.read_text())
+    data["block"] += 1
+    for neuron in data["neurons"]:
+        if neuron["hotkey"] == hotkey:
+            neuron["validator_permit"] = permit
+    snapshot.write_text(json.dumps(data))
 
 
 def test_simulated_validators_score_the_miner_and_a_fault_shows_in_the_breakdown(miner, tmp_path):
@@ -32,47 +35,49 @@ def test_simulated_validators_score_the_miner_and_a_fault_shows_in_the_breakdown
                           "  - {key: '//Poor', mix: {embeddings: 1}}\n")
     sim = prepare(miner.cfg, miner.cfg.subnets[0], miner.url, validators, seed=1)
     sim.payloads.reference = reference_vectors(miner.cfg, sim.payloads.texts)
-    assert [v.name for v in sim.validators] == ["//Alice", "//Poor"] and sim.payloads.reference is not None
-    victims = embeddings_replicas()
-    assert victims
+    assert [v.name for v in sim.validators] == ["//Alice", "//Poor"]
+    snapshot, alice = Path(miner.cfg.subnets[0].metagraph.path), ss58("//Alice")
 
-    def kill():
-        ray.kill(ray.get_actor(victims[0], namespace="serve"), no_restart=True)
+    def withdrawn():  # the routers re-read the snapshot every refresh_s (5 s)
+        wait_until(lambda: miner.post({"input": "permit?"}).status_code == 403, 30, "//Alice refused")
 
-    def recovered():
-        wait_until(lambda: serve.status().applications[APP].deployments["Embeddings"]
-                   .replica_states.get("RUNNING", 0) >= 1 and set(embeddings_replicas()) - set(victims), 60,
-                   "Serve replaced the killed Embeddings replica")
+    def restored():
+        set_permit(snapshot, alice, True)
+        wait_until(lambda: answering(miner), 30, "//Alice answered again")
 
-    fault = Fault(at_s=3.0, name="kill-embeddings", start=kill, end=recovered)
+    fault = Fault(at_s=2.0, name="permit-withdrawn", start=lambda: (set_permit(snapshot, alice, False), withdrawn()),
+                  end=restored, duration_s=3.0)
     started = time.monotonic()
     try:
-        report = simulate(sim, 1, seconds=10.0, rate=8.0, seed=1, faults=[fault])
+        report = simulate(sim, 1, seconds=14.0, rate=8.0, seed=1, faults=[fault])
     finally:
-        wait_until(lambda: answering(miner), 90, "the miner answers again after the fault")
+        set_permit(snapshot, alice, True)
+        wait_until(lambda: answering(miner), 60, "the miner answers //Alice again")
     print(f"simulated in {time.monotonic() - started:.1f} s:", report["verdict"]["text"])
-    alice, poor = report["validators"]
-    assert alice["tasks"] > 30 and poor["tasks"] > 5
+    alice_r, poor = report["validators"]
+    assert alice_r["tasks"] > 40 and poor["tasks"] > 5
 
     # //Poor is refused by authorisation, all of it: a zero, and the breakdown says why.
     assert poor["score"] == 0.0 and poor["refused"] == poor["tasks"]
     assert poor["breakdown"][0].startswith("100 % refused 403 insufficient_stake at ")
+    assert "during" not in poor["breakdown"][0]  # all run long: not the fault's doing
     assert poor["losses"]["403 insufficient_stake"]["category"] == "auth"
 
-    # //Alice: the real model's vectors pass the reference check; what the fault cost is named,
+    # //Alice: the real model's vectors pass the reference check; the fault's refusals are named,
     # inside its window; outside it every task scored.
     window = report["faults"][0]
-    assert window["name"] == "kill-embeddings" and window["end"] > window["start"]
-    assert alice["wrong"] == 0 and alice["answered"] > 0
-    during = [line for line in alice["breakdown"] if "(during kill-embeddings)" in line]
-    assert alice["score"] < 1.0 and during, alice["breakdown"]
+    assert window["name"] == "permit-withdrawn" and window["end"] > window["start"]
+    assert alice_r["wrong"] == 0 and alice_r["answered"] > 0
+    during = [line for line in alice_r["breakdown"] if "refused 403 no_validator_permit" in line]
+    assert during and during[0].endswith("(during permit-withdrawn)"), alice_r["breakdown"]
+    assert alice_r["losses"]["403 no_validator_permit"]["category"] == "auth"
     alice_only = [a for a in sim.attempts if a.validator == 0]
     calm = score_run(outside(alice_only, report["faults"]), sim.validators[:1], report["run"])
-    assert calm["validators"][0]["tasks"] > 10 and calm["validators"][0]["score"] >= 0.99, calm["validators"][0]
+    assert calm["validators"][0]["tasks"] > 20 and calm["validators"][0]["score"] >= 0.99, calm["validators"][0]
 
     # The verdict weighs by stake (10000 against 50): the fault, not //Poor, limits the miner first.
     first = report["verdict"]["limits"][0]
-    assert first["validators"] == ["//Alice"] and first["category"] in ("availability", "capacity"), first
+    assert first["cause"] == "403 no_validator_permit" and first["validators"] == ["//Alice"], first
     assert report["ledger_line"]["validators"] == 2 and report["ledger_line"]["first_limit"] == first["cause"]
 
 
