@@ -839,11 +839,15 @@ class AgentToolsConfig(Strict):
 class AgentsModel(Strict):
     id: str = Field(default="torchrank/tiny-lm",
                     description="A hub id or local path of a chat causal LM; torchrank/tiny-lm is built locally.")
-    max_new_tokens: int = Field(default=96, ge=1, le=4096, description="Per model step.")
+    max_new_tokens: int = Field(default=96, ge=1, le=4096, description="Per model step; an action not finished by then is "
+                                "closed (a few tokens more, serve_app/engines/llm.py).")
 
 
 class AgentsBatching(Strict):
-    max_batch_sessions: int = Field(default=64, ge=1, le=1024, description="Sessions advanced by one batched model call.")
+    max_batch_sessions: int = Field(default=64, ge=1, le=1024, description="Sessions decoding together at most.")
+    scheduling: Literal["continuous", "static"] = Field(
+        default="continuous", description="continuous: a step joins the running batch and leaves it when its action "
+                                          "is complete; static: a batch is formed when the last one has finished.")
 
 
 class AgentsLimits(Strict):
@@ -865,6 +869,9 @@ class AgentsConfig(Workload):
 
     workload = "agents"
 
+    engine: Literal["transformers", "vllm"] = Field(
+        default="transformers", description="transformers (any host) or vllm (GPU hosts with `pip install "
+                                            "torchrank-miner[vllm]`): the same action grammar either way.")
     model: AgentsModel = AgentsModel()
     runtime: ProcessRuntime = ProcessRuntime()
     batching: AgentsBatching = AgentsBatching()

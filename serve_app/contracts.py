@@ -36,6 +36,16 @@ class RenderSpec:
 
 
 @dataclass(frozen=True)
+class StepRequest:
+    """One session's model step for the continuous batch (serve_app/engines/llm.py `decode`)."""
+
+    key: int  # the caller's id for the step, unique among those in the batch
+    messages: list
+    grammar: Optional[str] = None  # the action's JSON schema text (serve_app/agents/grammar.py); None: free text
+    max_new_tokens: Optional[int] = None  # None: the engine's
+
+
+@dataclass(frozen=True)
 class Generation:
     """One conversation's next message from the language model."""
 

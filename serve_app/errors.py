@@ -111,14 +111,22 @@ class ApiError(Exception):
         self.headers = headers or {}
 
 
-def json_response(body: object, status: int = 200, headers: Optional[dict[str, str]] = None) -> Response:
+def json_bytes(body: object) -> bytes:
     # orjson encodes numpy float32 arrays directly: much faster than json for embeddings.
     try:
-        content = orjson.dumps(body, option=orjson.OPT_SERIALIZE_NUMPY)
+        return orjson.dumps(body, option=orjson.OPT_SERIALIZE_NUMPY)
     except orjson.JSONEncodeError:
         # Integers beyond 64 bits (a tool's 2**70): encode them as strings.
-        content = orjson.dumps(json_safe(body), option=orjson.OPT_SERIALIZE_NUMPY)
-    return Response(content, status_code=status, headers=headers, media_type="application/json")
+        return orjson.dumps(json_safe(body), option=orjson.OPT_SERIALIZE_NUMPY)
+
+
+def json_response(body: object, status: int = 200, headers: Optional[dict[str, str]] = None) -> Response:
+    return Response(json_bytes(body), status_code=status, headers=headers, media_type="application/json")
+
+
+def sse_event(event: str, data: object) -> bytes:
+    """One Server-Sent Event: its name and its data as one line of JSON."""
+    return b"event: " + event.encode() + b"\ndata: " + json_bytes(data) + b"\n\n"
 
 
 JSON_INTS = (-(2**63), 2**63 - 1)  # signed 64 bits: what JSON readers take as integers (orjson, Go, Java)

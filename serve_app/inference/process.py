@@ -89,6 +89,12 @@ class EngineProcess(GeneratingEngine):
     def generate(self, *args) -> list:
         return self._call("generate", *args)
 
+    def decode(self, *args) -> dict:
+        return self._call("decode", *args)
+
+    def counters(self) -> dict:
+        return self._call("counters")
+
     def probe(self) -> None:
         self._call("probe")
 

@@ -1,8 +1,13 @@
 """Agent runs: POST /v1/agents/runs.
 
-    {"task": str, "tools": [names], "max_steps"?: int, "documents"?: [str]}
+    {"task": str, "tools": [names], "max_steps"?: int, "documents"?: [str], "stream"?: bool}
  -> {"answer": str | null, "finish": "answer" | "max_steps",
      "steps": [{"tool", "args", "result" | "error", "ms"}], "usage": {...}}
+
+With "stream": true the answer is Server-Sent Events (text/event-stream): one `step` event
+per step as it ends ({"tool", "args", "result" | "error", "ms"}), then `answer` ({"answer",
+"finish", "usage"}) or `error` ({"code", "message"}: the deadline passed, the workload
+went away). Refusals before the run starts (auth, limits, admission) stay JSON errors.
 
 The tools a request may name are those this miner offers (GET /info lists them); the
 model sees only the ones the request allows.
@@ -24,6 +29,7 @@ class AgentRunRequest(BaseModel):
     tools: list[str] = Field(default_factory=list, description="Tool names the agent may call.")
     max_steps: Optional[int] = Field(default=None, ge=1)
     documents: list[str] = Field(default_factory=list, description="Texts the retrieve tool searches.")
+    stream: bool = Field(default=False, description="Answer with Server-Sent Events, one per step.")
 
 
 class AgentRuns:
@@ -70,3 +76,12 @@ class AgentRuns:
 
     async def run(self, req: AgentRunRequest, handle, deadline: float, degradable: bool) -> dict:
         return await handle.run.remote(req.task, req.tools, req.documents, req.max_steps, deadline)
+
+    @staticmethod
+    def streams(req: AgentRunRequest) -> bool:
+        return req.stream
+
+    def stream(self, req: AgentRunRequest, handle, deadline: float):
+        """The run's events, (name, data) pairs: a Serve response generator."""
+        return handle.options(stream=True).run_stream.remote(req.task, req.tools, req.documents, req.max_steps,
+                                                             deadline)

@@ -14,27 +14,31 @@ In order; a request refused at any step stops there and never reaches a workload
      under the deadline, once more on another replica if one died mid-call (503, 504); with a
      rollout, on the side it picks (serve_app/router/rollouts.py)
   -> the answer, encoded; then the outcome is recorded (metrics, watchdog, log line).
-Codes: serve_app/errors.py.
+A streamed answer (an agent run with "stream": true) is Server-Sent Events: the refusals
+above stay JSON errors; once admitted, the response starts and the run's slot, breaker
+verdict and record last until its final event, or until the caller hangs up (the run is
+cancelled). Codes: serve_app/errors.py.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import random
 import time
 from dataclasses import dataclass
-from typing import Callable, Mapping, Optional
+from typing import AsyncIterator, Callable, Mapping, Optional
 
 import ray
 from ray.serve.exceptions import BackPressureError
 from starlette.requests import Request
-from starlette.responses import Response
+from starlette.responses import Response, StreamingResponse
 
 
 from serve_app.contracts import DeadlinePassed
 from serve_app.errors import (ApiError, ErrorCode, deadline_exceeded, error_response, json_response, not_found,
-                              retry_after, shed, unavailable)
+                              retry_after, shed, sse_event, unavailable)
 from serve_app.ops.admission import QueueDeadline, Shed
 from serve_app.ops.breaker import OPEN
 from serve_app.router.body import check_content_type
@@ -76,6 +80,65 @@ class Ended:
     response_bytes: int = 0
 
 
+class EventStream:
+    """An admitted streamed answer: `events` yields its SSE bytes; `close` (once, whether or not
+    the events were read: a caller may hang up before the first) cancels the run, gives the
+    breaker its verdict, frees the slot and records the request. `outcome`: "ok" or the error code."""
+
+    def __init__(self):
+        self.outcome = "ok"
+        self.verdict: Optional[bool] = True  # for the breaker: failed, unless shown otherwise; None: no verdict
+        self.events: Optional[AsyncIterator[bytes]] = None
+        self._cleanups: list[Callable] = []
+        self._closed = False
+
+    def on_close(self, fn: Callable) -> None:
+        """`fn()` (a coroutine function or a plain one) at close, after those added later."""
+        self._cleanups.append(fn)
+
+    async def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        for fn in reversed(self._cleanups):
+            try:
+                result = fn()
+                if asyncio.iscoroutine(result):
+                    await result
+            except Exception:
+                log.exception("closing a streamed answer failed")
+
+
+class _EventStreamResponse(StreamingResponse):
+    def __init__(self, stream: EventStream, headers: dict):
+        self.stream = stream
+
+        async def body():
+            try:
+                async for chunk in stream.events:
+                    yield chunk
+            except (asyncio.CancelledError, GeneratorExit):
+                if stream.outcome == "ok":
+                    stream.outcome = ErrorCode.client_closed.value
+                stream.verdict = None
+                raise
+
+        # No proxy buffering (nginx and the like): each step reaches the validator as it ends.
+        super().__init__(body(), media_type="text/event-stream",
+                         headers={**headers, "Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+    async def __call__(self, scope, receive, send):
+        try:
+            await super().__call__(scope, receive, send)
+        except BaseException:
+            if self.stream.outcome == "ok":  # not every event went out
+                self.stream.outcome = ErrorCode.client_closed.value
+                self.stream.verdict = None
+            raise
+        finally:
+            await self.stream.close()
+
+
 class RequestPipeline:
     """`handle(request, request_id)` -> the response, always (refusals are JSON errors).
 
@@ -106,8 +169,13 @@ class RequestPipeline:
         self.in_progress += 1
         if route is not None:
             self.in_flight[route.subnet.netuid] += 1
+        streamed = False
         try:
             result = await self._answer(request, route, ended)
+            if isinstance(result, EventStream):
+                response = self._streaming_response(result, ended, route, started)
+                streamed = True  # counted and recorded when the stream ends
+                return response
             response = json_response(result, headers=self.headers)
             ended.outcome, ended.status = "ok", 200  # only once the answer is encoded
         except ApiError as err:
@@ -122,13 +190,26 @@ class RequestPipeline:
             response = error_response(ApiError(ErrorCode.internal_error,
                                                f"the miner failed this request (id {request_id})"), self.headers)
         finally:
-            self.in_progress -= 1
-            if route is not None:
-                self.in_flight[route.subnet.netuid] -= 1
-            ended.seconds = self.clock() - started
-            ended.response_bytes = len(response.body) if response is not None else 0
-            self.record(ended)
+            if not streamed:
+                self._end(ended, route, started, len(response.body) if response is not None else 0)
         return response
+
+    def _end(self, ended: Ended, route: Optional[Route], started: float, response_bytes: int) -> None:
+        self.in_progress -= 1
+        if route is not None:
+            self.in_flight[route.subnet.netuid] -= 1
+        ended.seconds = self.clock() - started
+        ended.response_bytes = response_bytes
+        self.record(ended)
+
+    def _streaming_response(self, stream: EventStream, ended: Ended, route: Route, started: float) -> Response:
+        def end():
+            ended.outcome = stream.outcome
+            ended.status = 200 if stream.outcome == "ok" else ErrorCode[stream.outcome].status
+            self._end(ended, route, started, 0)
+
+        stream.on_close(end)  # first added: runs last, once the slot is free
+        return _EventStreamResponse(stream, self.headers)
 
     async def _answer(self, request: Request, route: Optional[Route], ended: Ended) -> dict:
         """The steps of the module docstring, in order."""
@@ -179,6 +260,8 @@ class RequestPipeline:
                               caller: str) -> dict:
         """Breaker, then a slot by deadline and stake, then the call; the breaker hears how the call went."""
         breaker, workload = route.breaker, route.adapter.workload
+        if getattr(route.adapter, "streams", None) and route.adapter.streams(parsed):
+            return await self._open_stream(route, parsed, prio, deadline, timeout)
         if breaker.state == OPEN:  # fail fast, before queueing
             raise ApiError(ErrorCode.breaker_open, f"the {workload} workload is failing; refusing fast while it "
                            f"recovers", retry_after(breaker.retry_after_s()))
@@ -218,6 +301,74 @@ class RequestPipeline:
             raise shed(f"the {workload} workload is at capacity: {exc.reason}", retry_after_s=1) from None
         except QueueDeadline:
             raise deadline_exceeded(timeout) from None
+
+    async def _open_stream(self, route: Route, parsed, prio: float, deadline: float, timeout: float) -> EventStream:
+        """As _admit_and_call, for a streamed answer: the breaker and the slot are taken here (their
+        refusals are JSON errors); the run, its verdict and the slot's release go with the stream.
+        Always on the stable side of a rollout."""
+        breaker, workload = route.breaker, route.adapter.workload
+        if breaker.state == OPEN:
+            raise ApiError(ErrorCode.breaker_open, f"the {workload} workload is failing; refusing fast while it "
+                           f"recovers", retry_after(breaker.retry_after_s()))
+        held = contextlib.AsyncExitStack()
+        try:
+            await held.enter_async_context(route.admission.slot(prio, deadline, route.adapter.cost(parsed)))
+        except Shed as exc:
+            raise shed(f"the {workload} workload is at capacity: {exc.reason}", retry_after_s=1) from None
+        except QueueDeadline:
+            raise deadline_exceeded(timeout) from None
+        remaining = deadline - self.clock()
+        if remaining <= 0 or not breaker.allow():
+            await held.aclose()
+            if remaining <= 0:
+                raise deadline_exceeded(timeout)
+            raise ApiError(ErrorCode.breaker_open, f"the {workload} workload is being probed after failures",
+                           retry_after(1))
+        stream = EventStream()
+        stream.on_close(held.aclose)
+
+        def judge():
+            if stream.verdict is None:
+                breaker.abandon()
+            else:
+                breaker.record(stream.verdict)
+
+        stream.on_close(judge)
+        source = route.adapter.stream(parsed, route.workload, time.time() + remaining)
+        stream.on_close(source.cancel)  # a run still going is cancelled (the caller hung up)
+        stream.events = self._events(stream, source, workload, deadline, timeout)
+        return stream
+
+    async def _events(self, stream: EventStream, source, workload: str, deadline: float,
+                      timeout: float) -> AsyncIterator[bytes]:
+        def failed(code: ErrorCode, message: str, verdict: Optional[bool]) -> bytes:
+            stream.outcome, stream.verdict = code.value, verdict
+            return sse_event("error", {"code": code.value, "message": message})
+
+        # A deadline while the workload answers its readiness probe is no verdict on it (as in _admit_and_call).
+        deadline_verdict = None if self.workload_ready.get(workload, False) else True
+        try:
+            while True:
+                remaining = deadline - self.clock()
+                if remaining <= 0:
+                    raise asyncio.TimeoutError
+                try:
+                    name, data = await asyncio.wait_for(source.__anext__(), remaining)
+                except StopAsyncIteration:
+                    return
+                if name == "answer":
+                    stream.verdict = False
+                elif name == "error":  # the run's own deadline passed in the workload
+                    stream.outcome, stream.verdict = ErrorCode.deadline_exceeded.value, deadline_verdict
+                yield sse_event(name, data)
+        except asyncio.TimeoutError:
+            yield failed(ErrorCode.deadline_exceeded, f"the deadline ({timeout:g} s) passed before the run ended",
+                         deadline_verdict)
+        except REPLICA_GONE:
+            yield failed(ErrorCode.unavailable, f"the {workload} workload went away mid-run; send it again", True)
+        except Exception:
+            log.exception("a streamed %s run failed inside the miner", workload)
+            yield failed(ErrorCode.internal_error, "the miner failed this run", True)
 
     async def _call_workload(self, route: Route, handle, parsed, deadline: float, timeout: float) -> dict:
         """One call on `handle` (a deployment of the route's workload) under `deadline` (monotonic)."""

@@ -17,14 +17,15 @@ PAD = Tool("scratchpad", ScratchpadArgs, scratchpad)
 
 
 def script(*replies, delay_s=0.0):
-    seen = []
+    seen, grammars = [], []
 
-    async def generate(conversation):
+    async def generate(conversation, grammar=None):
         seen.append(list(conversation))
+        grammars.append(grammar)
         await asyncio.sleep(delay_s)
         return Generation(replies[min(len(seen) - 1, len(replies) - 1)], prompt_tokens=10, completion_tokens=3)
 
-    generate.seen = seen
+    generate.seen, generate.grammars = seen, grammars
     return generate
 
 

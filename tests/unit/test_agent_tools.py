@@ -40,7 +40,7 @@ def test_a_cpu_bound_tool_is_stopped_by_its_timeout_and_the_run_goes_on():
 
     replies = iter(['{"tool": "spin", "args": {"expression": "1"}}', '{"answer": "gave up"}'])
 
-    async def generate(conversation):
+    async def generate(conversation, grammar):
         return Generation(next(replies), prompt_tokens=1, completion_tokens=1)
 
     async def scenario():
