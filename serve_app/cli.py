@@ -107,8 +107,28 @@ def _http_error(resp) -> CliError:
                     code=1)
 
 
-def _call_signed(args, payload: dict):
-    """(response, its JSON) for one signed POST to args.path; CliError when there is no good answer."""
+def _read_events(resp, on_event) -> dict:
+    """A Server-Sent Events answer: on_event(name, data) for each event as it arrives; returns
+    the data of the last one, which must be `answer` (an `error` event is a CliError)."""
+    name, data, last = None, None, None
+    for line in resp.iter_lines():
+        if line.startswith("event: "):
+            name = line.removeprefix("event: ")
+        elif line.startswith("data: "):
+            data = json.loads(line.removeprefix("data: "))
+        elif not line and name is not None:
+            if name == "error":
+                raise CliError(f"the run failed: {data.get('code')}: {data.get('message')}", code=1)
+            on_event(name, data)
+            name, last = None, (name, data)
+    if last is None or last[0] != "answer":
+        raise CliError("the miner's event stream ended without an answer", code=1)
+    return last[1]
+
+
+def _call_signed(args, payload: dict, on_event=None):
+    """(response, its JSON) for one signed POST to args.path; CliError when there is no good answer.
+    With `on_event` the answer is an event stream (payload "stream": true): see _read_events."""
     import httpx
 
     from serve_app.client import signed_request, signer_for
@@ -125,6 +145,12 @@ def _call_signed(args, payload: dict):
                        f"{args.wallet_path}: {exc}") from None
     url = args.url.rstrip("/") + args.path
     try:
+        if on_event is not None:
+            with httpx.stream("POST", url, content=body, headers=headers, timeout=args.timeout) as resp:
+                if resp.status_code != 200:
+                    resp.read()
+                    raise _http_error(resp)
+                return resp, _read_events(resp, on_event)
         resp = httpx.post(url, content=body, headers=headers, timeout=args.timeout)
     except httpx.TimeoutException:
         raise CliError(f"no answer from the miner at {url} within {args.timeout:g} s (--timeout)") from None
@@ -180,12 +206,22 @@ def cmd_agent(args) -> int:
     payload = {"task": args.task, "tools": args.tool or [], "documents": args.document or []}
     if args.max_steps is not None:
         payload["max_steps"] = args.max_steps
-    resp, data = _call_signed(args, payload)
-    if args.full:
-        return 0
-    for i, step in enumerate(data["steps"]):
+    shown = []
+
+    def show(step: dict) -> None:
         outcome = f"error: {step['error']}" if "error" in step else f"-> {json.dumps(step['result'])}"
-        print(f"[{i}] {step['tool']} {json.dumps(step['args'])} {outcome} ({step['ms']} ms)")
+        print(f"[{len(shown)}] {step['tool']} {json.dumps(step['args'])} {outcome} ({step['ms']} ms)", flush=True)
+        shown.append(step)
+
+    if args.stream:  # each step printed as the miner sends it
+        payload["stream"] = True
+        resp, data = _call_signed(args, payload, on_event=lambda name, step: name == "step" and show(step))
+    else:
+        resp, data = _call_signed(args, payload)
+        if args.full:
+            return 0
+        for step in data["steps"]:
+            show(step)
     print(f"answer={json.dumps(data['answer'])} finish={data['finish']} usage={json.dumps(data['usage'])} "
           f"request_id={resp.headers.get('x-request-id')}")
     return 0
@@ -487,6 +523,7 @@ def parser() -> argparse.ArgumentParser:
     agent.add_argument("--tool", action="append", help="a tool the agent may call (repeatable)")
     agent.add_argument("--document", action="append", help="a text for the retrieve tool (repeatable)")
     agent.add_argument("--max-steps", type=int)
+    agent.add_argument("--stream", action="store_true", help="ask for Server-Sent Events: each step as it ends")
     _validator_options(agent, "/v1/agents/runs")
     agent.set_defaults(func=cmd_agent)
 

@@ -72,8 +72,10 @@ def action_schema(tools: Iterable[tuple[str, dict]], answer_only: bool = False,
 
 
 def step_schema_text(tools: Iterable[tuple[str, dict]], answer_only: bool) -> str:
-    """The schema as canonical text: the grammar cache's key and what crosses to the engine."""
-    return json.dumps(action_schema(tools, answer_only), sort_keys=True, separators=(",", ":"))
+    """The schema as text: the grammar cache's key and what crosses to the engine. Keys keep
+    their order (not sorted): a grammar's properties come in the order the schema lists them,
+    "tool" before "args" as in the system prompt."""
+    return json.dumps(action_schema(tools, answer_only), separators=(",", ":"))
 
 
 class GrammarCache:

@@ -82,7 +82,7 @@ class ContinuousRunner:
         joins = []
         if self.mode == "static" and self._active:
             return joins
-        while self._pending and len(self._active) + len(joins) < self.max_rows:
+        while self._pending and len(self._active) < self.max_rows:  # the joined are in _active
             step, future, deadline = self._pending.popleft()
             if future.done():  # the caller went away while it waited
                 continue

@@ -244,6 +244,18 @@ class Authenticator:
         self._found_at = time.monotonic()
         self.nonces = await asyncio.wait_for(asyncio.to_thread(self._find_store), self.store_timeout_s)
 
+    async def wait_for_store(self, timeout_s: float) -> bool:
+        """At the router's start: wait until the store answers (a store started just now takes
+        seconds to come up, on a busy host more than a request's store_timeout_s), so the first
+        validators after a start are not refused with 503. False if it did not answer in time:
+        the router starts anyway and requests fail closed until it does."""
+        try:
+            await asyncio.wait_for(self.nonces.size.remote(), timeout_s)
+        except Exception:
+            return False
+        self.store_answered_at = time.monotonic()
+        return True
+
     async def check_store(self) -> None:
         """For the router's health check. A store quiet for STORE_QUIET_S is asked; one that does
         not answer is looked up again (started anew if it is gone for good). Raises only when that
@@ -298,6 +310,7 @@ class Authenticator:
 STORE_REFIND_S = 2.0
 # The health check asks a store this long without an answer; one silent longer fails it.
 STORE_QUIET_S = 5.0
+STORE_START_S = 60.0  # how long a starting router waits for the store to answer
 STORE_UNREACHABLE_S = 30.0
 SETTLE_EVERY_S = 0.1  # answered nonces reach the store in one call this often (not one call per request)
 GONE_CHECK_S = 1.0

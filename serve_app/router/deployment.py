@@ -22,7 +22,7 @@ from serve_app.errors import json_response, retry_after
 from serve_app.observability.info import BuildInfo
 from serve_app.observability.metrics import RouterMetrics
 from serve_app.router import endpoints
-from serve_app.router.auth import Authenticator, shared_nonce_store
+from serve_app.router.auth import STORE_START_S, Authenticator, shared_nonce_store
 from serve_app.router.body import BodyReads
 from serve_app.router.monitor import RouterMonitor
 from serve_app.router.pipeline import RequestPipeline
@@ -101,6 +101,10 @@ class Router:
         replica, actor_name = replica_names()
         self.auth = Authenticator(cfg.wallet.hotkey_ss58(), shared_nonce_store(cfg.name), claimant=actor_name,
                                   find_store=lambda: shared_nonce_store(cfg.name))
+        if not await self.auth.wait_for_store(STORE_START_S):
+            logging.getLogger("ray.serve.torchrank.router").warning(
+                "the shared replay store did not answer within %.0f s: signed requests get 503 until it does",
+                STORE_START_S)
         r = cfg.router
         body_reads = BodyReads(r.max_body_reads, r.max_body_bytes, r.body_timeout_s, r.body_grace_s,
                                r.min_body_bytes_per_s)

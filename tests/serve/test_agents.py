@@ -1,8 +1,10 @@
-"""Agent runs through the signed path on the tiny real model: the answer shape, sessions
-sharing batched model calls, limits, deadlines. (The loop's logic with a scripted model:
-tests/unit/test_agent_loop.py; the tiny model's text is noise, so its actions are mostly
-invalid and come back to it as errors.)"""
+"""Agent runs through the signed path on the tiny real model: the answer shape, every step a
+valid action (constrained decoding), sessions sharing the running batch, streaming, limits,
+deadlines. (The loop's logic with a scripted model: tests/unit/test_agent_loop.py; the tiny
+model's weights are random, so its free text is noise: the grammar is what makes its
+actions valid.)"""
 
+import json
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -53,7 +55,51 @@ def test_concurrent_sessions_share_model_calls(miner):
     after = stats()
     steps = after["model_steps"] - before["model_steps"]
     assert steps == sum(a.json()["usage"]["model_calls"] for a in answers)
-    assert after["model_calls"] - before["model_calls"] < steps and after["largest_batch"] >= 2
+    tokens = after["tokens_decoded"] - before["tokens_decoded"]
+    assert after["forward_passes"] - before["forward_passes"] < tokens and after["largest_batch"] >= 2
+    assert after["scheduling"] == "continuous"
+
+
+INVALID = ("no JSON object", "not available", "invalid args", "must be")  # what a malformed action is told
+
+
+@pytest.mark.parametrize("tools", [["calculator"], ["calculator", "scratchpad", "retrieve"], []])
+def test_every_step_is_a_valid_call_and_the_run_ends_with_an_answer(miner, tools):
+    resp = miner.post({"task": "what is 17 * 23?", "tools": tools, "max_steps": 3,
+                       "documents": ["17 * 23 is 391"]}, path=PATH)
+    assert resp.status_code == 200, resp.text
+    body = resp.json()
+    assert body["finish"] == "answer" and isinstance(body["answer"], str) and body["answer"], body
+    for step in body["steps"]:
+        assert step["tool"] in tools and isinstance(step["args"], dict), step
+        assert not any(text in step.get("error", "") for text in INVALID), step
+
+
+def sse_events(response) -> list[tuple[str, dict]]:
+    events = []
+    for block in response.text.split("\n\n"):
+        if block.strip():
+            name, data = block.split("\n", 1)
+            events.append((name.removeprefix("event: "), json.loads(data.removeprefix("data: "))))
+    return events
+
+
+def test_a_streamed_run_sends_each_step_then_the_answer(miner):
+    payload = {"task": "what is 6 * 7?", "tools": ["calculator", "scratchpad"], "max_steps": 4}
+    plain = miner.post(payload, path=PATH).json()
+    resp = miner.post({**payload, "stream": True}, path=PATH)
+    assert resp.status_code == 200 and resp.headers["content-type"].startswith("text/event-stream"), resp.text
+    events = sse_events(resp)
+    assert [name for name, _ in events] == ["step"] * len(plain["steps"]) + ["answer"]
+    # Greedy decoding: the same run, step by step, as the plain answer.
+    strip = lambda steps: [{k: v for k, v in s.items() if k != "ms"} for s in steps]  # noqa: E731
+    assert strip([data for _, data in events[:-1]]) == strip(plain["steps"])
+    assert events[-1][1] == {"answer": plain["answer"], "finish": plain["finish"], "usage": plain["usage"]}
+
+
+def test_a_streamed_request_refused_before_it_starts_is_a_json_error(miner):
+    resp = miner.post({"task": "x", "tools": ["shell"], "stream": True}, path=PATH)
+    assert resp.status_code == 422 and resp.headers["content-type"] == "application/json"
 
 
 @pytest.mark.parametrize("payload, field", [
@@ -98,8 +144,15 @@ def test_info_lists_the_agents_model_and_tools(miner):
 def test_validator_agent_command(miner, capsys):
     from serve_app.cli import main
 
-    assert main(["validator", "agent", "add 2 and 2", "--tool", "calculator", "--max-steps", "1", "--url", miner.url]) == 0
-    assert "finish=" in capsys.readouterr().out
+    assert main(["validator", "agent", "what is 17 * 23?", "--tool", "calculator", "--url", miner.url]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[-1].startswith('answer="') and "finish=answer" in out[-1], out
+    assert all(line.split()[1] == "calculator" and "no JSON object" not in line for line in out[:-1]), out
+    assert main(["validator", "agent", "what is 17 * 23?", "--tool", "calculator", "--stream", "--url",
+                 miner.url]) == 0
+    streamed = capsys.readouterr().out.splitlines()
+    assert [line.split(" (")[0] for line in streamed[:-1]] == [line.split(" (")[0] for line in out[:-1]]
+    assert streamed[-1].split(" request_id")[0] == out[-1].split(" request_id")[0]
     assert main(["validator", "agent", "x", "--tool", "shell", "--url", miner.url]) == 1
     assert "limit_exceeded" in capsys.readouterr().err
 
@@ -148,6 +201,28 @@ def test_a_caller_that_hangs_up_has_its_run_cancelled(cut):
     with socket.create_connection((host, int(port))) as sock:
         sock.sendall(f"POST {CUT + PATH} HTTP/1.1\r\nHost: miner\r\nContent-Length: {len(body)}\r\n{head}\r\n".encode() + body)
         time.sleep(0.3)  # the run is under way; then the caller goes away
+    deadline = time.monotonic() + 15
+    while stats(CUT_APP)["in_flight"] and time.monotonic() < deadline:
+        time.sleep(0.1)
+    after = stats(CUT_APP)
+    assert after["in_flight"] == 0 and after["runs"] == before["runs"], after
+
+
+def test_a_caller_that_hangs_up_on_a_stream_has_its_run_cancelled(cut):
+    import httpx
+    from bittensor.sp_core import Keypair
+
+    from serve_app.client import signed_request
+    from tests.conftest import MINER
+
+    before = stats(CUT_APP)
+    body, headers = signed_request(Keypair.create_from_uri("//Alice"), CUT + PATH,
+                                   {"task": "a long task", "tools": ["calculator"], "max_steps": 8, "stream": True},
+                                   MINER)
+    with httpx.Client(base_url=cut.url, timeout=30) as client:
+        with client.stream("POST", CUT + PATH, content=body, headers=headers) as resp:
+            assert resp.status_code == 200 and resp.headers["content-type"].startswith("text/event-stream")
+            next(resp.iter_bytes())  # the first step arrived; then the caller goes away
     deadline = time.monotonic() + 15
     while stats(CUT_APP)["in_flight"] and time.monotonic() < deadline:
         time.sleep(0.1)

@@ -5,6 +5,7 @@ is the one thing isolated here (tests/serve proves it across two router replicas
 """
 
 import asyncio
+from types import SimpleNamespace
 import time
 
 import bittensor
@@ -104,6 +105,25 @@ def test_replay_is_refused():
 
 def test_store_outage_fails_closed():
     assert refusal(headers=signed(), store=InProcessStore(fail=True)) == (503, "unavailable")
+
+
+def test_a_starting_router_waits_for_a_store_that_is_still_starting():
+    class StartingStore(InProcessStore):
+        def __init__(self, up_after_s):
+            super().__init__()
+            self.up_at = time.monotonic() + up_after_s
+
+            async def size():
+                await asyncio.sleep(max(0.0, self.up_at - time.monotonic()))
+                return self.window.size()
+
+            self.size = SimpleNamespace(remote=size)
+
+    auth = Authenticator(MINER, StartingStore(0.3))  # up after longer than a request's store_timeout_s
+    auth.store_timeout_s = 0.1
+    started = time.monotonic()
+    assert asyncio.run(auth.wait_for_store(5.0)) and time.monotonic() - started >= 0.3
+    assert not asyncio.run(Authenticator(MINER, StartingStore(5.0)).wait_for_store(0.2))
 
 
 def test_nonce_window_forgets_after_its_ttl():

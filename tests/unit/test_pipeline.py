@@ -243,3 +243,120 @@ def test_a_failure_inside_the_miner_is_a_500_naming_the_request_id():
     status, body = answer(pipeline, request(events))
     assert (status, body["error"]) == (500, "internal_error") and "rid-1" in body["detail"]
     assert ended[0].outcome == "internal_error" and events[-1] == "settle"
+
+
+# Streamed answers (issue 21): Server-Sent Events that hold the slot until they end.
+class FakeSource:
+    """A Serve response generator's surface: async iteration of (event, data) and cancel()."""
+
+    def __init__(self, events, items, delay_s=0.0):
+        self.events, self.items, self.delay_s, self.cancelled = events, list(items), delay_s, False
+
+    def __aiter__(self):
+        return self
+
+    async def __anext__(self):
+        await asyncio.sleep(self.delay_s)
+        if not self.items:
+            raise StopAsyncIteration
+        return self.items.pop(0)
+
+    def cancel(self):
+        self.cancelled = True
+        self.events.add("cancel")
+
+
+class StreamingAdapter(FakeAdapter):
+    workload = "agents"
+
+    def __init__(self, events, source):
+        super().__init__(events)
+        self.source = source
+
+    @staticmethod
+    def streams(parsed):
+        return parsed.get("stream", False)
+
+    def stream(self, parsed, handle, deadline):
+        self.events.add("stream")
+        return self.source
+
+
+def sse(pipeline, req, hang_up_after=None):
+    """(status, content type, [(event, data)]) of a streamed answer, read as the ASGI server does."""
+    async def scenario():
+        response = await pipeline.handle(req, "rid-1")
+        messages = []
+
+        async def receive():
+            await asyncio.sleep(3600)
+
+        async def send(message):
+            messages.append(message)
+            if hang_up_after is not None and message.get("body") and sum(bool(m.get("body")) for m in messages) \
+                    >= hang_up_after:
+                raise OSError("the caller went away")
+
+        from starlette.requests import ClientDisconnect
+
+        try:
+            await response({"type": "http", "asgi": {"spec_version": "2.4"}}, receive, send)
+        except (OSError, ClientDisconnect):
+            pass
+        return messages
+
+    messages = asyncio.run(scenario())
+    start = messages[0]
+    body = b"".join(m.get("body", b"") for m in messages[1:])
+    events = []
+    for block in body.decode().split("\n\n"):
+        if block:
+            name, data = block.split("\n")
+            events.append((name.removeprefix("event: "), orjson.loads(data.removeprefix("data: "))))
+    return start["status"], dict(start["headers"])[b"content-type"], events
+
+
+def test_a_streamed_run_is_events_and_holds_its_slot_until_the_last():
+    events = Events()
+    source = FakeSource(events, [("step", {"tool": "calculator", "result": 2**70}),
+                                 ("answer", {"answer": "x", "finish": "answer"})])
+    admission = Admission(AdmissionConfig(), in_flight_items=8)
+    pipeline, route, ended = make(events, adapter=StreamingAdapter(events, source), admission=admission)
+    status, kind, got = sse(pipeline, request(events, body=b'{"input": "x", "stream": true}'))
+    assert status == 200 and kind.startswith(b"text/event-stream")
+    assert got == [("step", {"tool": "calculator", "result": str(2**70)}), ("answer", {"answer": "x", "finish": "answer"})]
+    assert events.index("settle") < events.index("cancel")  # the nonce settled at the start, not the end
+    (end,) = ended  # recorded once, when the stream ended
+    assert (end.outcome, end.status) == ("ok", 200) and admission.in_flight == 0
+    assert pipeline.in_progress == 0 and pipeline.in_flight == {7: 0} and route.breaker.state == "closed"
+
+
+def test_a_caller_that_hangs_up_mid_stream_cancels_the_run_and_frees_the_slot():
+    events = Events()
+    source = FakeSource(events, [("step", {"n": i}) for i in range(100)], delay_s=0.001)
+    admission = Admission(AdmissionConfig(), in_flight_items=8)
+    pipeline, _, ended = make(events, adapter=StreamingAdapter(events, source), admission=admission)
+    sse(pipeline, request(events, body=b'{"input": "x", "stream": true}'), hang_up_after=2)
+    assert source.cancelled and admission.in_flight == 0 and pipeline.in_progress == 0
+    assert ended[0].outcome == "client_closed"
+
+
+def test_a_stream_past_its_deadline_ends_with_an_error_event():
+    events = Events()
+    source = FakeSource(events, [("step", {"n": 1})] * 50, delay_s=0.1)
+    pipeline, _, ended = make(events, adapter=StreamingAdapter(events, source))
+    req = request(events, body=b'{"input": "x", "stream": true}')
+    req.scope["headers"].append((b"x-bittensor-timeout", b"0.35"))
+    _, _, got = sse(pipeline, req)
+    assert got[-1][0] == "error" and got[-1][1]["code"] == "deadline_exceeded" and len(got) < 6
+    assert source.cancelled and ended[0].outcome == "deadline_exceeded"
+
+
+def test_refusals_before_a_stream_stay_json_errors():
+    events = Events()
+    source = FakeSource(events, [])
+    pipeline, route, _ = make(events, adapter=StreamingAdapter(events, source))
+    for _ in range(route.breaker.cfg.consecutive_failures):
+        route.breaker.record(True)
+    status, body = answer(pipeline, request(events, body=b'{"input": "x", "stream": true}'))
+    assert (status, body["error"]) == (503, "breaker_open") and "stream" not in events
