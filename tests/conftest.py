@@ -119,7 +119,11 @@ def miner(tmp_path_factory):
              _metrics_export_port=metrics_port)
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     serve.run(build_app(cfg), name=APP, route_prefix="/")
-    yield Miner(f"http://127.0.0.1:{port}", cfg, metrics_url=f"http://127.0.0.1:{metrics_port}/metrics")
+    miner = Miner(f"http://127.0.0.1:{port}", cfg, metrics_url=f"http://127.0.0.1:{metrics_port}/metrics")
+    # The replicas are up, but on 2 cores the first seconds after a start are busy (workers still
+    # importing, warm-ups): the session's tests start once a signed request is answered.
+    wait_until(lambda: miner.post({"input": "warm up"}).status_code == 200, 60, "a first signed request answered")
+    yield miner
     serve.shutdown()
     ray.shutdown()
 

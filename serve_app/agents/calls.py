@@ -38,7 +38,9 @@ Action = Union[ToolCall, Answer]
 
 
 def first_json_object(text: str) -> dict:
-    decoder = json.JSONDecoder()
+    # strict=False: a raw control character (a tab) inside a string is taken as it is. The action
+    # grammar allows them, as models write them; the answer goes out re-encoded, escaped.
+    decoder = json.JSONDecoder(strict=False)
     start = text.find("{")
     while start != -1:
         try:

@@ -30,13 +30,19 @@ from serve_app.workloads.replica import WorkloadReplica
 @serve.deployment(name="Agents")
 class Agents(WorkloadReplica):
     def __init__(self, cfg: AgentsConfig, embeddings=None, role: str = "stable"):
-        from serve_app.engines.llm import LLMEngine
-        from serve_app.inference.process import EngineProcess
+        if cfg.engine == "vllm":  # GPU hosts: vLLM batches and constrains on its own (serve_app/engines/vllm_engine.py)
+            from serve_app.engines.vllm_engine import VLLMEngine, VLLMStepRunner
 
-        build = functools.partial(EngineProcess, LLMEngine) if cfg.runtime.engine_process else LLMEngine
-        super().__init__("agents", cfg, build, role)
-        self.runner = ContinuousRunner(self.engine_thread, self._decode_call, max_rows=cfg.batching.max_batch_sessions,
-                                       mode=cfg.batching.scheduling)
+            super().__init__("agents", cfg, functools.partial(VLLMEngine, loop=asyncio.get_event_loop()), role)
+            self.runner = VLLMStepRunner(self.engine, max_rows=cfg.batching.max_batch_sessions)
+        else:
+            from serve_app.engines.llm import LLMEngine
+            from serve_app.inference.process import EngineProcess
+
+            build = functools.partial(EngineProcess, LLMEngine) if cfg.runtime.engine_process else LLMEngine
+            super().__init__("agents", cfg, build, role)
+            self.runner = ContinuousRunner(self.engine_thread, self._decode_call,
+                                           max_rows=cfg.batching.max_batch_sessions, mode=cfg.batching.scheduling)
         self.embeddings = embeddings
         self.tools = self._tools(cfg)
         self.runs = 0

@@ -28,3 +28,11 @@ def test_actions(text, action):
 def test_invalid_actions_say_why(text, why):
     with pytest.raises(InvalidAction, match=why):
         parse_action(text, TOOLS)
+
+
+def test_a_raw_control_character_in_a_string_is_taken_as_written():
+    # The action grammar (like JSON-mode decoders generally) lets a model write a raw tab or other
+    # control character inside a string; strict JSON would refuse the whole action.
+    assert parse_action('{"answer": "a\tb\x01c"}', set()).text == "a\tb\x01c"
+    assert parse_action('{"tool": "calculator", "args": {"expression": "1\t+ 1"}}', {"calculator"}).args == {
+        "expression": "1\t+ 1"}
