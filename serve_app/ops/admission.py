@@ -119,6 +119,9 @@ class Admission:
         # (its event loop, signatures, responses) that the drain rate does not see. Added to estimates.
         self.lag_s = 0.0
         self.scale = 1.0
+        # Items the workload is doing for others than this router's requests, as it last reported
+        # (the embeddings behind the agents' retrieve tool): they are ahead of every newcomer too.
+        self.outside_work = 0.0
 
     @property
     def max_in_flight(self) -> int:
@@ -146,7 +149,11 @@ class Admission:
     def estimated_wait_s(self, priority: float = 0.0) -> float | None:
         """How long new work of this priority would wait for its turn (None: not measured yet)."""
         rate = self.drain_rate()
-        return None if rate is None else (self.work_in_flight + self._work_ahead(priority)) / rate
+        return None if rate is None else self._ahead(priority) / rate
+
+    def _ahead(self, priority: float) -> float:
+        """Items a newcomer of this priority would wait behind: in flight (ours and others') and queued ahead."""
+        return self.work_in_flight + self.outside_work + self._work_ahead(priority)
 
     def _work_ahead(self, priority: float) -> float:
         """Queued work that a newcomer of this priority would wait behind (everyone at or above it)."""
@@ -165,7 +172,7 @@ class Admission:
                 self.waiting and -self.waiting[-1].sort_key[0] < priority):
             return f"{len(self.waiting)} requests are queued (max_queued)"
         rate = self.drain_rate()
-        ahead = self.work_in_flight + self._work_ahead(priority)
+        ahead = self._ahead(priority)
         if rate is None:
             return None  # speed unknown (the first requests of a cold router): only the caps refuse
         wait_s = ahead / rate
@@ -181,7 +188,8 @@ class Admission:
         """For /info."""
         rate, wait = self.drain_rate(), self.estimated_wait_s()
         return {"in_flight": self.in_flight, "max_in_flight": self.max_in_flight,
-                "work_in_flight": round(self.work_in_flight, 2), "in_flight_items": round(self.in_flight_items, 2),
+                "work_in_flight": round(self.work_in_flight, 2), "outside_work": round(self.outside_work, 2),
+                "in_flight_items": round(self.in_flight_items, 2),
                 "queued": len(self.waiting), "queued_work": round(self.queued_work, 2),
                 "drain_rate_items_per_s": None if rate is None else round(rate, 1),
                 "estimated_wait_s": None if wait is None else round(wait, 3), "lag_s": round(self.lag_s, 3),
@@ -200,7 +208,7 @@ class Admission:
         """
         admitted_at = self.clock()
         rate = self.drain_rate()
-        estimate = None if rate is None else (self.work_in_flight + self._work_ahead(priority) + cost) / rate
+        estimate = None if rate is None else (self._ahead(priority) + cost) / rate
         await self._acquire(priority, deadline, cost)
         done = False
         try:
@@ -249,7 +257,7 @@ class Admission:
         rate = self.drain_rate()
         if rate is None:
             return
-        ahead = self.work_in_flight + sum(w.cost for w in self.waiting[: position + 1])
+        ahead = self.work_in_flight + self.outside_work + sum(w.cost for w in self.waiting[: position + 1])
         for waiter in list(self.waiting[position + 1:]):
             finish_s = (ahead + waiter.cost) / rate
             if finish_s > self.cfg.deadline_share * (waiter.deadline - now):

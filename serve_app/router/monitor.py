@@ -204,6 +204,8 @@ class RouterMonitor:
         """The readiness probe of each workload, then each subnet's watchdog verdict."""
         for name in self.workloads:
             self.workload_ready[name] = await self.fetch_info(name) is not None
+        if "embeddings" in self.workloads and self.cfg.workloads.agents is not None:
+            await self.read_outside_work()
         for rollout in self.rollouts.values():
             await rollout.read_digests(INFO_TIMEOUT_S)
         for netuid, watchdog in self.watchdogs.items():
@@ -213,6 +215,17 @@ class RouterMonitor:
                 log.warning("subnet %d degraded: %s", netuid, "; ".join(reasons))
             elif before and not reasons:
                 log.info("subnet %d healthy again", netuid)
+
+    async def read_outside_work(self) -> None:
+        """The embeddings' texts in flight for the agents' retrieve tool, which no router admits:
+        admission counts them ahead of every newcomer. One replica's figure, times the running
+        replicas' scale (an estimate with several replicas); kept when it does not answer."""
+        try:
+            texts = await asyncio.wait_for(self.serving("embeddings").outside_work.remote(), INFO_TIMEOUT_S)
+        except Exception:
+            return
+        admission = self.table.admission["embeddings"]
+        admission.outside_work = float(texts) * admission.scale
 
     async def fetch_info(self, name: str) -> Optional[dict]:
         """The workload's info() (None if it does not answer in time), kept for /info and for

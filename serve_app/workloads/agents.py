@@ -54,7 +54,8 @@ class Agents(WorkloadReplica):
                  "scratchpad": Tool("scratchpad", ScratchpadArgs, scratchpad, t.scratchpad.timeout_s, t.scratchpad.retries)}
         if self.embeddings is not None:
             async def embed(texts: list[str]):
-                vectors, _ = await self.embeddings.embed.remote(texts)
+                # Counted in the embeddings' admission at the routers (Embeddings.outside_work).
+                vectors, _ = await self.embeddings.embed_for_tool.remote(texts)
                 return vectors
 
             tools["retrieve"] = Tool("retrieve", RetrieveArgs, make_retrieve(embed), t.retrieve.timeout_s,

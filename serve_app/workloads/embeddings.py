@@ -32,6 +32,7 @@ class Embeddings(WorkloadReplica):
         self.runner = CoalescingRunner(self.engine_thread, self._encode_pass, max_items=cfg.batching.max_batch_texts)
         self._embed_batch.set_max_batch_size(cfg.batching.max_batch_texts)
         self._embed_batch.set_batch_wait_timeout_s(cfg.batching.batch_wait_timeout_s)
+        self.tool_texts_in_flight = 0  # from the agents' retrieve tool (embed_for_tool)
         # The cheaper preset (shorter texts) for subnets that allow it, under sustained overload.
         self.degrade = Hysteresis(cfg.degraded.on_after_s, cfg.degraded.off_after_s) if cfg.degraded else None
         # (when, runner.busy_s, runner.items_waited) at the last gauge period: load over the period
@@ -78,6 +79,19 @@ class Embeddings(WorkloadReplica):
             raise result
         vectors, tokens = result
         return vectors, int(tokens.sum())
+
+    async def embed_for_tool(self, texts: list[str], deadline: float | None = None):
+        """An agent tool's texts (the retrieve tool calls this replica directly, not through a
+        router): `embed`, counted in `outside_work` so the routers' admission sees them."""
+        self.tool_texts_in_flight += len(texts)
+        try:
+            return await self.embed(texts, deadline)
+        finally:
+            self.tool_texts_in_flight -= len(texts)
+
+    def outside_work(self) -> int:
+        """Texts in flight here that no router admitted (the agents' tools): for admission."""
+        return self.tool_texts_in_flight
 
     async def embed_many(self, requests: list[tuple[list[str], float | None, bool]]) -> list:
         """Many requests' (texts, deadline, degradable) in one call, as the router's

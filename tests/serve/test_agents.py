@@ -162,6 +162,8 @@ def test_tools_run_inside_the_deployed_miner(miner):
     docs = ["the capital of France is Paris", "bananas are yellow", "Ray Serve batches requests"]
     found = agents.try_tool.remote("retrieve", {"query": "which city is France's capital?", "top_k": 1}, docs).result()
     assert found["result"][0]["index"] == 0  # through the real Embeddings deployment
+    # Counted for the routers' embeddings admission while in flight (the monitor reads it), none now.
+    assert serve.get_deployment_handle("Embeddings", "miner").outside_work.remote().result() == 0
     assert agents.try_tool.remote("calculator", {"expression": "6*7"}).result() == {"result": 42}
     assert "not offered" in agents.try_tool.remote("http_fetch", {"url": "http://127.0.0.1/"}).result()["error"]
 

@@ -104,6 +104,28 @@ def test_refused_only_when_the_estimated_finish_misses_the_deadline():
     assert adm.shed_total == 1 and adm.in_flight == 0
 
 
+def test_work_the_workload_does_for_the_agents_tools_counts_ahead_of_newcomers():
+    # The retrieve tool's texts reach the embeddings without a router: the monitor reads them
+    # (Embeddings.outside_work) and admission counts them, as if they were in flight from here.
+    async def scenario():
+        clock = Clock()
+        adm = Admission(AdmissionConfig(deadline_share=1.0), in_flight_items=10, clock=clock)
+        await measure(adm, clock, items_per_s=100)
+        release, log = asyncio.Event(), []
+        tasks = await queue_behind(adm, log, release, [])  # 10 items of ours in flight: 0.10 s ahead
+        assert not adm.would_shed(0, clock() + 0.2)
+        adm.outside_work = 20.0  # and 20 texts of agents' retrieve calls
+        assert adm.estimated_wait_s(0) == pytest.approx(0.30)
+        assert adm.would_shed(0, clock() + 0.2) and not adm.would_shed(0, clock() + 0.31)
+        await hold(adm, 0, release, log, "late", deadline_s=0.25)
+        release.set()
+        await asyncio.gather(*tasks)
+        return log, adm.snapshot()
+
+    log, snapshot = run(scenario())
+    assert ("Shed", "late") in log and snapshot["outside_work"] == 20.0
+
+
 def test_deadline_share_keeps_a_margin():
     async def scenario():
         clock = Clock()
