@@ -84,8 +84,8 @@ def test_ready_reports_models_metagraph_and_breakers(miner, rel):
     assert body["subnets"][0]["breakers"] == {"embeddings": "closed"}
     info = miner.http.get(PREFIX + "/info").json()
     assert info["subnets"][0]["breakers"]["embeddings"]["state"] == "closed"
-    assert set(info["admission"]["embeddings"]) == {"in_flight", "max_in_flight", "work_in_flight", "in_flight_items",
-                                                    "queued", "queued_work", "drain_rate_items_per_s",
+    assert set(info["admission"]["embeddings"]) == {"in_flight", "max_in_flight", "work_in_flight", "outside_work",
+                                                    "in_flight_items", "queued", "queued_work", "drain_rate_items_per_s",
                                                     "estimated_wait_s", "lag_s", "shed", "displaced"}
 
 
