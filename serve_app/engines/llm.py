@@ -18,6 +18,7 @@ tokens comes back incomplete, and the agent loop reports it as an invalid step.
 
 from __future__ import annotations
 
+import inspect
 import logging
 import time
 from dataclasses import dataclass, field
@@ -178,8 +179,6 @@ class LLMEngine(GeneratingEngine):
         self.tokens_decoded = 0
         self.mask_s = 0.0  # seconds spent in grammar masks: the price of constrained decoding
         self.model.register_forward_pre_hook(self._count_pass)
-        import inspect
-
         # transformers 5.24 renames `past_key_values` to `cache` (the old name warns until 5.40).
         self._cache_arg = "cache" if "cache" in inspect.signature(self.model.forward).parameters else "past_key_values"
         log.info("loaded %s on %s (%s)", cfg.model.id, self.device, dtype)
@@ -279,11 +278,6 @@ class LLMEngine(GeneratingEngine):
     def running(self) -> int:
         """Rows in the running batch."""
         return len(self._running)
-
-    def counters(self) -> dict:
-        return {"forward_passes": self.forward_passes, "tokens_decoded": self.tokens_decoded,
-                "mask_s": self.mask_s, "grammar_compiles": self.grammars.compiles,
-                "grammar_compile_s": self.grammars.compile_s}
 
     def generate(self, conversations: list[list[dict]], max_new_tokens: int | None = None,
                  grammars: Optional[list[Optional[str]]] = None) -> list[Generation]:

@@ -92,9 +92,6 @@ class EngineProcess(GeneratingEngine):
     def decode(self, *args) -> dict:
         return self._call("decode", *args)
 
-    def counters(self) -> dict:
-        return self._call("counters")
-
     def probe(self) -> None:
         self._call("probe")
 
