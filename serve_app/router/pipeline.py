@@ -64,6 +64,16 @@ def signed_target(request: Request) -> str:
     return f"{target}?{query.decode('latin-1')}" if query else target
 
 
+def breaker_open(workload: str, breaker) -> ApiError:
+    return ApiError(ErrorCode.breaker_open, f"the {workload} workload is failing; refusing fast while it recovers",
+                    retry_after(breaker.retry_after_s()))
+
+
+def breaker_probing(workload: str) -> ApiError:
+    """Half-open, and its probe is already out."""
+    return ApiError(ErrorCode.breaker_open, f"the {workload} workload is being probed after failures", retry_after(1))
+
+
 @dataclass
 class Ended:
     """How one request ended: what the router records (metrics, watchdog, log line). Never the
@@ -263,13 +273,11 @@ class RequestPipeline:
         if getattr(route.adapter, "streams", None) and route.adapter.streams(parsed):
             return await self._open_stream(route, parsed, prio, deadline, timeout)
         if breaker.state == OPEN:  # fail fast, before queueing
-            raise ApiError(ErrorCode.breaker_open, f"the {workload} workload is failing; refusing fast while it "
-                           f"recovers", retry_after(breaker.retry_after_s()))
+            raise breaker_open(workload, breaker)
         try:
             async with route.admission.slot(prio, deadline, route.adapter.cost(parsed)):
-                if not breaker.allow():  # half-open and its probe is already out
-                    raise ApiError(ErrorCode.breaker_open, f"the {workload} workload is being probed after failures",
-                                   retry_after(1))
+                if not breaker.allow():
+                    raise breaker_probing(workload)
                 verdict = True  # failed, unless shown otherwise
                 try:
                     if route.rollout is None:
@@ -308,8 +316,7 @@ class RequestPipeline:
         Always on the stable side of a rollout."""
         breaker, workload = route.breaker, route.adapter.workload
         if breaker.state == OPEN:
-            raise ApiError(ErrorCode.breaker_open, f"the {workload} workload is failing; refusing fast while it "
-                           f"recovers", retry_after(breaker.retry_after_s()))
+            raise breaker_open(workload, breaker)
         held = contextlib.AsyncExitStack()
         try:
             await held.enter_async_context(route.admission.slot(prio, deadline, route.adapter.cost(parsed)))
@@ -322,8 +329,7 @@ class RequestPipeline:
             await held.aclose()
             if remaining <= 0:
                 raise deadline_exceeded(timeout)
-            raise ApiError(ErrorCode.breaker_open, f"the {workload} workload is being probed after failures",
-                           retry_after(1))
+            raise breaker_probing(workload)
         stream = EventStream()
         stream.on_close(held.aclose)
 
