@@ -122,9 +122,12 @@ def episodes(hits: list[Attempt]) -> list[list[Attempt]]:
 
 
 def _during(hits: list[Attempt], faults: Sequence[dict]) -> str:
-    """The faults that most of these hits fell inside."""
-    names = [f["name"] for f in faults
-             if 2 * sum(1 for a in hits if f["start"] <= a.sent_at + a.seconds and a.sent_at <= f["end"]) > len(hits)]
+    """The faults that most of these hits fell inside. An episode already under way before a
+    fault began is not its doing, however long the fault's window (a slow recovery can stretch
+    it over most of a short run)."""
+    first_back = min(a.sent_at + a.seconds for a in hits)
+    names = [f["name"] for f in faults if first_back >= f["start"]
+             and 2 * sum(1 for a in hits if f["start"] <= a.sent_at + a.seconds and a.sent_at <= f["end"]) > len(hits)]
     return f" (during {', '.join(names)})" if names else ""
 
 

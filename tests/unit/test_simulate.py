@@ -226,6 +226,13 @@ def test_refusal_episodes_apart_in_time_are_listed_apart_and_only_a_covering_fau
     assert shed.count("-") == 2 and shed.endswith("(during kill)") and ", " in shed  # two episodes, the second in the fault
     stake = next(line for line in lines if "insufficient_stake" in line)
     assert "during" not in stake  # spread over the run, not the fault's doing
+    # A fault whose window covers most of an episode did not cause it if the episode began before it.
+    long_fault = {"name": "kill", "start": 1030.0, "end": 1200.0}
+    attempts = [refused(0, t, at=1100.0 + t) for t in range(3)]
+    attempts += [refused(0, 10 + t, 403, "insufficient_stake", at=1000.0 + 2 * t) for t in range(90)]
+    lines = score_run(attempts, vs, RUN, faults=[long_fault])["validators"][0]["breakdown"]
+    assert "during" not in next(line for line in lines if "insufficient_stake" in line)
+    assert next(line for line in lines if "503 shed" in line).endswith("(during kill)")
 
 
 def test_an_answer_of_any_shape_is_judged_never_raised_on():
