@@ -91,19 +91,26 @@ class Load:
         return self.outcomes
 
     async def closed_loop(self, concurrency: int, seconds: float, during: Optional[Callable] = None,
-                          at_s: float = 0.0) -> list[Outcome]:
-        """`concurrency` callers for `seconds`; `during()` (a fault) runs once, `at_s` in."""
+                          at_s: float = 0.0, until_during: bool = False) -> list[Outcome]:
+        """`concurrency` callers for `seconds`; `during()` (a fault, or checks made under load)
+        runs once, `at_s` in. With `until_during` the load stops once `during()` has returned
+        (or raised), `seconds` at most."""
         async with self._client(concurrency) as client:
             t0 = time.perf_counter()
             end = t0 + seconds
+            done = asyncio.Event()
 
             async def caller():
-                while time.perf_counter() < end:
+                while time.perf_counter() < end and not done.is_set():
                     await self._one(client, t0)
 
             async def fault():
                 await asyncio.sleep(at_s)
-                await asyncio.to_thread(during)
+                try:
+                    await asyncio.to_thread(during)
+                finally:
+                    if until_during:
+                        done.set()
 
             await asyncio.gather(*(caller() for _ in range(concurrency)), *([fault()] if during else []))
         return self.outcomes
