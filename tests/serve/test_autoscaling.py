@@ -67,6 +67,9 @@ def controller_decisions() -> list[dict]:
 
 def test_a_load_step_scales_up_and_quiet_scales_down(miner, scaled):
     wait_for(lambda: replicas() == (1, 1), 60, "one replica at start")
+    # The app was deployed just now: its router answers 503 unavailable until its monitor has
+    # seen the workload ready (the full suite caught the load's first requests there).
+    wait_for(lambda: miner.post({"input": "ready?"}, path=PATH).status_code == 200, 60, "the app answers")
     text = "validators score accuracy, reliability and latency of every answer a miner gives " * 3
     load = Load(miner.url, Keypair.create_from_uri("//Alice"), MINER,
                 lambda i: (PATH, {"input": [f"{text} {i} {j}" for j in range(16)]}), timeout_s=30.0)
