@@ -9,6 +9,7 @@ import pytest
 from serve_app.contracts import DeadlinePassed
 from serve_app.inference.coalesce import CoalescingRunner
 from serve_app.inference.thread import EngineThread
+from tests.unit.stepping import until
 
 
 class Engine:
@@ -17,9 +18,11 @@ class Engine:
     def __init__(self):
         self.passes: list[list[int]] = []
         self.release = threading.Event()
+        self.busy = threading.Event()  # set once the first pass has started
 
     def __call__(self, items):
         if not self.passes:
+            self.busy.set()
             self.release.wait(5)
         self.passes.append(list(items))
         if any(x < 0 for x in items):
@@ -34,9 +37,9 @@ def run(coro):
 
 async def queue_behind_first(runner, engine, later):
     first = asyncio.create_task(runner.run([1]))
-    await asyncio.sleep(0.05)  # the engine is now busy with [1]
+    await until(engine.busy.is_set, pause_s=0.001)  # the engine is now busy with [1]
     rest = [asyncio.create_task(runner.run(items)) for items in later]
-    await asyncio.sleep(0.05)
+    await until(lambda: runner.queued_items == sum(map(len, later)))
     engine.release.set()
     return await first, await asyncio.gather(*rest, return_exceptions=True)
 
@@ -80,10 +83,10 @@ def test_a_cancelled_caller_is_skipped():
 
     async def scenario():
         first = asyncio.create_task(runner.run([1]))
-        await asyncio.sleep(0.05)
+        await until(engine.busy.is_set, pause_s=0.001)
         gone = asyncio.create_task(runner.run([2]))
         kept = asyncio.create_task(runner.run([3]))
-        await asyncio.sleep(0.01)
+        await until(lambda: runner.queued_items == 2)
         gone.cancel()
         engine.release.set()
         await first
@@ -104,10 +107,11 @@ def test_work_whose_deadline_passed_while_queued_is_dropped_not_computed():
 
     async def scenario():
         first = asyncio.create_task(runner.run([1]))
-        await asyncio.sleep(0.05)
+        await until(engine.busy.is_set, pause_s=0.001)
         late = asyncio.create_task(runner.run([2], deadline=time.time() + 0.01))
         fine = asyncio.create_task(runner.run([3], deadline=time.time() + 10))
-        await asyncio.sleep(0.05)
+        await until(lambda: runner.queued_items == 2)
+        await asyncio.sleep(0.05)  # past late's deadline (a lower bound: any delay only adds to it)
         engine.release.set()
         return await first, await asyncio.gather(late, fine, return_exceptions=True)
 

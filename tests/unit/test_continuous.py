@@ -3,6 +3,7 @@ done (continuous) or only when it is empty (static); callers that go away or run
 time leave it at the next call; an engine error fails the steps in the batch, not the runner."""
 
 import asyncio
+import threading
 import time
 
 import pytest
@@ -10,6 +11,7 @@ import pytest
 from serve_app.contracts import DeadlinePassed, Generation
 from serve_app.inference.continuous import ContinuousRunner
 from serve_app.inference.thread import EngineThread
+from tests.unit.stepping import until
 
 
 class ScriptedEngine:
@@ -19,9 +21,12 @@ class ScriptedEngine:
         self.rows: dict[int, list] = {}  # key -> [left, length]
         self.calls: list[tuple[list, list]] = []  # (joined keys, cancelled keys) per call
         self.fail_next = False
+        self.release_first = None  # a threading.Event: the first call returns once it is set
 
     def decode(self, joins, cancels, iterations):
         self.calls.append(([s.key for s in joins], list(cancels)))
+        if len(self.calls) == 1 and self.release_first is not None:
+            assert self.release_first.wait(30), "the test never released the first call"
         for key in cancels:
             self.rows.pop(key, None)
         if self.fail_next:
@@ -57,23 +62,30 @@ def step(n):
 @pytest.mark.parametrize("mode", ["continuous", "static"])
 def test_short_steps_do_not_wait_for_long_ones_when_continuous(mode):
     engine, r = runner(mode)
+    engine.release_first = threading.Event()
 
     async def scenario():
         done = []
 
-        async def one(n, delay):
-            await asyncio.sleep(delay)
+        async def one(n):
             await r.run(step(n))
             done.append(n)
 
-        await asyncio.gather(one(40, 0), one(2, 0.01), one(2, 0.02))
+        # Step by step: the long step is decoding (its first call held open) when the short ones queue.
+        tasks = [asyncio.ensure_future(one(40))]
+        await until(lambda: len(engine.calls) == 1, pause_s=0.001)
+        tasks += [asyncio.ensure_future(one(2)) for _ in range(2)]
+        await until(lambda: r.queued_items == 2)
+        engine.release_first.set()
+        await asyncio.gather(*tasks)
         return done
 
     done = asyncio.run(scenario())
     if mode == "continuous":  # the short ones joined the long one's batch and left it first
-        assert done == [2, 2, 40] and max(len(j) for j, _ in engine.calls) == 1
+        assert done == [2, 2, 40] and engine.calls[1][0] == [1, 2]
     else:  # they waited for the long one to finish, then ran together
         assert done == [40, 2, 2] and [1, 2] in [j for j, _ in engine.calls]
+        assert all(j == [] for j, _ in engine.calls[1:-1])
     assert r.idle and r.tokens == 44
 
 
@@ -92,8 +104,8 @@ def test_a_caller_that_goes_away_or_runs_out_of_time_leaves_the_batch():
 
     async def scenario():
         gone = asyncio.ensure_future(r.run(step(1000)))
-        late = asyncio.ensure_future(r.run(step(1000), deadline=time.time() + 0.1))
-        await asyncio.sleep(0.05)
+        late = asyncio.ensure_future(r.run(step(1000), deadline=time.time() + 0.5))
+        await until(lambda: r.running == 2)  # both decoding
         gone.cancel()
         with pytest.raises(DeadlinePassed):
             await late
