@@ -896,6 +896,22 @@ class WorkloadsConfig(Strict):
     agents: Optional[AgentsConfig] = None
 
 
+class EdgeConfig(Strict):
+    """What HAProxy refuses before a request reaches Python (deployments/haproxy/edge.cfg,
+    serve_app/router/edge.py): missing auth headers, hotkeys the metagraph refuses, unknown routes
+    and methods, rates, and the stake tiers admission is shedding. Only with HAProxy in front."""
+
+    enabled: bool = Field(default=True, description="Keep HAProxy's maps current; off, HAProxy refuses nothing itself.")
+    stranger_rps: float = Field(
+        default=20.0, gt=0, description="Requests/s HAProxy lets through from a client address that has not sent a "
+                                        "verified request lately (a stranger claiming a validator's hotkey is held "
+                                        "to this); addresses validators sign from are not limited by it.")
+    trusted_s: float = Field(default=3600.0, gt=0, description="How long an address stays trusted after its last "
+                                                               "verified request.")
+    sync_s: float = Field(default=0.25, gt=0, le=5, description="How often each router writes its state and the "
+                                                                "leader updates HAProxy's maps.")
+
+
 class RouterConfig(Strict):
     num_replicas: int = Field(default=1, ge=1)
     num_cpus: float = Field(default=0.5, ge=0)
@@ -912,6 +928,7 @@ class RouterConfig(Strict):
         default=65536, gt=0, description="After body_grace_s, a body arriving slower than this gets 408: a client "
                                          "trickling bytes cannot hold a router slot for body_timeout_s.")
     body_grace_s: float = Field(default=1.0, gt=0, description="Time any body gets before the rate applies.")
+    edge: EdgeConfig = EdgeConfig()
     max_body_reads: int = Field(
         default=128, ge=1, description="Bodies read at once per router replica: callers not authenticated yet. When "
                                        "full, a newcomer cuts the read that has lasted longest (408).")

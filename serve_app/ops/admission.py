@@ -195,6 +195,22 @@ class Admission:
                 "estimated_wait_s": None if wait is None else round(wait, 3), "lag_s": round(self.lag_s, 3),
                 "shed": self.shed_total, "displaced": self.displaced_total}
 
+    def least_deadline_s(self, priority: float) -> float:
+        """The shortest deadline (seconds from now) inside which the smallest request of this
+        priority would be admitted now: 0 when any would, inf when the caps refuse it whatever its
+        deadline. What the edge (serve_app/router/edge.py) sheds on, before the request reaches Python."""
+        if self.in_flight == 0:
+            return 0.0
+        if len(self.waiting) >= self.max_queued and not (self.waiting and -self.waiting[-1].sort_key[0] < priority):
+            return math.inf
+        rate = self.drain_rate()
+        if rate is None:
+            return 0.0
+        wait_s = self._ahead(priority) / rate
+        if self.cfg.max_wait_s is not None and wait_s > self.cfg.max_wait_s:
+            return math.inf
+        return (wait_s + max(0.0, self.lag_s)) / self.cfg.deadline_share
+
     def would_shed(self, priority: float, deadline: float) -> bool:
         """Would the smallest request of this priority be refused right now? (A cheap pre-check.)"""
         return self._refusal(priority, 0.0, deadline, self.clock()) is not None

@@ -49,6 +49,8 @@ SIGNED_BEFORE_START = "signed before this store started"
 ANSWERED = "answered"
 
 
+# Headers a scheme may go without (Epistula-Signed-For: validators in the wild sign without a receiver).
+OPTIONAL_HEADERS = frozenset({epistula.HEADER_SIGNED_FOR})
 # What each scheme's validators send: the header naming the sender (read before the signature, to
 # refuse a stranger's key cheaply), and every header a signed request needs (the OpenAPI document).
 SCHEME_HEADERS = {
@@ -174,8 +176,17 @@ class Authenticator:
 
     @staticmethod
     def claimed_hotkey(headers: Mapping[str, str], policy: AuthPolicy) -> str:
-        """The hotkey the request says signed it, not verified yet ("" if none): only used to refuse."""
-        return headers.get(SCHEME_HEADERS[policy.scheme][0], "")
+        """The hotkey the request says signed it, not verified yet: only used to refuse. ApiError 401
+        when a header the scheme needs is missing or any of its headers is repeated (which copy would
+        be the signed one?): before the body is read, as HAProxy's edge does (deployments/haproxy/edge.cfg)."""
+        sender, needed = SCHEME_HEADERS[policy.scheme]
+        getlist = getattr(headers, "getlist", None)
+        for name in needed:
+            count = len(getlist(name)) if getlist is not None else int(name in headers)
+            if count > 1 or (count == 0 and name not in OPTIONAL_HEADERS):
+                raise ApiError(ErrorCode.malformed_auth, f"the {name} header is "
+                                                         f"{'repeated' if count else 'missing'}")
+        return headers.get(sender, "")
 
     def verify(self, headers: Mapping[str, str], body: bytes, *, method: str, path: str, policy: AuthPolicy) -> Signed:
         """Header shape, receiver, freshness and signature under the subnet's scheme, without side

@@ -6,10 +6,10 @@ from __future__ import annotations
 import asyncio
 import time
 
-from ray.exceptions import TaskCancelledError
+from ray.exceptions import RayActorError, TaskCancelledError
 from starlette.requests import ClientDisconnect, Request
 
-from serve_app.errors import ApiError, ErrorCode, shed
+from serve_app.errors import ApiError, ErrorCode, shed, unavailable
 
 # A body timeout whose timer fired later than this: the router's lag, not the client's slowness.
 LOOP_LAG_S = 0.5
@@ -52,8 +52,10 @@ class BodyReads:
     async def read(self, request: Request) -> bytes:
         """The body; ApiError 413 over `max_bytes`, 408 if too slow or cut, 400 on a bad length."""
         _check_declared_length(request, self.max_bytes)  # refused before it may cut anyone
-        if len(self.reading) >= self.limit:
-            self._cut_the_slowest()
+        if len(self.reading) >= self.limit and not self._cut_the_slowest():
+            # Every read is keeping pace (bodies HAProxy buffered whole, read by a busy router): none
+            # is a slow client's to cut, so the newcomer waits for another time.
+            raise shed("the miner is reading as many request bodies as it can", retry_after_s=1)
         progress = [time.monotonic(), 0.0]
         reader = asyncio.ensure_future(self._read(request, progress))
         self.reading[reader] = progress
@@ -74,14 +76,24 @@ class BodyReads:
             self.reading.pop(reader, None)
             self._cut.discard(reader)
 
-    def _cut_the_slowest(self) -> None:
-        """Cancel the read furthest behind the minimum rate (time taken minus time its bytes allow)."""
+    def _cut_the_slowest(self) -> bool:
+        """Cancel the read furthest behind the minimum rate (time taken minus time its bytes allow),
+        if one is behind it by more than the grace period; False when none is: a fast client is
+        never cut for the router's own lag."""
         now = time.monotonic()
-        slowest = max(self.reading, key=lambda r: (now - self.reading[r][0]) - self.reading[r][1] / self.min_bytes_per_s)
+
+        def behind(reader) -> float:
+            started, received = self.reading[reader]
+            return (now - started) - received / self.min_bytes_per_s
+
+        slowest = max(self.reading, key=behind)
+        if behind(slowest) <= self.grace_s:
+            return False
         del self.reading[slowest]
         self._cut.add(slowest)
         self.cut_total += 1
         slowest.cancel()
+        return True
 
     async def _read(self, request: Request, progress: list[float]) -> bytes:
         first: float | None = None  # when the first bytes were read, and how many
@@ -102,6 +114,10 @@ class BodyReads:
             # TaskCancelledError: a body relayed by Serve's proxy, which cancelled the relay (its
             # client went away): the caller's doing, not a miner failure (it was a 500).
             raise ApiError(ErrorCode.client_disconnected, "the client went away before the body was complete") from None
+        except RayActorError:
+            # The Serve proxy relaying the body died mid-body (it was a 500 under overload).
+            raise unavailable("the proxy relaying this request went away before its body was complete; send it "
+                              "again", retry_after_s=1) from None
         return b"".join(chunks)
 
 

@@ -11,19 +11,20 @@ import asyncio
 import logging
 
 from fastapi import FastAPI, Request
-from fastapi.responses import HTMLResponse
+from fastapi.responses import HTMLResponse, Response
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
 from serve_app import __version__
 from serve_app.config import DEFAULT_HTTP_PORT, MinerConfig
 from serve_app.economics.keeper import ledger_keeper
-from serve_app.errors import json_response, retry_after
+from serve_app.errors import json_bytes, json_response, retry_after
 from serve_app.observability.info import BuildInfo
 from serve_app.observability.metrics import RouterMetrics
 from serve_app.router import endpoints
 from serve_app.router.auth import STORE_START_S, Authenticator, shared_nonce_store
 from serve_app.router.body import BodyReads
+from serve_app.router.edge import EdgeKeeper, edge_dir
 from serve_app.router.monitor import RouterMonitor
 from serve_app.router.pipeline import RequestPipeline
 from serve_app.protocols.registry import workload_adapter
@@ -116,11 +117,19 @@ class Router:
         self.monitor = RouterMonitor(cfg, table, workloads, build, hotkey=self.auth.self_hotkey_ss58,
                                      http_port=await asyncio.to_thread(http_port), metrics=metrics, rollouts=rollouts,
                                      keeper=keeper, app_name=app_name)
+        self.edge = EdgeKeeper(r.edge, app_name, replica, r.num_replicas, table, await asyncio.to_thread(edge_dir),
+                               on_refused=lambda reason, n: metrics.edge_refused.inc(n, tags={"reason": reason}))
         self.pipeline = RequestPipeline(table.routes, self.auth, body_reads, max_in_progress=r.max_in_progress,
                                         workload_ready=self.monitor.workload_ready, record=self.monitor.record,
-                                        replica=replica)
+                                        replica=replica, trust=self.edge.trust)
         self.monitor.start(self.pipeline.in_flight)
+        self.edge.start()
         self.page_cache = endpoints.PublicPage(self.monitor, self.auth.self_hotkey_ss58)
+        self.info_cache = endpoints.Cached(self._info_bytes, endpoints.INFO_TTL_S)
+        self.openapi_bytes = json_bytes(endpoints.openapi(self.pipeline.routes))  # fixed while the replica lives
+
+    async def _info_bytes(self) -> bytes:
+        return json_bytes(await endpoints.info(self.monitor, self.auth.self_hotkey_ss58, self.edge))
 
     async def check_health(self) -> None:
         """Serve's health check: the shared replay store (see Authenticator.check_store)."""
@@ -137,7 +146,7 @@ class Router:
 
     @app.get("/info")
     async def info(self):
-        return json_response(await endpoints.info(self.monitor, self.auth.self_hotkey_ss58))
+        return Response(await self.info_cache.get(), media_type="application/json")
 
     @app.get("/")
     async def page(self):
@@ -145,7 +154,7 @@ class Router:
 
     @app.get("/openapi.json")
     def openapi(self):
-        return endpoints.openapi(self.pipeline.routes)
+        return Response(self.openapi_bytes, media_type="application/json")
 
     @app.api_route("/{path:path}", methods=["GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS"])
     async def dispatch(self, request: Request, path: str):

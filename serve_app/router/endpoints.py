@@ -43,7 +43,7 @@ def readiness(monitor: RouterMonitor) -> tuple[dict, bool]:
     return body, not reasons
 
 
-async def info(monitor: RouterMonitor, hotkey: str) -> dict:
+async def info(monitor: RouterMonitor, hotkey: str, edge=None) -> dict:
     build = monitor.build.as_dict()
     subnets = []
     for subnet in monitor.cfg.subnets:
@@ -73,8 +73,29 @@ async def info(monitor: RouterMonitor, hotkey: str) -> dict:
                              "placement": getattr(monitor.cfg.workloads, name).placement.info()}
                       for name in monitor.workloads},
         "admission": {name: a.snapshot() for name, a in monitor.table.admission.items()},
+        "edge": edge.describe() if edge is not None else {"enabled": False},
         "changes": build["changes"],
     }
+
+
+INFO_TTL_S = 1.0  # /info is built at most this often per router, whoever asks
+
+
+class Cached:
+    """An async builder's bytes, kept for `ttl_s`: a stranger asking again and again costs one
+    build a period (concurrent askers share it)."""
+
+    def __init__(self, build, ttl_s: float):
+        self.build, self.ttl_s = build, ttl_s
+        self.value, self.at = b"", -ttl_s
+        self.lock = asyncio.Lock()
+
+    async def get(self):
+        async with self.lock:
+            if time.monotonic() - self.at >= self.ttl_s:
+                self.value = await self.build()
+                self.at = time.monotonic()
+            return self.value
 
 
 PAGE_TTL_S = 30.0  # the public page is rendered at most this often, whoever asks

@@ -4,12 +4,14 @@ Router deployment (serve_app/router/deployment.py) hands it each request.
 In order; a request refused at any step stops there and never reaches a workload:
   route (404; 405 unless POST) -> the entry gate, before any work on it (503 shed)
   -> JSON content type (415) -> deadline from X-Bittensor-Timeout (422)
-  -> early shed by the claimed hotkey's stake when admission could not finish it in time
-     (503 shed: no body read, no signature work) -> body under the cap, at the minimum rate,
-     among the body reads (413, 408) -> authorisation of the claimed hotkey from the subnet's
-     metagraph (403, or 503 without a usable metagraph) -> signature under the subnet's scheme,
-     btauth/1 or Epistula v2 (401)
-  -> shared replay check (401, 503) -> per-hotkey rate limit (429) -> schema and limits (422)
+  -> the scheme's auth headers, each exactly once (401) -> authorisation of the claimed hotkey
+     from the subnet's metagraph (403, or 503 without a usable metagraph) -> early shed by the
+     claimed hotkey's stake when admission could not finish it in time (503 shed)
+     (none of these reads the body or does signature work)
+  -> body under the cap, at the minimum rate, among the body reads (413, 408)
+  -> signature under the subnet's scheme, btauth/1 or Epistula v2 (401)
+  -> shared replay check (401, 503); the caller's address is then trusted at the edge
+  -> per-hotkey rate limit (429) -> schema and limits (422)
   -> circuit breaker (503) -> admission by deadline and stake (503 shed, 504) -> workload call
      under the deadline, once more on another replica if one died mid-call (503, 504); with a
      rollout, on the side it picks (serve_app/router/rollouts.py)
@@ -18,6 +20,9 @@ A streamed answer (an agent run with "stream": true) is Server-Sent Events: the 
 above stay JSON errors; once admitted, the response starts and the run's slot, breaker
 verdict and record last until its final event, or until the caller hangs up (the run is
 cancelled). Codes: serve_app/errors.py.
+With HAProxy in front, the checks that need no signature (404, 405, 401 headers, 403, rates,
+shedding by stake tier) are made first at the edge (deployments/haproxy/edge.cfg, fed by
+serve_app/router/edge.py); the router makes them again, so the edge only takes load off it.
 """
 
 from __future__ import annotations
@@ -53,6 +58,8 @@ DEAD_REPLICA_RETRIES = 2
 RETRY_BACKOFF_S = 0.05  # doubled per attempt, with full jitter
 # Workload errors that mean "this replica is gone", not "this request is bad".
 REPLICA_GONE = (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError)
+# The caller's address as HAProxy saw it (deployments/haproxy/edge.cfg sets it, replacing any sent).
+CLIENT_HEADER = "x-torchrank-client"
 
 
 def signed_target(request: Request) -> str:
@@ -159,13 +166,15 @@ class RequestPipeline:
 
     def __init__(self, routes: Mapping[str, Route], auth, body_reads, *, max_in_progress: int,
                  workload_ready: Mapping[str, bool], record: Callable[[Ended], None],
-                 clock: Callable[[], float] = time.monotonic, replica: str = "local"):
+                 clock: Callable[[], float] = time.monotonic, replica: str = "local",
+                 trust: Callable[[Optional[str]], None] = lambda address: None):
         self.routes = routes
         self.auth = auth
         self.body_reads = body_reads
         self.max_in_progress = max_in_progress
         self.workload_ready = workload_ready
         self.record = record
+        self.trust = trust  # the address of a verified request: EdgeKeeper.trust
         self.clock = clock
         self.headers = {"X-Miner-Replica": replica}
         self.in_progress = 0  # all routes: the entry gate's count
@@ -235,18 +244,18 @@ class RequestPipeline:
         timeout = request_timeout(request.headers, route.subnet)
         deadline = self.clock() + timeout
         view, policy = route.metagraph.view, route.subnet.auth
-        claimed = self.auth.claimed_hotkey(request.headers, policy)  # not verified yet: only used to refuse
+        # Not verified yet: only used to refuse (401 without the scheme's headers, each once).
+        claimed = self.auth.claimed_hotkey(request.headers, policy)
+        # Before the body, the signature and the replay store: a stranger's key costs none of them.
+        try:
+            authorise(claimed, view, policy)
+        except ApiError:
+            ended.who = caller_class(claimed, view, policy)
+            raise
         if route.admission.would_shed(priority(claimed, view, policy), deadline):
             raise shed(f"the {route.adapter.workload} workload is at capacity", retry_after_s=1)
         body = await self.body_reads.read(request)
         view = route.metagraph.view  # a refresh may have landed while the body arrived
-        if claimed:  # (none: verify refuses it, 401)
-            # Before the signature and the replay store: a stranger's key costs neither.
-            try:
-                authorise(claimed, view, policy)
-            except ApiError:
-                ended.who = caller_class(claimed, view, policy)
-                raise
         signed = self.auth.verify(request.headers, body, method=request.method, path=signed_target(request),
                                   policy=policy)
         ended.caller = caller = signed.hotkey  # the signature proves the caller holds it
@@ -254,6 +263,9 @@ class RequestPipeline:
         if caller != claimed:
             authorise(caller, view, policy)
         await self.auth.claim(signed, max_open_s=route.subnet.max_timeout_s + CLAIM_MARGIN_S)
+        # Signed, authorised and fresh (a replay is refused above): the address it came from is a
+        # validator's, which the edge stops counting as a stranger's.
+        self.trust(request.headers.get(CLIENT_HEADER))
         try:
             if route.subnet.rate_limit.enabled:
                 wait = route.rate_limit.check(caller, view, allow_listed=caller in policy.allow_hotkeys)

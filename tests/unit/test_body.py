@@ -87,10 +87,11 @@ def test_an_undeclared_trickle_is_cut_at_the_rate_too():
 
 def test_when_the_budget_is_full_the_slowest_read_is_cut_and_the_newcomer_is_read():
     async def run():
-        budget = reads(limit=3, grace_s=30, min_bytes_per_s=10)
-        # Three slow bodies: 1 byte per 5 s, one per 0.2 s (the least behind), 1 byte per 5 s.
-        slow = [asyncio.ensure_future(budget.read(trickle([b"x"] * 10, pause))) for pause in (5, 0.2, 5)]
-        await asyncio.sleep(0.5)
+        budget = reads(limit=3, grace_s=0.3, min_bytes_per_s=10)
+        # Three bodies: 1 byte per 5 s (behind the rate), 20 bytes/s (ahead of it), 1 byte per 5 s.
+        slow = [asyncio.ensure_future(budget.read(trickle([b"x"] * n, pause)))
+                for n, pause in ((10, 5), (200, 0.05), (10, 5))]
+        await asyncio.sleep(1.0)  # the two behind are now 0.9 s behind, past the 0.3 s grace
         body = await budget.read(request([b'{"input": "hi"}'])[0])  # a validator's body: with its headers
         # A bad Content-Length is refused before it can cut anyone.
         with pytest.raises(ApiError):
@@ -110,6 +111,22 @@ def test_when_the_budget_is_full_the_slowest_read_is_cut_and_the_newcomer_is_rea
     assert body == b'{"input": "hi"}'
     assert outcomes == [(408, "body_timeout"), "still reading", "still reading"]
     assert budget.cut_total == 1 and len(budget.reading) == 0
+
+
+def test_when_the_budget_is_full_of_reads_keeping_pace_the_newcomer_is_shed_and_none_is_cut():
+    # Bodies HAProxy buffered whole, read by a busy router, are never a slow client's to cut.
+    async def run():
+        budget = reads(limit=2, grace_s=5, min_bytes_per_s=10)
+        pacing = [asyncio.ensure_future(budget.read(trickle([b"x"] * 100, 0.05))) for _ in range(2)]
+        await asyncio.sleep(0.2)
+        with pytest.raises(ApiError) as refused:
+            await budget.read(request([b'{"input": "hi"}'])[0])
+        for task in pacing:
+            task.cancel()
+        return refused.value, budget
+
+    err, budget = asyncio.run(run())
+    assert (err.status, err.code) == (503, "shed") and budget.cut_total == 0
 
 
 def test_a_router_lagging_behind_its_loop_does_not_take_its_lag_for_a_slow_body():

@@ -12,7 +12,7 @@ from bittensor.sp_core import Keypair
 
 from serve_app.client import signed_request
 from serve_app.config import AuthPolicy
-from serve_app.errors import ApiError
+from serve_app.errors import ApiError, ErrorCode
 from serve_app.router.auth import Authenticator
 from tests.unit.test_auth import InProcessStore
 
@@ -55,7 +55,9 @@ def test_a_valid_request_names_its_sender():
 
 def test_the_claimed_hotkey_is_read_from_signed_by():
     assert Authenticator.claimed_hotkey(epistula(), EPISTULA) == ALICE.ss58_address
-    assert Authenticator.claimed_hotkey(epistula(), AuthPolicy()) == ""  # btauth reads X-Bittensor-Hotkey
+    with pytest.raises(ApiError) as refused:  # btauth/1 needs its own headers
+        Authenticator.claimed_hotkey(epistula(), AuthPolicy())
+    assert refused.value.code is ErrorCode.malformed_auth
 
 
 def test_a_replayed_uuid_is_refused_across_routes():

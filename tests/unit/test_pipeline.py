@@ -104,9 +104,11 @@ def make(events, *, auth=None, adapter=None, admission=None, rate_limit=None, ma
     return pipeline, route, ended
 
 
-def request(events, *, path=PATH, method="POST", hotkey=VALIDATOR, body=b'{"input": "x"}'):
-    headers = [(b"content-type", b"application/json"), (b"x-bittensor-hotkey", hotkey.encode()),
-               (b"content-length", str(len(body)).encode())]
+def request(events, *, path=PATH, method="POST", hotkey=VALIDATOR, body=b'{"input": "x"}', extra=(), drop=()):
+    auth = [(b"x-bittensor-version", b"1"), (b"x-bittensor-hotkey", hotkey.encode()), (b"x-bittensor-nonce", b"1"),
+            (b"x-bittensor-signature", b"0x00")]
+    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
+               (b"x-torchrank-client", b"10.0.0.7"), *(h for h in auth if h[0] not in drop), *extra]
     scope = {"type": "http", "method": method, "path": path, "raw_path": path.encode(), "query_string": b"",
              "headers": headers}
 
@@ -155,8 +157,32 @@ def test_an_unregistered_claimed_hotkey_is_refused_before_the_signature():
     pipeline, _, ended = make(events)
     status, body = answer(pipeline, request(events, hotkey=STRANGER))
     assert (status, body["error"]) == (403, "not_registered")
-    assert events == ["body"]  # a stranger's key costs no sr25519 check and no store call
+    assert events == []  # a stranger's key costs no body read, no sr25519 check and no store call
     assert ended[0].who == "unregistered"
+
+
+@pytest.mark.parametrize("headers", [{"drop": (b"x-bittensor-signature",)},
+                                     {"extra": ((b"x-bittensor-hotkey", VALIDATOR.encode()),)},
+                                     {"extra": ((b"x-bittensor-nonce", b"2"),)}])
+def test_missing_or_repeated_auth_headers_are_refused_before_the_body(headers):
+    events = Events()
+    pipeline, _, _ = make(events)
+    status, body = answer(pipeline, request(events, **headers))
+    assert (status, body["error"]) == (401, "malformed_auth") and events == []
+
+
+def test_the_edge_trusts_the_address_of_a_verified_fresh_request_only():
+    trusted = []
+    events = Events()
+    pipeline, _, _ = make(events)
+    pipeline.trust = trusted.append
+    assert answer(pipeline, request(events))[0] == 200
+    assert trusted == ["10.0.0.7"]
+    for auth in (FakeAuth(events, verify_error=ApiError(ErrorCode.bad_signature, "no")),
+                 FakeAuth(events, claim_error=ApiError(ErrorCode.replayed_request, "again"))):
+        pipeline.auth = auth
+        assert answer(pipeline, request(events))[0] == 401
+    assert trusted == ["10.0.0.7"]  # neither a bad signature nor a replay makes an address trusted
 
 
 def test_a_bad_signature_never_reaches_the_replay_store():
