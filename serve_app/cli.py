@@ -251,11 +251,11 @@ def cmd_status(args) -> int:
     except httpx.HTTPError as exc:
         raise CliError(f"cannot read the miner's metrics at {', '.join(urls)}: {exc} "
                        f"(is the miner running? `make run` starts it)") from None
-    rows = status.table(before, after)
+    rows, edge = status.table(before, after), status.edge_refusals(before, after)
     if args.json:
-        print(status.as_json(rows, after))
+        print(status.as_json(rows, after, edge))
     else:
-        print(status.render(rows, after))
+        print(status.render(rows, after, edge))
     return 0
 
 

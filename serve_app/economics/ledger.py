@@ -154,6 +154,13 @@ class Tally:
             row["refused"][outcome] = row["refused"].get(outcome, 0) + 1
             row["retry_refusals"] += outcome in REFUSALS  # sent with Retry-After: the caller comes back
 
+    def refused_at_edge(self, netuid: int, workload: str, outcome: str, count: int) -> None:
+        """`count` requests HAProxy refused on a route before they reached a router (serve_app/router/edge.py)."""
+        row = self.rows.setdefault((netuid, workload), {c: 0 for c in COUNTS} | {"refused": {}, "latency": []})
+        row["requests"] += count
+        row["refused"][outcome] = row["refused"].get(outcome, 0) + count
+        row["retry_refusals"] += count if outcome in REFUSALS else 0
+
     def take(self) -> list[dict]:
         """The counts as plain rows (for a Ray call), and a fresh start."""
         rows, self.rows = self.rows, {}

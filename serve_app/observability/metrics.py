@@ -79,8 +79,9 @@ class RouterMetrics:
         self.degraded = metrics.Gauge("torchrank_subnet_degraded", "1 while the subnet's watchdog finds it degraded.",
                                       tag_keys=("netuid",))
         self.edge_refused = metrics.Counter(
-            "torchrank_edge_refused", "Requests HAProxy refused at the edge before they reached a router, by reason "
-                                      "(the error code it answered).", tag_keys=("reason",))
+            "torchrank_edge_refused", "Requests HAProxy refused at the edge before they reached a router, by subnet, "
+                                      "route and reason (the error code it answered; route unmatched: no route).",
+            tag_keys=("netuid", "route", "reason"))
         self.admission_queue = metrics.Gauge("torchrank_admission_queued", "Requests waiting for a workload slot.",
                                              tag_keys=("workload",))
         self.build = metrics.Gauge("torchrank_build_info", "1, labelled with what this miner runs.",

@@ -43,6 +43,7 @@ class Sample:
     queued: dict = field(default_factory=lambda: defaultdict(float))  # workload -> items
     replicas: dict = field(default_factory=dict)  # "app/deployment" -> replicas the autoscaler asks for
     standing: dict = field(default_factory=lambda: defaultdict(dict))  # netuid -> {field: value} over replicas
+    edge: dict = field(default_factory=lambda: defaultdict(float))  # reason -> refused by HAProxy, all routes
     at: float = 0.0
 
 
@@ -57,6 +58,8 @@ def parse(texts: Iterable[str], at: float) -> Sample:
                 netuid = labels.get("netuid", "-")
                 if name == "ray_torchrank_requests_total":
                     s.requests[(netuid, labels["outcome"])] += value
+                elif name == "ray_torchrank_edge_refused_total":
+                    s.edge[labels.get("reason", "-")] += value
                 elif name == "ray_torchrank_request_seconds_bucket" and labels.get("outcome") == "ok":
                     s.buckets[(netuid, float(labels["le"]))] += value
                 elif name in ("ray_torchrank_slo_requests_total", "ray_torchrank_slo_errors_total"):
@@ -131,7 +134,14 @@ def table(before: Sample, after: Sample) -> list[dict]:
     return rows
 
 
-def render(rows: list[dict], sample: Sample) -> str:
+def edge_refusals(before: Sample, after: Sample) -> dict[str, dict]:
+    """reason -> {"per_s" over the interval, "total" since the routers started}: what HAProxy refused."""
+    seconds = max(after.at - before.at, 1e-9)
+    return {reason: {"per_s": (total - before.edge.get(reason, 0.0)) / seconds, "total": total}
+            for reason, total in sorted(after.edge.items())}
+
+
+def render(rows: list[dict], sample: Sample, edge: dict | None = None) -> str:
     def cell(value, fmt, scale=1.0, suffix=""):
         return "-" if value is None or math.isnan(value) else format(value * scale, fmt) + suffix
 
@@ -146,6 +156,9 @@ def render(rows: list[dict], sample: Sample) -> str:
     if not rows:
         lines.append("(no requests seen yet)")
     lines.append("queue depth: " + (", ".join(f"{w} {v:.0f}" for w, v in sorted(sample.queued.items())) or "-"))
+    if edge:
+        lines.append("refused by HAProxy at the edge (per s, total): "
+                     + ", ".join(f"{reason} {v['per_s']:.1f}/s {v['total']:.0f}" for reason, v in edge.items()))
     if sample.replicas:
         lines.append("autoscaled replicas: " + ", ".join(f"{d} {v:.0f}" for d, v in sorted(sample.replicas.items())))
     if sample.standing:
@@ -172,11 +185,11 @@ def render_standing(standing: dict) -> str:
     return "\n".join(lines)
 
 
-def as_json(rows: list[dict], sample: Sample) -> str:
+def as_json(rows: list[dict], sample: Sample, edge: dict | None = None) -> str:
     """NaN (no data) becomes null: strict JSON."""
     clean = [{k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in r.items()} for r in rows]
     return json.dumps({"subnets": clean, "queue_depth": dict(sample.queued), "autoscaled_replicas": sample.replicas,
-                       "standing": sample.standing})
+                       "standing": sample.standing, "edge_refused": edge or {}})
 
 
 def collect(urls: list[str], interval_s: float, warn=print) -> tuple[Sample, Sample]:

@@ -45,7 +45,7 @@ class BodyReads:
     def __init__(self, limit: int, max_bytes: int, timeout_s: float, grace_s: float, min_bytes_per_s: float):
         self.limit, self.max_bytes, self.timeout_s = limit, max_bytes, timeout_s
         self.grace_s, self.min_bytes_per_s = grace_s, min_bytes_per_s
-        self.reading: dict[asyncio.Task, list[float]] = {}  # -> [started, bytes received]
+        self.reading: dict[asyncio.Task, list] = {}  # -> [started, bytes received, bytes declared or None]
         self._cut: set[asyncio.Task] = set()
         self.cut_total = 0
 
@@ -56,7 +56,8 @@ class BodyReads:
             # Every read is keeping pace (bodies HAProxy buffered whole, read by a busy router): none
             # is a slow client's to cut, so the newcomer waits for another time.
             raise shed("the miner is reading as many request bodies as it can", retry_after_s=1)
-        progress = [time.monotonic(), 0.0]
+        declared = request.headers.get("content-length")
+        progress = [time.monotonic(), 0.0, int(declared) if declared is not None else None]
         reader = asyncio.ensure_future(self._read(request, progress))
         self.reading[reader] = progress
         try:
@@ -77,18 +78,20 @@ class BodyReads:
             self._cut.discard(reader)
 
     def _cut_the_slowest(self) -> bool:
-        """Cancel the read furthest behind the minimum rate (time taken minus time its bytes allow),
-        if one is behind it by more than the grace period; False when none is: a fast client is
-        never cut for the router's own lag."""
+        """Cancel the read furthest behind the minimum rate (time taken minus time its bytes allow)
+        among those still waiting for bytes; False when every body has arrived whole (HAProxy
+        buffers small ones) and only waits for the router: a fast client is never cut for the
+        router's own lag."""
         now = time.monotonic()
 
         def behind(reader) -> float:
-            started, received = self.reading[reader]
+            started, received, declared = self.reading[reader]
             return (now - started) - received / self.min_bytes_per_s
 
-        slowest = max(self.reading, key=behind)
-        if behind(slowest) <= self.grace_s:
+        waiting = [r for r, (_, received, declared) in self.reading.items() if declared is None or received < declared]
+        if not waiting:
             return False
+        slowest = max(waiting, key=behind)
         del self.reading[slowest]
         self._cut.add(slowest)
         self.cut_total += 1

@@ -118,7 +118,7 @@ class Router:
                                      http_port=await asyncio.to_thread(http_port), metrics=metrics, rollouts=rollouts,
                                      keeper=keeper, app_name=app_name)
         self.edge = EdgeKeeper(r.edge, app_name, replica, r.num_replicas, table, await asyncio.to_thread(edge_dir),
-                               on_refused=lambda reason, n: metrics.edge_refused.inc(n, tags={"reason": reason}))
+                               on_refused=self.monitor.record_edge)
         self.pipeline = RequestPipeline(table.routes, self.auth, body_reads, max_in_progress=r.max_in_progress,
                                         workload_ready=self.monitor.workload_ready, record=self.monitor.record,
                                         replica=replica, trust=self.edge.trust)

@@ -178,14 +178,22 @@ def parse_map(text: str) -> dict[str, str]:
     return entries
 
 
-def parse_counts(text: str) -> dict[str, int]:
-    """`show table edge_refused` -> reason -> requests refused since HAProxy started."""
+def parse_counts(text: str) -> dict[tuple[str, str], int]:
+    """`show table edge_refused` -> (route path or "-", reason) -> requests refused since HAProxy started."""
     counts = {}
     for line in text.splitlines():
         fields = dict(part.split("=", 1) for part in line.split() if "=" in part)
-        if "key" in fields and "http_req_cnt" in fields:
-            counts[fields["key"]] = int(fields["http_req_cnt"])
+        if "key" in fields and "http_req_cnt" in fields and "|" in fields["key"]:
+            path, reason = fields["key"].rsplit("|", 1)
+            counts[(path, reason)] = int(fields["http_req_cnt"])
     return counts
+
+
+def by_reason(counts: Mapping[tuple[str, str], int]) -> dict[str, int]:
+    out: dict[str, int] = {}
+    for (_, reason), n in counts.items():
+        out[reason] = out.get(reason, 0) + n
+    return dict(sorted(out.items()))
 
 
 def render(entries: Mapping[str, str]) -> str:
@@ -237,18 +245,21 @@ class EdgeKeeper:
     runs `sync` every `cfg.sync_s`. `describe` is for /info."""
 
     def __init__(self, cfg, app: str, replica: str, replicas: int, table, folder: Optional[Path],
-                 on_refused: Callable[[str, int], None] = lambda reason, n: None, clock=time.time):
+                 on_refused: Callable[[str, str, int], None] = lambda path, reason, n: None, clock=time.time):
         self.cfg, self.app, self.replica, self.replicas = cfg, app, replica, replicas
         self.table = table  # the RouteTable: routes, metagraphs, admission
         self.folder = folder
         self.socket = HAProxySocket(folder.parent / "admin.sock") if folder is not None else None
-        self.on_refused = on_refused  # reason, new refusals since the last read (the leader only)
+        # (route path or "-", reason, refusals since the last read): each app's leader for its own routes,
+        # the node's leader for "-" (paths no route has)
+        self.on_refused = on_refused
         self.clock = clock
         self.trusted: dict[str, float] = {}
-        self.leader = False
+        self.leader = False  # of this node: it updates HAProxy
+        self.app_leader = False  # of this app's routers on this node: it reports the app's refusals
         self.pushed: Optional[dict[str, dict[str, str]]] = None  # what HAProxy holds, as last sent
         self.haproxy_pid: Optional[str] = None
-        self.refused: dict[str, int] = {}  # since HAProxy started, as last read
+        self.refused: dict[tuple[str, str], int] = {}  # since HAProxy started, as last read
         self.errors = 0
         self._last_written = ""
         self._last_write_at = 0.0
@@ -306,8 +317,9 @@ class EdgeKeeper:
             write_atomic(self.folder / f"router-{self.replica}.json", state.dump())
             self._last_written, self._last_write_at = content, now
         states = self._read_states()
-        fresh = sorted(s.replica for s in states if now - s.at <= FRESH_S)
-        self.leader = bool(fresh) and fresh[0] == self.replica
+        fresh = sorted((s.replica, s.app) for s in states if now - s.at <= FRESH_S)
+        self.leader = bool(fresh) and fresh[0][0] == self.replica
+        self.app_leader = [r for r, app in fresh if app == self.app][:1] == [self.replica]
         if not self.leader:
             self.pushed = None  # whoever leads next time starts from what HAProxy holds
         try:
@@ -351,15 +363,17 @@ class EdgeKeeper:
         self.pushed = maps
 
     async def _count_refusals(self) -> None:
-        """Every router reads HAProxy's counts (for /info); the leader alone reports what is new."""
+        """Every router reads HAProxy's counts (for /info); one router reports what is new for each route."""
         counts = parse_counts(await self.socket.run(["show table edge_refused"]))
-        if self.leader and self._counted:
-            for reason, count in counts.items():
-                before = self.refused.get(reason, 0)
+        if self._counted:
+            for (path, reason), count in counts.items():
+                if not (self.leader if path == "-" else self.app_leader and path in self.table.routes):
+                    continue
+                before = self.refused.get((path, reason), 0)
                 new = count - before if count >= before else count  # fewer: a new HAProxy counts from 0
                 if new > 0:
-                    self.on_refused(reason, new)
-        self._counted = self.leader
+                    self.on_refused(path, reason, new)
+        self._counted = self.leader or self.app_leader  # a router's first read is a baseline, not news
         self.refused = counts
 
     def _path(self, name: str) -> Path:
@@ -367,7 +381,7 @@ class EdgeKeeper:
 
     def describe(self) -> dict:
         return {"enabled": self.active, "leader": self.leader, "trusted_addresses": len(self.trusted),
-                "refused_since_haproxy_start": dict(sorted(self.refused.items())),
+                "refused_since_haproxy_start": by_reason(self.refused),
                 "runtime_api_errors": self.errors}
 
     async def stop(self) -> None:

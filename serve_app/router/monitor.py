@@ -92,6 +92,15 @@ class RouterMonitor:
                           status=ended.status, outcome=ended.outcome, admitted=ended.admitted,
                           ms=round(ended.seconds * 1000, 2))
 
+    def record_edge(self, path: str, reason: str, count: int) -> None:
+        """`count` requests HAProxy refused (`reason`) before they reached a router: on a route of this
+        app (its metrics and the ledger's refusals), or on no route ("-")."""
+        route = self.table.routes.get(path)
+        netuid, label = (str(route.subnet.netuid), path) if route is not None else ("-", "unmatched")
+        self.metrics.edge_refused.inc(count, tags={"netuid": netuid, "route": label, "reason": reason})
+        if route is not None:
+            self.tally.refused_at_edge(route.subnet.netuid, route.adapter.workload, reason, count)
+
     async def flush_ledger(self) -> None:
         """The counts since the last time, the miner's standing and what serves, to the ledger keeper
         (found or created first if need be). The rows are kept for the next time when the keeper

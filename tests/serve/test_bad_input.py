@@ -182,8 +182,12 @@ def test_a_slow_body_flood_leaves_validators_served(miner):
     import selectors
 
     host, port = miner.url.removeprefix("http://").split(":")
+    # It claims a validator's hotkey with its headers (signed for another body): an unsigned one is
+    # refused by HAProxy at once (401) and never holds a router's read.
+    claimed = bittensor.http_auth.sign(ALICE, method="POST", path="/v1/embeddings", body=b"{}", receiver_ss58=MINER)
     head = (b"POST /v1/embeddings HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-            b"Content-Length: 65536\r\n\r\n" + b" " * 20480)  # then nothing more
+            + b"".join(f"{k}: {v}\r\n".encode() for k, v in claimed.items())
+            + b"Content-Length: 65536\r\n\r\n" + b" " * 20480)  # then nothing more
     extra = 32  # per router replica, beyond what it reads at once
     flood, sent_at = [], {}
     try:
@@ -222,8 +226,11 @@ def test_a_slow_body_flood_leaves_validators_served(miner):
 
 
 def test_wrong_content_type_is_415(miner):
+    # With a validator's headers (unsigned, HAProxy answers 401 first: tests/serve/test_edge.py).
     for content_type in ("text/plain", "multipart/form-data; boundary=x", "application/x-www-form-urlencoded"):
-        resp = miner.http.post("/v1/embeddings", content=b'{"input": "x"}', headers={"Content-Type": content_type})
+        body = b'{"input": "x"}'
+        headers = bittensor.http_auth.sign(ALICE, method="POST", path="/v1/embeddings", body=body, receiver_ss58=MINER)
+        resp = miner.http.post("/v1/embeddings", content=body, headers={**headers, "Content-Type": content_type})
         assert (resp.status_code, resp.json()["error"]) == (415, "unsupported_media_type")
 
 

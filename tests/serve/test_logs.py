@@ -47,10 +47,13 @@ def test_each_request_logs_one_json_line(miner):
     assert line["status"] == 200 and line["outcome"] == "ok" and line["admitted"] is True
     assert line["ms"] > 0
 
-    refused = miner.post({"input": "x"}, key="//Charlie")
+    # A refusal the router makes (HAProxy's own, such as a hotkey without a permit, are counted apart):
+    # //Alice's headers over another body.
+    body, headers = signed_request(Keypair.create_from_uri("//Alice"), "/v1/embeddings", {"input": "x"}, MINER)
+    refused = miner.http.post("/v1/embeddings", content=body.replace(b'"x"', b'"y"'), headers=headers)
     line = wait_for_line(refused.headers["x-request-id"])
-    assert line["status"] == 403 and line["outcome"] == "no_validator_permit"
-    assert line["caller_class"] == "registered" and line["admitted"] is False
+    assert line["status"] == 401 and line["outcome"] == "bad_signature"
+    assert line["caller_class"] == "unauthenticated" and line["admitted"] is False
 
 
 def test_logs_never_hold_bodies_signatures_or_keys(miner):

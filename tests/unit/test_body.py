@@ -6,6 +6,7 @@ from starlette.requests import Request
 
 from serve_app.errors import ApiError
 from serve_app.router.body import BodyReads
+from tests.unit.stepping import until
 
 
 def request(chunks, headers=()):
@@ -87,11 +88,11 @@ def test_an_undeclared_trickle_is_cut_at_the_rate_too():
 
 def test_when_the_budget_is_full_the_slowest_read_is_cut_and_the_newcomer_is_read():
     async def run():
-        budget = reads(limit=3, grace_s=0.3, min_bytes_per_s=10)
+        budget = reads(limit=3, grace_s=30, min_bytes_per_s=10)
         # Three bodies: 1 byte per 5 s (behind the rate), 20 bytes/s (ahead of it), 1 byte per 5 s.
         slow = [asyncio.ensure_future(budget.read(trickle([b"x"] * n, pause)))
                 for n, pause in ((10, 5), (200, 0.05), (10, 5))]
-        await asyncio.sleep(1.0)  # the two behind are now 0.9 s behind, past the 0.3 s grace
+        await asyncio.sleep(1.0)  # the two behind are now 0.9 s behind the rate
         body = await budget.read(request([b'{"input": "hi"}'])[0])  # a validator's body: with its headers
         # A bad Content-Length is refused before it can cut anyone.
         with pytest.raises(ApiError):
@@ -113,16 +114,31 @@ def test_when_the_budget_is_full_the_slowest_read_is_cut_and_the_newcomer_is_rea
     assert budget.cut_total == 1 and len(budget.reading) == 0
 
 
-def test_when_the_budget_is_full_of_reads_keeping_pace_the_newcomer_is_shed_and_none_is_cut():
+def test_when_every_read_has_its_whole_body_the_newcomer_is_shed_and_none_is_cut():
     # Bodies HAProxy buffered whole, read by a busy router, are never a slow client's to cut.
     async def run():
         budget = reads(limit=2, grace_s=5, min_bytes_per_s=10)
-        pacing = [asyncio.ensure_future(budget.read(trickle([b"x"] * 100, 0.05))) for _ in range(2)]
-        await asyncio.sleep(0.2)
+        gate = asyncio.Event()  # the router has not handed the reads their ends yet
+
+        def whole():
+            chunks = iter([{"type": "http.request", "body": b'{"input": "hi"}', "more_body": True}])
+
+            async def receive():
+                try:
+                    return next(chunks)
+                except StopIteration:
+                    await gate.wait()
+                    return {"type": "http.request", "body": b"", "more_body": False}
+
+            scope = {"type": "http", "method": "POST", "path": "/", "headers": [(b"content-length", b"15")]}
+            return Request(scope, receive)
+
+        held = [asyncio.ensure_future(budget.read(whole())) for _ in range(2)]
+        await until(lambda: all(p[1] == 15 for p in budget.reading.values()) and len(budget.reading) == 2)
         with pytest.raises(ApiError) as refused:
             await budget.read(request([b'{"input": "hi"}'])[0])
-        for task in pacing:
-            task.cancel()
+        gate.set()
+        assert [await h for h in held] == [b'{"input": "hi"}'] * 2
         return refused.value, budget
 
     err, budget = asyncio.run(run())

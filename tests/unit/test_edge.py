@@ -106,27 +106,32 @@ def test_changes_are_the_fewest_runtime_commands():
 def test_haproxys_answers_are_read_back():
     assert parse_map("0x55d1e0 /v1/embeddings a:1|btauth|12000\n0x55d1e1 /x y\n\n") == {
         "/v1/embeddings": "a:1|btauth|12000", "/x": "y"}
-    table = ("# table: edge_refused, type: string, size:64, used:2\n"
-             "0x7f3c: key=malformed_auth use=0 exp=86399000 shard=0 http_req_cnt=1200\n"
-             "0x7f3d: key=not_registered use=0 exp=86399000 shard=0 http_req_cnt=7\n")
-    assert parse_counts(table) == {"malformed_auth": 1200, "not_registered": 7}
+    table = ("# table: edge_refused, type: string, size:256, used:2\n"
+             "0x7f3c: key=/v1/embeddings|malformed_auth use=0 exp=86399000 shard=0 http_req_cnt=1200\n"
+             "0x7f3d: key=-|not_found use=0 exp=86399000 shard=0 http_req_cnt=7\n")
+    assert parse_counts(table) == {("/v1/embeddings", "malformed_auth"): 1200, ("-", "not_found"): 7}
     assert render({"b": "2", "a": "1"}) == "a 1\nb 2\n"
 
 
-def test_the_leader_reports_only_new_refusals_and_a_restarted_haproxy_counts_from_zero():
+def test_the_leaders_report_only_new_refusals_and_a_restarted_haproxy_counts_from_zero():
     reported = []
-    keeper = EdgeKeeper(EdgeConfig(), "a", "r1", 1, table=None, folder=None,
-                        on_refused=lambda reason, n: reported.append((reason, n)))
-    answers = iter(["key=shed http_req_cnt=10", "key=shed http_req_cnt=25 ", "key=shed http_req_cnt=4"])
+    table = type("T", (), {"routes": {"/p": object()}})()
+    keeper = EdgeKeeper(EdgeConfig(), "a", "r1", 1, table=table, folder=None,
+                        on_refused=lambda path, reason, n: reported.append((path, reason, n)))
+    answers = iter(["key=/p|shed http_req_cnt=10\nkey=/other-app|shed http_req_cnt=3\nkey=-|not_found http_req_cnt=1",
+                    "key=/p|shed http_req_cnt=25\nkey=/other-app|shed http_req_cnt=9\nkey=-|not_found http_req_cnt=2",
+                    "key=/p|shed http_req_cnt=4"])
 
     class Socket:
         async def run(self, commands):
             return next(answers)
 
-    keeper.socket, keeper.leader = Socket(), True
+    keeper.socket, keeper.app_leader = Socket(), True  # this app's leader, not the node's
     for _ in range(3):
         asyncio.run(keeper._count_refusals())
-    assert reported == [("shed", 15), ("shed", 4)]  # the first read is a baseline
+    # The first read is a baseline; another app's route and paths no route has are not this router's to report.
+    assert reported == [("/p", "shed", 15), ("/p", "shed", 4)]
+    assert keeper.describe()["refused_since_haproxy_start"] == {"shed": 4}
 
 
 def test_trusted_addresses_expire():

@@ -3,18 +3,22 @@ HAProxy binary Ray ships (`haproxy -c`): what it adds, and the error pages it po
 
 import json
 import os
+import re
 import subprocess
 from pathlib import Path
 
 import pytest
 
 from serve_app import rayenv
+from serve_app.errors import ErrorCode
+from serve_app.router.edge import MAPS as EDGE_MAPS
 
 PAGES = sorted((rayenv.HAPROXY_WRAPPER.parent).glob("*.http"))
 
 
-def ray_config(tmp_path: Path) -> Path:
-    """Ray's config for the shipped app (named torchrank-miner, as in deployments/*.yaml) on two router replicas."""
+def ray_config(tmp_path: Path, fallback: bool = False) -> Path:
+    """Ray's config for the shipped app (named torchrank-miner, as in deployments/*.yaml) on two router
+    replicas (and, with `fallback`, Ray's ProxyActor as the backup server)."""
     from ray.serve._private.haproxy import BackendConfig, HAProxyApi, HAProxyConfig, ServerConfig
 
     path = tmp_path / "haproxy.cfg"
@@ -23,7 +27,9 @@ def ray_config(tmp_path: Path) -> Path:
                         metrics_socket_path=str(tmp_path / "metrics.sock"), has_received_routes=True)
     backend = BackendConfig(name="http-torchrank-miner", path_prefix="/", app_name="torchrank-miner",
                             ingress_deployment_name="Router",
-                            servers=[ServerConfig("r1", "127.0.0.1", 30000), ServerConfig("r2", "127.0.0.1", 30001)])
+                            servers=[ServerConfig("r1", "127.0.0.1", 30000), ServerConfig("r2", "127.0.0.1", 30001)],
+                            fallback_server=ServerConfig("SERVE_PROXY_ACTOR-fallback-x", "127.0.0.1", 8500) if fallback
+                            else None)
     HAProxyApi(cfg=cfg, backend_configs={backend.name: backend}, config_file_path=str(path))._generate_config_file_internal()
     return path
 
@@ -67,3 +73,37 @@ def test_rayenv_points_ray_at_the_wrapper_and_the_wrapper_at_rays_binary():
     env = rayenv.read()
     assert env["RAY_SERVE_HAPROXY_BINARY_PATH"] == str(rayenv.HAPROXY_WRAPPER)
     assert int(env["RAY_SERVE_HAPROXY_TIMEOUT_CLIENT_S"]) <= 60
+
+
+def test_the_wrapper_puts_the_edge_after_rays_own_paths_and_drops_the_fallback_proxy(tmp_path):
+    path = ray_config(tmp_path, fallback=True)
+    assert "SERVE_PROXY_ACTOR-fallback" in path.read_text()
+    edge = tmp_path / "torchrank-edge"
+    edge.mkdir()
+    (edge / "hotkeys.map").write_text("stale 1\n")  # an earlier miner's
+    done = run_wrapper("-c", "-f", str(path))
+    assert done.returncode == 0, done.stderr
+    text = path.read_text()
+    assert "SERVE_PROXY_ACTOR-fallback" not in text  # a busy router is never traded for Ray's proxy
+    frontend = text.split("frontend http_frontend", 1)[1].split("\nbackend ", 1)[0]
+    # Ray's health check and routes are answered first; the edge before any backend is chosen.
+    assert frontend.index("if routes") < frontend.index("torchrank-miner edge") < frontend.index("use_backend")
+    assert f"map({edge}/routes.map)" in frontend and "@EDGE@" not in text
+    for table in ("edge_sources", "edge_hotkeys", "edge_refused"):
+        assert f"backend {table}\n    stick-table" in text
+    # A first start forgets an earlier miner's maps; a reload (-sf) keeps what the routers wrote.
+    assert sorted(p.name for p in edge.iterdir()) == sorted(f"{m}.map" for m in EDGE_MAPS)
+    assert (edge / "hotkeys.map").read_text() == ""
+    (edge / "hotkeys.map").write_text("kept 1\n")
+    path.write_text(ray_config(tmp_path, fallback=True).read_text())  # Ray rewrites it for the reload
+    assert run_wrapper("-c", "-f", str(path), "-sf", "1").returncode == 0
+    assert (edge / "hotkeys.map").read_text() == "kept 1\n"
+
+
+def test_every_answer_the_edge_gives_is_a_code_of_the_catalogue_with_its_status():
+    text = (rayenv.HAPROXY_WRAPPER.parent / "edge.cfg").read_text()
+    answers = re.findall(r"http-request return status (\d+) content-type application/json.*? string '([^']*)'", text)
+    assert len(answers) == 9
+    for status, body in answers:
+        error = json.loads(body)
+        assert set(error) == {"error", "detail"} and ErrorCode[error["error"]].status == int(status)

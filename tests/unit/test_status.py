@@ -3,7 +3,7 @@
 import json
 import math
 
-from serve_app.observability.status import as_json, parse, quantile, render, render_standing, table
+from serve_app.observability.status import as_json, edge_refusals, parse, quantile, render, render_standing, table
 
 LABELS = 'Component="core_worker",application="miner",deployment="Router",replica="r1"'
 
@@ -185,3 +185,18 @@ def test_status_command_without_a_miner_is_one_line(tmp_path, capsys, monkeypatc
     assert cli.main(["status", "--interval", "0"]) == 2
     [line] = capsys.readouterr().err.splitlines()
     assert "no local Ray cluster found" in line and "--metrics" in line
+
+
+def test_what_haproxy_refused_at_the_edge_is_shown_by_reason():
+    def edge(not_registered: int, shed: int) -> str:
+        return ("# TYPE ray_torchrank_edge_refused_total counter\n"
+                f'ray_torchrank_edge_refused_total{{{LABELS},netuid="1",route="/v1/embeddings",reason="not_registered"}} {not_registered}\n'
+                f'ray_torchrank_edge_refused_total{{{LABELS},netuid="-",route="unmatched",reason="not_found"}} 3\n'
+                f'ray_torchrank_edge_refused_total{{{LABELS},netuid="1",route="/v1/images/generations",reason="shed"}} {shed}\n')
+
+    before, after = parse([edge(100, 0)], at=0.0), parse([edge(5100, 40)], at=10.0)
+    refused = edge_refusals(before, after)
+    assert refused == {"not_found": {"per_s": 0.0, "total": 3.0}, "not_registered": {"per_s": 500.0, "total": 5100.0},
+                       "shed": {"per_s": 4.0, "total": 40.0}}
+    assert "not_registered 500.0/s 5100" in render([], after, refused)
+    assert json.loads(as_json([], after, refused))["edge_refused"]["shed"]["per_s"] == 4.0
