@@ -35,7 +35,7 @@ class Outcome:
 
 class Load:
     def __init__(self, url: str, signer, receiver_ss58: str, make: MakeRequest, timeout_s: float = 10.0,
-                 headers: Optional[dict[str, str]] = None, scheme: str = "btauth"):
+                 headers: Optional[dict[str, str]] = None, scheme: str = "btauth", local_addr: Optional[str] = None):
         self.url = url
         self.scheme = scheme  # the subnet's auth.scheme
         self.signer = signer
@@ -43,6 +43,7 @@ class Load:
         self.make = make
         self.timeout_s = timeout_s
         self.headers = headers or {}
+        self.local_addr = local_addr  # the source address (a validator apart from a flood: 127.0.0.2)
         self.outcomes: list[Outcome] = []
         self._count = 0
         self._signed: list[tuple[str, bytes, dict]] = []
@@ -74,7 +75,8 @@ class Load:
     def _client(self, connections: int) -> aiohttp.ClientSession:
         # aiohttp: a fraction of httpx's CPU per request, so the load generator is not the bottleneck.
         # A little over the deadline: a request that outlives it counts as hung, not as answered.
-        return aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=connections),
+        local = (self.local_addr, 0) if self.local_addr else None
+        return aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=connections, local_addr=local),
                                      timeout=aiohttp.ClientTimeout(total=self.timeout_s + 5))
 
     async def open_loop(self, rate: float, seconds: float, connections: int = 512) -> list[Outcome]:

@@ -18,6 +18,22 @@ from a healthy miner:
 "Lost" is an admitted request that got no answer or a 5xx other than a fast refusal
 (503 shed / breaker_open, 429); "recover" is the time from the fault until Serve runs
 the full replica count again and every router answers /ready.
+
+    .venv/bin/python benchmarks/reliability.py --against http://127.0.0.1:8000 [--seconds 10]
+
+runs, instead, the edge's scenarios against a miner already running (`make run`: the shipped
+config as users run it, started fresh so that no address is trusted yet), each phase printing
+its status counts and the CPU each process spent:
+  floods        a signed validator (//Alice, closed loop of 4, from 127.0.0.2) alone, then beside
+                h2load floods from 127.0.0.1, one new connection per request: 5,000 req/s without
+                auth headers; 5,000 req/s claiming //Dave (not registered); 1,000 req/s of wrong
+                signatures claiming //Alice. Kept: answered share, answered/s against the
+                unflooded run, p99, and HAProxy's CPU per refused request.
+  overload      capacity (closed loop of 32, single texts, presigned), then an open loop at 4 x
+                it with X-Bittensor-Timeout 5: answered/s against capacity, refusals p50, every
+                request answered (a 200 or a JSON refusal) within deadline + 1 s, no 500, and
+                the router's CPU per answered request.
+The validator and the overload are a Python client (aiohttp): its own CPU is in the table.
 """
 
 from __future__ import annotations
@@ -37,6 +53,7 @@ from serve_app import rayenv  # noqa: E402
 from serve_app.app import build_app, load_config  # noqa: E402
 from serve_app.client import signer_for  # noqa: E402
 from loadgen import Load, summary  # noqa: E402
+import proc_cpu  # noqa: E402
 
 APP = "miner"
 PATH = "/v1/embeddings"
@@ -234,12 +251,147 @@ def breaker_stats(outcomes, fault_at_s: float) -> dict:
             "first_200_after_open_s": round(min(back) - first_open, 1) if back else None}
 
 
+TEXT = "validators send short texts like this one to be embedded by the miner today"
+
+
+def flood_headers(kind: str) -> list[str]:
+    """h2load -H values for a flood: no auth headers, a stranger's unregistered hotkey, or //Alice's
+    hotkey with a signature that does not verify (the one kind HAProxy cannot refuse by itself)."""
+    base = ["content-type: application/json"]
+    if kind == "no-auth":
+        return base
+    hotkey = signer_for("//Dave" if kind == "unregistered" else "//Alice").ss58_address
+    return base + [f"X-Bittensor-Version: 1", f"X-Bittensor-Hotkey: {hotkey}", "X-Bittensor-Nonce: 1",
+                   "X-Bittensor-Signature: 0x" + "ab" * 64, f"X-Bittensor-Receiver: {signer_for('//Bob').ss58_address}"]
+
+
+def h2load(url: str, rate: int, seconds: float, headers: list[str]) -> dict:
+    """An open-loop flood from C: `rate` new connections a second, one request each."""
+    import re
+    import subprocess
+    import tempfile
+
+    n = int(rate * seconds)
+    with tempfile.NamedTemporaryFile("wb", suffix=".json") as body:
+        body.write(json.dumps({"input": TEXT}).encode())
+        body.flush()
+        cmd = ["h2load", "--h1", "-n", str(n), "-c", str(n), "-r", str(max(1, rate // 10)), "--rate-period", "100ms",
+               "-m", "1", "-d", body.name, "-T", "10", "-N", "10"]
+        for h in headers:
+            cmd += ["-H", h]
+        out = subprocess.run(cmd + [url + PATH], capture_output=True, text=True, timeout=seconds + 60).stdout
+    codes = re.search(r"status codes: (\d+) 2xx, (\d+) 3xx, (\d+) 4xx, (\d+) 5xx", out)
+    done = re.search(r"requests: (\d+) total, (\d+) started, (\d+) done, (\d+) succeeded, (\d+) failed, "
+                     r"(\d+) errored, (\d+) timeout", out)
+    return {"offered_rps": rate, "sent": n,
+            "status": dict(zip(("2xx", "3xx", "4xx", "5xx"), map(int, codes.groups()))) if codes else out[-400:],
+            "done": int(done.group(3)) if done else None, "timeout": int(done.group(7)) if done else None}
+
+
+def validator_load(url: str, receiver: str, timeout_s: float = 10.0) -> Load:
+    return Load(url, signer_for("//Alice"), receiver, lambda i: (PATH, {"input": TEXT}), timeout_s=timeout_s,
+                local_addr="127.0.0.2")
+
+
+def cpu_by_kind(before: dict, after: dict) -> dict[str, float]:
+    """CPU seconds by part of the miner (and the clients) over a phase."""
+    kinds = {"haproxy": "haproxy", "Router": "router", "Embeddings": "embeddings", "h2load": "h2load (client)",
+             "reliability.py": "validator (Python client)", "gcs_server": "ray", "raylet": "ray"}
+    spent: dict[str, float] = {}
+    for key, seconds in after.items():
+        delta = seconds - before.get(key, 0.0)
+        if delta > 0:
+            kind = next((k for word, k in kinds.items() if word in key[1]), "other")
+            spent[kind] = spent.get(kind, 0.0) + delta
+    return {k: round(v, 2) for k, v in sorted(spent.items(), key=lambda kv: -kv[1])}
+
+
+def flood_phase(url: str, receiver: str, kind: str, rate: int, seconds: float) -> dict:
+    import concurrent.futures
+
+    before = proc_cpu.snapshot()
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        flood = pool.submit(h2load, url, rate, seconds, flood_headers(kind)) if rate else None
+        outcomes = asyncio.run(validator_load(url, receiver).closed_loop(4, seconds))
+        flooded = flood.result() if flood else None
+    cpu = cpu_by_kind(before, proc_cpu.snapshot())
+    stats = summary(outcomes, seconds)
+    out = {"flood": f"{kind} {rate}/s" if rate else "none", "validator": stats,
+           "answered_share": round(stats["ok"] / max(1, stats["sent"]), 4), "cpu_s": cpu, "flood_result": flooded}
+    if flooded and isinstance(flooded["status"], dict):
+        refused = flooded["status"]["4xx"] + flooded["status"]["5xx"]
+        out["haproxy_cpu_us_per_flood_request"] = round(cpu.get("haproxy", 0) / max(1, refused) * 1e6, 1)
+    return out
+
+
+def overload_phase(url: str, receiver: str, seconds: float) -> dict:
+    signer = signer_for("//Alice")
+    make = lambda i: (PATH, {"input": f"{TEXT} {i}"})  # noqa: E731
+    capacity_load = Load(url, signer, receiver, make, timeout_s=10.0)
+    before = proc_cpu.snapshot()
+    base = asyncio.run(capacity_load.presign(int(400 * seconds)).closed_loop(32, seconds))
+    base_cpu = cpu_by_kind(before, proc_cpu.snapshot())
+    capacity = summary(base, seconds)
+    rate = 4 * capacity["ok_rps"]
+    over_load = Load(url, signer, receiver, make, timeout_s=6.0, headers={"X-Bittensor-Timeout": "5"})
+    over_load.presign(int(rate * seconds))
+    before = proc_cpu.snapshot()
+    over = asyncio.run(over_load.open_loop(rate, seconds, connections=2048))
+    cpu = cpu_by_kind(before, proc_cpu.snapshot())
+    stats = summary(over, seconds)
+    late = sum(1 for o in over if o.status == 0 or o.seconds > 6.0)
+    return {"capacity": capacity, "capacity_cpu_s": base_cpu,
+            "router_cpu_ms_per_answered_at_capacity": round(base_cpu.get("router", 0) * 1000 / max(1, capacity["ok"]), 3),
+            "overload": stats, "overload_cpu_s": cpu,
+            "answered_vs_capacity": round(stats["ok_rps"] / max(1e-9, capacity["ok_rps"]), 3),
+            "unanswered_within_deadline_plus_1s": late,
+            "http_500": sum(1 for o in over if o.status == 500)}
+
+
+def edge_main(url: str, seconds: float, out: str, scenarios: list[str]) -> None:
+    import httpx
+
+    receiver = httpx.get(url + "/info", timeout=10).json()["hotkey"]
+    # Warm: ready, and a few seconds of the validator's own traffic (its address becomes trusted).
+    end = time.monotonic() + 120
+    while httpx.get(url + "/ready", timeout=10).status_code != 200 and time.monotonic() < end:
+        time.sleep(1)
+    asyncio.run(validator_load(url, receiver).closed_loop(4, 3.0))
+    results: dict = {"url": url, "seconds": seconds}
+    if "floods" in scenarios:
+        results["floods"] = [flood_phase(url, receiver, kind, rate, seconds) for kind, rate in
+                             (("none", 0), ("no-auth", 5000), ("unregistered", 5000), ("wrong-signature", 1000),
+                              ("none", 0))]
+    if "overload" in scenarios:
+        results["overload"] = overload_phase(url, receiver, seconds)
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    Path(out).write_text(json.dumps(results, indent=2))
+    for phase in results.get("floods", []):
+        v = phase["validator"]
+        print(f"flood {phase['flood']:24} validator {v['ok_rps']:7.1f} answered/s  {phase['answered_share']:.2%} "
+              f"answered  p99 {v['ok_p99_ms']} ms  statuses {v['by_status']}  flood {phase['flood_result'] and phase['flood_result']['status']}"
+              f"  haproxy us/flood req {phase.get('haproxy_cpu_us_per_flood_request', '-')}  cpu {phase['cpu_s']}")
+    if "overload" in results:
+        o = results["overload"]
+        print("capacity", json.dumps({k: o["capacity"][k] for k in ("ok_rps", "ok_p99_ms", "by_status")}),
+              "router ms/answered", o["router_cpu_ms_per_answered_at_capacity"], "cpu", o["capacity_cpu_s"])
+        print("overload", json.dumps({k: o["overload"][k] for k in ("offered_rps", "ok_rps", "refused_p50_ms",
+                                                                   "refused_p99_ms", "by_status")}),
+              "answered/capacity", o["answered_vs_capacity"], "unanswered by deadline+1s",
+              o["unanswered_within_deadline_plus_1s"], "500s", o["http_500"], "cpu", o["overload_cpu_s"])
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--seconds", type=float, default=12.0)
     parser.add_argument("--port", type=int, default=8131)
     parser.add_argument("--out", default=str(ROOT / "benchmarks/results/reliability.json"))
+    parser.add_argument("--against", help="a running miner's URL (make run): the edge's floods and overload")
+    parser.add_argument("--scenarios", default="floods,overload", help="with --against: floods, overload")
     args = parser.parse_args()
+    if args.against:
+        return edge_main(args.against.rstrip("/"), args.seconds, args.out.replace("reliability.json", "edge.json"),
+                         args.scenarios.split(","))
 
     rayenv.apply()
     import ray

@@ -54,6 +54,9 @@ def apply(path: Path = RAY_ENV_FILE, **overrides: str) -> None:
             binary = shutil.which("haproxy")
         if binary:
             os.environ["TORCHRANK_HAPROXY_BINARY"] = binary
+    # HAProxy's threads, one per core up to Ray's 4: on 2 cores Ray's 4 threads cost HAProxy ~15 % more
+    # CPU per refused connection under a flood (benchmarks/README.md, the edge).
+    env.setdefault("RAY_SERVE_HAPROXY_NBTHREAD", str(max(1, min(4, os.cpu_count() or 4))))
     for key, value in env.items():
         os.environ.setdefault(key, value)
 

@@ -78,6 +78,7 @@ class DrainRate:
         self.busy_s = 0.0  # cumulative
         self._busy_since: float | None = None
         self._samples: deque[tuple[float, float, float]] = deque(maxlen=RATE_WINDOW)  # (busy_s, items, replicas)
+        self._replicas_sum = 0.0  # of the samples' replicas: read on every request, kept as they come and go
         self._items = 0.0
 
     def busy(self, now: float, busy: bool) -> None:
@@ -89,7 +90,10 @@ class DrainRate:
     def completed(self, now: float, items: float, replicas: float) -> None:
         self.busy(now, True)
         self._items += items
+        if len(self._samples) == RATE_WINDOW:
+            self._replicas_sum -= self._samples[0][2]
         self._samples.append((self.busy_s, self._items, replicas))
+        self._replicas_sum += replicas
 
     def per_replica(self) -> float | None:
         if len(self._samples) < RATE_MIN_SAMPLES:
@@ -97,7 +101,7 @@ class DrainRate:
         (busy0, items0, _), (busy1, items1, _) = self._samples[0], self._samples[-1]
         if busy1 - busy0 <= 1e-3:
             return None
-        replicas = sum(s[2] for s in self._samples) / len(self._samples)
+        replicas = self._replicas_sum / len(self._samples)
         return (items1 - items0) / (busy1 - busy0) / replicas
 
 

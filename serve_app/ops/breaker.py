@@ -29,6 +29,7 @@ class CircuitBreaker:
         self.consecutive = 0
         self.probes = 0
         self.calls: deque[tuple[float, bool]] = deque()  # (time, failed) within the window
+        self.failures = 0  # of them, failed
         self.times_opened = 0
         self.reason = ""
 
@@ -69,13 +70,15 @@ class CircuitBreaker:
         if state == OPEN:
             return  # a call admitted before the breaker opened: its result changes nothing
         self.calls.append((now, failed))
+        self.failures += failed
         while self.calls and now - self.calls[0][0] > self.cfg.window_s:
-            self.calls.popleft()
+            self.failures -= self.calls.popleft()[1]
         self.consecutive = self.consecutive + 1 if failed else 0
         if self.consecutive >= self.cfg.consecutive_failures:
             self._open(now, f"{self.consecutive} failures in a row")
             return
-        failures = sum(1 for _, f in self.calls if f)
+        # A running count: the window holds every call of the last window_s (thousands at full load).
+        failures = self.failures
         if len(self.calls) >= self.cfg.min_calls and failures / len(self.calls) > self.cfg.failure_rate:
             self._open(now, f"{failures} of the last {len(self.calls)} calls failed")
 
@@ -83,11 +86,13 @@ class CircuitBreaker:
         self._state, self.opened_at, self.reason = OPEN, now, reason
         self.times_opened += 1
         self.calls.clear()
+        self.failures = 0
         self.consecutive = 0
 
     def _close(self) -> None:
         self._state, self.reason = CLOSED, ""
         self.calls.clear()
+        self.failures = 0
         self.consecutive = 0
 
     def snapshot(self) -> dict:

@@ -3,19 +3,22 @@
 It wires the pieces and hands each request on: the request path is
 serve_app/router/pipeline.py, the routes and their guards routes.py, the background
 loops and per-request records monitor.py, `/ready`, `/info` and the OpenAPI document
-endpoints.py.
+endpoints.py, the edge's state for HAProxy edge.py.
+
+Serve hands `__call__` each HTTP request as a Starlette Request: no FastAPI app in between
+(its routing, dependency solving and middleware cost the router more CPU per request than the
+pipeline itself: benchmarks/README.md, the edge). GET on the few fixed endpoints is answered here;
+everything else goes to the pipeline, which answers 404 and 405 in JSON.
 """
 
-# No `from __future__ import annotations`: FastAPI must see real types through serve.ingress.
 import asyncio
 import logging
 
-from fastapi import FastAPI, Request
-from fastapi.responses import HTMLResponse, Response
 from ray import serve
+from starlette.requests import Request
+from starlette.responses import HTMLResponse, Response
 from ray.serve.handle import DeploymentHandle
 
-from serve_app import __version__
 from serve_app.config import DEFAULT_HTTP_PORT, MinerConfig
 from serve_app.economics.keeper import ledger_keeper
 from serve_app.errors import json_bytes, json_response, retry_after
@@ -30,9 +33,6 @@ from serve_app.router.pipeline import RequestPipeline
 from serve_app.protocols.registry import workload_adapter
 from serve_app.router.rollouts import RolloutRouter, rollout_coordinator
 from serve_app.router.routes import build_routes
-
-app = FastAPI(title="torchrank-miner", version=__version__, openapi_url=None, docs_url=None, redoc_url=None)
-
 
 def request_id() -> str:
     """Serve's id for this request, which its proxy also returns as x-request-id."""
@@ -95,7 +95,6 @@ async def start_ledger(cfg: MinerConfig, app_name: str):
 
 
 @serve.deployment(name="Router")
-@serve.ingress(app)
 class Router:
     async def __init__(self, cfg: MinerConfig, workloads: dict[str, DeploymentHandle], build: BuildInfo,
                        candidates: dict[str, DeploymentHandle] | None = None):
@@ -127,6 +126,9 @@ class Router:
         self.page_cache = endpoints.PublicPage(self.monitor, self.auth.self_hotkey_ss58)
         self.info_cache = endpoints.Cached(self._info_bytes, endpoints.INFO_TTL_S)
         self.openapi_bytes = json_bytes(endpoints.openapi(self.pipeline.routes))  # fixed while the replica lives
+        # GET path (under the app's route prefix) -> its answer
+        self.endpoints = {"/health": self.health, "/ready": self.ready, "/info": self.info, "/": self.page,
+                          "/openapi.json": self.openapi}
 
     async def _info_bytes(self) -> bytes:
         return json_bytes(await endpoints.info(self.monitor, self.auth.self_hotkey_ss58, self.edge))
@@ -135,27 +137,27 @@ class Router:
         """Serve's health check: the shared replay store (see Authenticator.check_store)."""
         await self.auth.check_store()
 
-    @app.get("/health")
-    def health(self):
-        return {"status": "ok"}
+    async def __call__(self, request: Request) -> Response:
+        scope = request.scope
+        if scope["method"] == "GET":
+            path, root = scope["path"], scope.get("root_path", "")
+            endpoint = self.endpoints.get(path[len(root):] if root and path.startswith(root) else path)
+            if endpoint is not None:
+                return await endpoint()
+        return await self.pipeline.handle(request, request_id())
 
-    @app.get("/ready")
-    def ready(self):
+    async def health(self) -> Response:
+        return Response(b'{"status":"ok"}', media_type="application/json")
+
+    async def ready(self) -> Response:
         body, ok = endpoints.readiness(self.monitor)
         return json_response(body, 200 if ok else 503, None if ok else retry_after(5))
 
-    @app.get("/info")
-    async def info(self):
+    async def info(self) -> Response:
         return Response(await self.info_cache.get(), media_type="application/json")
 
-    @app.get("/")
-    async def page(self):
+    async def page(self) -> Response:
         return HTMLResponse(await self.page_cache.get())
 
-    @app.get("/openapi.json")
-    def openapi(self):
+    async def openapi(self) -> Response:
         return Response(self.openapi_bytes, media_type="application/json")
-
-    @app.api_route("/{path:path}", methods=["GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS"])
-    async def dispatch(self, request: Request, path: str):
-        return await self.pipeline.handle(request, request_id())

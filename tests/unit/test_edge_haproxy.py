@@ -198,7 +198,11 @@ def test_a_tier_admission_cannot_serve_in_time_is_shed_at_the_edge(edge):
         asyncio.run(edge.keeper.sync())
         assert refused_at_edge(post(edge.url, hotkey=EVE, headers={"X-Bittensor-Timeout": "2"}), 503, "shed")
         assert post(edge.url, hotkey=EVE).status_code == 200  # no header: the subnet's 12 s
-        assert post(edge.url, hotkey=EVE, headers={"X-Bittensor-Timeout": "5"}).status_code == 200
+        assert refused_at_edge(post(edge.url, hotkey=EVE, headers={"X-Bittensor-Timeout": "3"}), 503, "shed")
+        # Whole seconds are compared exactly; a fraction is rounded up (HAProxy counts in integers), so
+        # the edge never sheds what the router would take. A header the router refuses (422) passes.
+        for timeout in ("4", "3.5", "5", "abc"):
+            assert post(edge.url, hotkey=EVE, headers={"X-Bittensor-Timeout": timeout}).status_code == 200, timeout
         assert post(edge.url, hotkey=ALICE, headers={"X-Bittensor-Timeout": "2"}).status_code == 200  # higher tier
         FixedAdmission.need = {}
         asyncio.run(edge.keeper.sync())  # admission caught up: the router says so, the edge stops shedding

@@ -107,3 +107,11 @@ def test_every_answer_the_edge_gives_is_a_code_of_the_catalogue_with_its_status(
     for status, body in answers:
         error = json.loads(body)
         assert set(error) == {"error", "detail"} and ErrorCode[error["error"]].status == int(status)
+
+
+def test_haproxy_gets_a_thread_per_core_up_to_rays_four(monkeypatch):
+    monkeypatch.delenv("RAY_SERVE_HAPROXY_NBTHREAD", raising=False)
+    monkeypatch.setattr(os, "cpu_count", lambda: 2)
+    monkeypatch.setattr(os, "environ", dict(os.environ))  # apply() writes the process environment
+    rayenv.apply()
+    assert os.environ["RAY_SERVE_HAPROXY_NBTHREAD"] == "2"
