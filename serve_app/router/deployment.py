@@ -120,7 +120,7 @@ class Router:
                                on_refused=self.monitor.record_edge)
         self.pipeline = RequestPipeline(table.routes, self.auth, body_reads, max_in_progress=r.max_in_progress,
                                         workload_ready=self.monitor.workload_ready, record=self.monitor.record,
-                                        replica=replica, trust=self.edge.trust)
+                                        replica=replica, edge=self.edge)
         self.monitor.start(self.pipeline.in_flight)
         self.edge.start()
         self.page_cache = endpoints.PublicPage(self.monitor, self.auth.self_hotkey_ss58)

@@ -90,17 +90,63 @@ def hotkey_entries(key: str, view, policy, rate_limit, rate_limited: bool) -> di
     return entries
 
 
-def shed_entries(routes: Mapping, tiers: Iterable[float]) -> dict[str, str]:
-    """shed.map: "<path>|<tier>" -> the least deadline (ms) admission could meet now for the
-    smallest request of that stake; only where it is above zero."""
+def shed_entries(routes: Mapping, tiers: Iterable[float], shares: Mapping[str, float] = {}) -> dict[str, str]:
+    """shed.map: "<path>|<tier>" -> "<ms>|<per mille>": the least deadline (ms) admission could meet now
+    for the smallest request of that stake, and the share of that tier's newcomers to shed whatever
+    their deadline (ShedShare); only where either is above zero."""
     entries = {}
     stakes = sorted(set(tiers))
     for path, route in routes.items():
         for stake in stakes:
             need = route.admission.least_deadline_s(stake)
-            if need > 0:
-                entries[f"{path}|{tier(stake)}"] = str(NEVER_MS if math.isinf(need) else math.ceil(need * 1000))
+            key = f"{path}|{tier(stake)}"
+            permille = round(1000 * shares.get(key, 0.0))
+            if need > 0 or permille > 0:
+                entries[key] = f"{NEVER_MS if math.isinf(need) else math.ceil(need * 1000)}|{permille}"
     return entries
+
+
+class ShedShare:
+    """How much of each route's and stake tier's work the edge should shed at random, from what the
+    router's admission did with what reached it (`offered`).
+
+    Under sustained overload the deadline rule alone lets a sync period's worth of newcomers through
+    each time the queue dips under the threshold, and the router spends its CPU shedding them. Here,
+    over each period, f = the share the router shed of what reached it; the share the edge should
+    shed of what is offered is then 1 - (1 - f)(1 - p), p the share it shed already, kept a little
+    under (MARGIN) so the router always sees somewhat more than it can take and keeps measuring.
+    With nothing shed the share halves each period (DECAY): load that ends is let in within about 2 s."""
+
+    MARGIN = 0.95
+    DECAY = 0.5
+    MIN_SEEN = 4  # fewer requests in a period: not enough to move the share up
+    MAX = 0.98
+
+    def __init__(self) -> None:
+        self.seen: dict[str, list[int]] = {}  # "<path>|<tier>" -> [reached admission, shed] this period
+        self.share: dict[str, float] = {}
+
+    def offered(self, path: str, priority: float, shed: bool) -> None:
+        counts = self.seen.setdefault(f"{path}|{tier(priority)}", [0, 0])
+        counts[0] += 1
+        counts[1] += shed
+
+    def update(self) -> dict[str, float]:
+        """A period ended: the shares for the next one."""
+        for key in set(self.seen) | set(self.share):
+            seen, shed = self.seen.get(key, (0, 0))
+            before = self.share.get(key, 0.0)
+            if shed and seen >= self.MIN_SEEN:
+                target = (1 - (1 - shed / seen) * (1 - before)) * self.MARGIN
+                after = min(self.MAX, max(target, before * self.DECAY))
+            else:
+                after = before * self.DECAY
+            if after < 0.01:
+                self.share.pop(key, None)
+            else:
+                self.share[key] = after
+        self.seen = {}
+        return dict(self.share)
 
 
 def stake_tiers(view, policy) -> set[float]:
@@ -152,7 +198,9 @@ def merge(states: list[State], now: float, trusted_s: float) -> dict[str, dict[s
         if len(app_states) < app_states[-1].replicas:
             continue  # a router of this app is elsewhere or silent: it might take what we would shed
         for key in set.intersection(*(set(s.shed) for s in app_states)):
-            maps["shed"][key] = str(min(int(s.shed[key]) for s in app_states))
+            # The least any router would shed: the deadline it could meet, and the share.
+            need, share = zip(*(map(int, s.shed[key].split("|")) for s in app_states))
+            maps["shed"][key] = f"{min(need)}|{min(share)}"
     maps["edge"] = {"on": "1", "stranger": str(max(s.stranger for s in live))}
     return maps
 
@@ -265,6 +313,7 @@ class EdgeKeeper:
         self._last_write_at = 0.0
         self._hotkeys: dict[str, tuple[tuple, dict, set]] = {}  # subnet key -> (view identity, entries, tiers)
         self._counted = False  # the first read of HAProxy's counts is a baseline, not news
+        self.shed_share = ShedShare()
         self._task: Optional[asyncio.Task] = None
 
     @property
@@ -274,6 +323,10 @@ class EdgeKeeper:
     def trust(self, address: Optional[str]) -> None:
         if address:
             self.trusted[address] = self.clock()
+
+    def offered(self, path: str, priority: float, shed: bool) -> None:
+        """A request reached admission on `path` at this stake and was shed (or admitted)."""
+        self.shed_share.offered(path, priority, shed)
 
     def start(self) -> None:
         if self.active:
@@ -289,6 +342,7 @@ class EdgeKeeper:
                       routes=route_entries(self.app, self.table.routes),
                       trusted=dict(self.trusted), stranger=math.ceil(self.cfg.stranger_rps * RATE_WINDOW_S))
         tiers: dict[str, set[float]] = {}
+        shares = self.shed_share.update()
         for route in self.table.routes.values():
             subnet = route.subnet
             key = subnet_key(self.app, subnet.netuid)
@@ -303,7 +357,7 @@ class EdgeKeeper:
                         stake_tiers(view, subnet.auth))
                 state.hotkeys.update(cached[1])
                 tiers[key] = cached[2]
-            state.shed.update(shed_entries({route.path: route}, tiers[key]))
+            state.shed.update(shed_entries({route.path: route}, tiers[key], shares))
         return state
 
     async def sync(self) -> None:

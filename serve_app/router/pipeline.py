@@ -81,6 +81,16 @@ def breaker_probing(workload: str) -> ApiError:
     return ApiError(ErrorCode.breaker_open, f"the {workload} workload is being probed after failures", retry_after(1))
 
 
+class NoEdge:
+    """No HAProxy in front (unit tests, a plain `serve run`): nothing to tell."""
+
+    def trust(self, address: Optional[str]) -> None:
+        pass
+
+    def offered(self, path: str, priority: float, shed: bool) -> None:
+        pass
+
+
 @dataclass
 class Ended:
     """How one request ended: what the router records (metrics, watchdog, log line). Never the
@@ -167,14 +177,16 @@ class RequestPipeline:
     def __init__(self, routes: Mapping[str, Route], auth, body_reads, *, max_in_progress: int,
                  workload_ready: Mapping[str, bool], record: Callable[[Ended], None],
                  clock: Callable[[], float] = time.monotonic, replica: str = "local",
-                 trust: Callable[[Optional[str]], None] = lambda address: None):
+                 edge=None):
         self.routes = routes
         self.auth = auth
         self.body_reads = body_reads
         self.max_in_progress = max_in_progress
         self.workload_ready = workload_ready
         self.record = record
-        self.trust = trust  # the address of a verified request: EdgeKeeper.trust
+        # The edge's view of this router (EdgeKeeper): the addresses of verified requests, and how much
+        # of each route's and stake tier's work admission took or shed.
+        self.edge = edge or NoEdge()
         self.clock = clock
         self.headers = {"X-Miner-Replica": replica}
         self.in_progress = 0  # all routes: the entry gate's count
@@ -252,7 +264,8 @@ class RequestPipeline:
         except ApiError:
             ended.who = caller_class(claimed, view, policy)
             raise
-        if route.admission.would_shed(priority(claimed, view, policy), deadline):
+        if route.admission.would_shed(prio := priority(claimed, view, policy), deadline):
+            self.edge.offered(route.path, prio, shed=True)
             raise shed(f"the {route.adapter.workload} workload is at capacity", retry_after_s=1)
         body = await self.body_reads.read(request)
         view = route.metagraph.view  # a refresh may have landed while the body arrived
@@ -265,7 +278,7 @@ class RequestPipeline:
         await self.auth.claim(signed, max_open_s=route.subnet.max_timeout_s + CLAIM_MARGIN_S)
         # Signed, authorised and fresh (a replay is refused above): the address it came from is a
         # validator's, which the edge stops counting as a stranger's.
-        self.trust(request.headers.get(CLIENT_HEADER))
+        self.edge.trust(request.headers.get(CLIENT_HEADER))
         try:
             if route.subnet.rate_limit.enabled:
                 wait = route.rate_limit.check(caller, view, allow_listed=caller in policy.allow_hotkeys)
@@ -288,6 +301,7 @@ class RequestPipeline:
             raise breaker_open(workload, breaker)
         try:
             async with route.admission.slot(prio, deadline, route.adapter.cost(parsed)):
+                self.edge.offered(route.path, prio, shed=False)
                 if not breaker.allow():
                     raise breaker_probing(workload)
                 verdict = True  # failed, unless shown otherwise
@@ -318,8 +332,10 @@ class RequestPipeline:
                     else:
                         breaker.record(verdict)
         except Shed as exc:
+            self.edge.offered(route.path, prio, shed=True)
             raise shed(f"the {workload} workload is at capacity: {exc.reason}", retry_after_s=1) from None
         except QueueDeadline:
+            self.edge.offered(route.path, prio, shed=True)
             raise deadline_exceeded(timeout) from None
 
     async def _open_stream(self, route: Route, parsed, prio: float, deadline: float, timeout: float) -> EventStream:
@@ -332,10 +348,12 @@ class RequestPipeline:
         held = contextlib.AsyncExitStack()
         try:
             await held.enter_async_context(route.admission.slot(prio, deadline, route.adapter.cost(parsed)))
-        except Shed as exc:
+        except (Shed, QueueDeadline) as exc:
+            self.edge.offered(route.path, prio, shed=True)
+            if isinstance(exc, QueueDeadline):
+                raise deadline_exceeded(timeout) from None
             raise shed(f"the {workload} workload is at capacity: {exc.reason}", retry_after_s=1) from None
-        except QueueDeadline:
-            raise deadline_exceeded(timeout) from None
+        self.edge.offered(route.path, prio, shed=False)
         remaining = deadline - self.clock()
         if remaining <= 0 or not breaker.allow():
             await held.aclose()

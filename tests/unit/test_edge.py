@@ -10,8 +10,8 @@ from serve_app.chain.metagraph import MetagraphView, Neuron
 from serve_app.config import AdmissionConfig, AuthPolicy, EdgeConfig, RateLimitConfig
 from serve_app.ops.admission import Admission
 from serve_app.ops.ratelimit import RateLimiter
-from serve_app.router.edge import (LIVE_S, NEVER_MS, State, changes, hotkey_entries, merge, parse_counts, parse_map,
-                                   render, shed_entries, EdgeKeeper)
+from serve_app.router.edge import (LIVE_S, NEVER_MS, EdgeKeeper, ShedShare, State, changes, hotkey_entries, merge,
+                                   parse_counts, parse_map, render, shed_entries)
 
 ALICE, CHARLIE, POOR, OWNER, BANNED = "5Alice", "5Charlie", "5Poor", "5Owner", "5Banned"
 VIEW = MetagraphView(netuid=1, block=1, neurons={
@@ -66,8 +66,8 @@ def test_shed_entries_name_the_least_deadline_each_tier_could_meet():
         return entries, full
 
     entries, full = asyncio.run(busy())
-    assert entries == {"/p|10000": "800", "/p|0": "2400"}
-    assert full["/p|0"] == str(NEVER_MS)  # the queue is full: no deadline would do
+    assert entries == {"/p|10000": "800|0", "/p|0": "2400|0"}
+    assert full["/p|0"] == f"{NEVER_MS}|0"  # the queue is full: no deadline would do
 
 
 def state(replica, app="a", replicas=1, at=100.0, **maps):
@@ -77,15 +77,15 @@ def state(replica, app="a", replicas=1, at=100.0, **maps):
 def test_the_merged_maps_follow_every_router_and_shed_only_what_all_of_an_apps_routers_would():
     now = 101.0
     states = [state("r1", replicas=2, routes={"/p": "a:1|btauth|12000"}, hotkeys={"a:1/x": "ok|1|9"},
-                    shed={"/p|1": "900", "/p|5": "100"}, trusted={"10.0.0.1": 100.0}),
-              state("r2", replicas=2, shed={"/p|1": "700"}, trusted={"10.0.0.2": 100.0, "10.0.0.3": now - 7200})]
+                    shed={"/p|1": "900|100", "/p|5": "100|0"}, trusted={"10.0.0.1": 100.0}),
+              state("r2", replicas=2, shed={"/p|1": "700|300"}, trusted={"10.0.0.2": 100.0, "10.0.0.3": now - 7200})]
     maps = merge(states, now, trusted_s=3600)
     assert maps["routes"] == {"/p": "a:1|btauth|12000"} and maps["hotkeys"] == {"a:1/x": "ok|1|9"}
-    assert maps["shed"] == {"/p|1": "700"}  # the least of the two; /p|5 is shed by one router only
+    assert maps["shed"] == {"/p|1": "700|100"}  # the least of the two; /p|5 is shed by one router only
     assert maps["trusted"] == {"10.0.0.1": "1", "10.0.0.2": "1"}  # 10.0.0.3 not seen for two hours
     assert maps["edge"]["on"] == "1"
     # One of the app's two routers silent past FRESH_S: it might take what the other would shed.
-    assert merge([states[0], state("r2", replicas=2, at=90.0, shed={"/p|1": "700"})], now, 3600)["shed"] == {}
+    assert merge([states[0], state("r2", replicas=2, at=90.0, shed={"/p|1": "700|0"})], now, 3600)["shed"] == {}
     # Its routes stay until LIVE_S (a busy router's routes do not turn into 404s), then go.
     assert merge([state("r1", at=now - 60, routes={"/p": "x"})], now, 3600)["routes"] == {"/p": "x"}
     assert merge([state("r1", at=now - LIVE_S - 1, routes={"/p": "x"})], now, 3600) == {
@@ -144,3 +144,25 @@ def test_trusted_addresses_expire():
     now[0] += 61
     assert keeper.state().trusted == {}
     assert math.isclose(keeper.state().stranger, EdgeConfig().stranger_rps * 10)
+
+
+def test_the_shed_share_follows_what_the_router_sheds_and_lets_load_back_in_when_it_stops():
+    share = ShedShare()
+    key = "/p|10"
+
+    def period(reached: int, shed: int) -> float:
+        for i in range(reached):
+            share.offered("/p", 10.0, shed=i < shed)
+        return share.update().get(key, 0.0)
+
+    # Offered four times what admission takes: the router shed 3 of 4, so the edge sheds ~3 of 4
+    # (a little under: the router keeps seeing more than it takes).
+    first = period(400, 300)
+    assert 0.70 < first < 0.75
+    # Then the router sees ~1.15 x what it takes, sheds 13 %: the share holds.
+    steady = period(115, 15)
+    assert abs(steady - first) < 0.05
+    # The load ends: nothing reaches the router, nothing is shed; within 8 periods (2 s) the edge lets all in.
+    shares = [period(0, 0) for _ in range(8)]
+    assert shares[-1] == 0.0 and shares[0] < first
+    assert period(3, 3) == 0.0  # too few to tell

@@ -138,11 +138,15 @@ def edge(tmp_path):
     backend.server.shutdown()
 
 
+CLIENTS: dict[str, httpx.Client] = {}  # by source address
+
+
 def post(url, hotkey=ALICE, source="127.0.0.1", headers=None):
-    transport = httpx.HTTPTransport(local_address=source)
+    if source not in CLIENTS:
+        CLIENTS[source] = httpx.Client(transport=httpx.HTTPTransport(local_address=source), timeout=5)
     sent = {**BTAUTH, "X-Bittensor-Hotkey": hotkey, "content-type": "application/json", **(headers or {})}
-    with httpx.Client(transport=transport, timeout=5) as client:  # a header given as None is left out
-        return client.post(url + PATH, content=b"{}", headers={k: v for k, v in sent.items() if v is not None})
+    # A header given as None is left out.
+    return CLIENTS[source].post(url + PATH, content=b"{}", headers={k: v for k, v in sent.items() if v is not None})
 
 
 def refused_at_edge(response, status, code) -> bool:
@@ -209,6 +213,19 @@ def test_a_tier_admission_cannot_serve_in_time_is_shed_at_the_edge(edge):
         assert post(edge.url, hotkey=EVE, headers={"X-Bittensor-Timeout": "2"}).status_code == 200
     finally:
         FixedAdmission.need = {}
+
+
+def test_under_sustained_overload_the_edge_sheds_the_share_the_router_was_shedding(edge):
+    # Rates out of the way: this is about shedding.
+    edge.keeper.cfg = EdgeConfig(stranger_rps=1000.0)
+    edge.keeper.table.routes[PATH].rate_limit = RateLimiter(RateLimitConfig(total_rps=100000.0))
+    for i in range(200):  # what reached the router's admission from Eve's tier: half of it shed
+        edge.keeper.offered(PATH, 3000.0, shed=i % 2 == 0)
+    asyncio.run(edge.keeper.sync())
+    eve = [post(edge.url, hotkey=EVE).status_code for _ in range(200)]
+    # ~47.5 % shed at random (binomial: the bounds are more than 6 standard deviations wide)
+    assert 50 <= eve.count(503) <= 140 and eve.count(503) + eve.count(200) == 200
+    assert all(post(edge.url, hotkey=ALICE).status_code == 200 for _ in range(20))  # another tier
 
 
 def test_a_reloaded_haproxy_reads_the_maps_the_routers_wrote_and_the_leader_follows_it(edge):

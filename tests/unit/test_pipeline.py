@@ -175,7 +175,7 @@ def test_the_edge_trusts_the_address_of_a_verified_fresh_request_only():
     trusted = []
     events = Events()
     pipeline, _, _ = make(events)
-    pipeline.trust = trusted.append
+    pipeline.edge.trust = trusted.append
     assert answer(pipeline, request(events))[0] == 200
     assert trusted == ["10.0.0.7"]
     for auth in (FakeAuth(events, verify_error=ApiError(ErrorCode.bad_signature, "no")),
