@@ -41,6 +41,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import sys
 import threading
 import time
@@ -296,12 +297,16 @@ def validator_load(url: str, receiver: str, timeout_s: float = 10.0) -> Load:
 def cpu_by_kind(before: dict, after: dict) -> dict[str, float]:
     """CPU seconds by part of the miner (and the clients) over a phase."""
     kinds = {"haproxy": "haproxy", "Router": "router", "Embeddings": "embeddings", "h2load": "h2load (client)",
-             "reliability.py": "validator (Python client)", "gcs_server": "ray", "raylet": "ray"}
+             "reliability.py": "validator (Python client)", "gcs_server": "ray", "raylet": "ray",
+             "ServeController": "ray", "dashboard": "ray", "HAProxyManager": "ray", "LedgerKeeper": "ray"}
     spent: dict[str, float] = {}
+    # By pid: a Ray worker's title names the method it runs, so one process may change names mid-phase.
+    before_pid = {pid: seconds for (pid, _), seconds in before.items()}
     for key, seconds in after.items():
-        delta = seconds - before.get(key, 0.0)
+        delta = seconds - before_pid.get(key[0], 0.0)
         if delta > 0:
-            kind = next((k for word, k in kinds.items() if word in key[1]), "other")
+            kind = "client (this Python process)" if key[0] == str(os.getpid()) else next(
+                (k for word, k in kinds.items() if word in key[1]), "other")
             spent[kind] = spent.get(kind, 0.0) + delta
     return {k: round(v, 2) for k, v in sorted(spent.items(), key=lambda kv: -kv[1])}
 

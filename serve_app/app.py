@@ -20,7 +20,7 @@ from ray.serve import Application
 from serve_app.chain.metagraph import SnapshotSource
 from serve_app.config import CANDIDATE_SUFFIX, MinerConfig, SnapshotMetagraph
 from serve_app.observability.info import BuildInfo
-from serve_app.observability.logs import JSON_LOGS, WORKLOAD_LOGS
+from serve_app.observability.logs import REPLICA_LOGS
 from serve_app.ops.autoscaling import serve_autoscaling_config
 from serve_app.router.deployment import Router
 from serve_app.workloads.agents import Agents
@@ -69,7 +69,7 @@ def with_placement(deployment, wl, name: str, cfg: MinerConfig, deployment_name:
         max_ongoing_requests=wl.load.max_ongoing_requests,
         max_queued_requests=wl.load.max_queued_requests,
         max_surge_percent=where.max_surge_percent,
-        logging_config=WORKLOAD_LOGS,
+        logging_config=REPLICA_LOGS,
     )
 
 
@@ -97,7 +97,7 @@ def build_app(args: MinerConfig) -> Application:
         num_replicas=cfg.router.num_replicas,
         ray_actor_options={"num_cpus": cfg.router.num_cpus, "resources": on_demand_only(cfg)},
         max_ongoing_requests=cfg.router.max_ongoing_requests,
-        logging_config=JSON_LOGS,
+        logging_config=REPLICA_LOGS,
     ).bind(cfg, workloads, BuildInfo(), candidates)
 
 

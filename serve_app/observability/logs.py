@@ -20,10 +20,10 @@ from serve_app.ops.periodic import every
 log = logging.getLogger("ray.serve.torchrank")
 log.setLevel(logging.INFO)
 
-JSON_LOGS = {"encoding": "JSON", "log_level": "INFO"}
-# Workload replicas: no per-request access line. The router's request line already has the
-# request id, outcome and time; a second line per request costs the model's process CPU.
-WORKLOAD_LOGS = {**JSON_LOGS, "enable_access_log": False}
+# Every replica: JSON lines, and no Serve access line per request. The router's request line
+# (request_line) is the access log: it has the request id, outcome and time, and a second line per
+# request cost the router ~0.1 ms and the model's process CPU (benchmarks/README.md, the edge).
+REPLICA_LOGS = {"encoding": "JSON", "log_level": "INFO", "enable_access_log": False}
 
 
 def request_line(**fields) -> None:

@@ -139,6 +139,7 @@ class RouterMonitor:
     def publish_gauges(self, in_flight: dict[int, int]) -> None:
         # Ray exports a gauge value only for a while after it is set: publish them all again each period.
         m = self.metrics
+        m.flush()
         m.publish_slos(self.cfg.subnets)
         m.build.set(1, {"version": self.build.version, "git_sha": self.build.git_sha, "models": self.model_ids})
         for netuid, count in in_flight.items():

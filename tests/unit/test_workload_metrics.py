@@ -71,7 +71,37 @@ def test_a_request_whose_caller_hung_up_is_recorded_without_egress():
     hang-up into a logged internal error before."""
     from serve_app.observability.metrics import RouterMetrics
 
-    RouterMetrics().record("1", "/v1/embeddings", "embeddings", "client_closed", "validator", 0.1, 0, True, 1.0)
+    m = RouterMetrics()
+    m.record("1", "/v1/embeddings", "embeddings", "client_closed", "validator", 0.1, 0, True, 1.0)
+    m.flush()
+
+
+def test_router_counters_are_added_up_and_handed_to_ray_once_per_flush():
+    from serve_app.observability.metrics import RouterMetrics
+
+    m = RouterMetrics()
+    calls = []
+    for name in ("requests", "egress", "tasks", "slo_requests", "slo_errors"):
+        setattr(m, name, SimpleNamespace(inc=lambda value, tags, name=name: calls.append((name, value, tags))))
+    for _ in range(3):
+        m.record("1", "/v1/embeddings", "embeddings", "ok", "validator", 0.1, 100, True, 1.0)
+    m.record("1", "/v1/embeddings", "embeddings", "deadline_exceeded", "validator", 2.0, 50, True, 1.0)
+    assert calls == []  # nothing per request
+    m.flush()
+    assert sorted(calls, key=str) == sorted([
+        ("requests", 3, {"netuid": "1", "route": "/v1/embeddings", "workload": "embeddings", "outcome": "ok",
+                         "caller": "validator"}),
+        ("requests", 1, {"netuid": "1", "route": "/v1/embeddings", "workload": "embeddings",
+                         "outcome": "deadline_exceeded", "caller": "validator"}),
+        ("egress", 350, {"netuid": "1", "route": "/v1/embeddings"}),
+        ("tasks", 3, {"netuid": "1", "workload": "embeddings", "result": "accepted"}),
+        ("tasks", 1, {"netuid": "1", "workload": "embeddings", "result": "failed"}),
+        ("slo_requests", 4, {"netuid": "1", "slo": "availability"}),
+        ("slo_requests", 3, {"netuid": "1", "slo": "latency"}),
+        ("slo_errors", 1, {"netuid": "1", "slo": "availability"})], key=str)
+    calls.clear()
+    m.flush()
+    assert calls == []  # each added once
 
 
 class FakeEngine(GeneratingEngine):
