@@ -5,18 +5,17 @@ serve_app/router/pipeline.py, the routes and their guards routes.py, the backgro
 loops and per-request records monitor.py, `/ready`, `/info` and the OpenAPI document
 endpoints.py, the edge's state for HAProxy edge.py.
 
-Serve hands `__call__` each HTTP request as a Starlette Request: no FastAPI app in between
-(its routing, dependency solving and middleware cost the router more CPU per request than the
-pipeline itself: benchmarks/README.md, the edge). GET on the few fixed endpoints is answered here;
-everything else goes to the pipeline, which answers 404 and 405 in JSON.
+The ingress stays a FastAPI app: a plain `__call__` (tried: Serve hands it a Starlette Request)
+lost the cancellation of a request whose caller hangs up (tests/serve/test_agents.py).
 """
 
+# No `from __future__ import annotations`: FastAPI must see real types through serve.ingress.
 import asyncio
 import logging
 
+from fastapi import FastAPI, Request
+from fastapi.responses import HTMLResponse, Response
 from ray import serve
-from starlette.requests import Request
-from starlette.responses import HTMLResponse, Response
 from ray.serve.handle import DeploymentHandle
 
 from serve_app.config import DEFAULT_HTTP_PORT, MinerConfig
@@ -94,7 +93,11 @@ async def start_ledger(cfg: MinerConfig, app_name: str):
         return None
 
 
+app = FastAPI(title="torchrank-miner", openapi_url=None, docs_url=None, redoc_url=None)
+
+
 @serve.deployment(name="Router")
+@serve.ingress(app)
 class Router:
     async def __init__(self, cfg: MinerConfig, workloads: dict[str, DeploymentHandle], build: BuildInfo,
                        candidates: dict[str, DeploymentHandle] | None = None):
@@ -126,9 +129,7 @@ class Router:
         self.page_cache = endpoints.PublicPage(self.monitor, self.auth.self_hotkey_ss58)
         self.info_cache = endpoints.Cached(self._info_bytes, endpoints.INFO_TTL_S)
         self.openapi_bytes = json_bytes(endpoints.openapi(self.pipeline.routes))  # fixed while the replica lives
-        # GET path (under the app's route prefix) -> its answer
-        self.endpoints = {"/health": self.health, "/ready": self.ready, "/info": self.info, "/": self.page,
-                          "/openapi.json": self.openapi}
+
 
     async def _info_bytes(self) -> bytes:
         return json_bytes(await endpoints.info(self.monitor, self.auth.self_hotkey_ss58, self.edge))
@@ -137,27 +138,27 @@ class Router:
         """Serve's health check: the shared replay store (see Authenticator.check_store)."""
         await self.auth.check_store()
 
-    async def __call__(self, request: Request) -> Response:
-        scope = request.scope
-        if scope["method"] == "GET":
-            path, root = scope["path"], scope.get("root_path", "")
-            endpoint = self.endpoints.get(path[len(root):] if root and path.startswith(root) else path)
-            if endpoint is not None:
-                return await endpoint()
-        return await self.pipeline.handle(request, request_id())
-
-    async def health(self) -> Response:
+    @app.get("/health")
+    def health(self):
         return Response(b'{"status":"ok"}', media_type="application/json")
 
-    async def ready(self) -> Response:
+    @app.get("/ready")
+    def ready(self):
         body, ok = endpoints.readiness(self.monitor)
         return json_response(body, 200 if ok else 503, None if ok else retry_after(5))
 
-    async def info(self) -> Response:
+    @app.get("/info")
+    async def info(self):
         return Response(await self.info_cache.get(), media_type="application/json")
 
-    async def page(self) -> Response:
+    @app.get("/")
+    async def page(self):
         return HTMLResponse(await self.page_cache.get())
 
-    async def openapi(self) -> Response:
+    @app.get("/openapi.json")
+    def openapi(self):
         return Response(self.openapi_bytes, media_type="application/json")
+
+    @app.api_route("/{path:path}", methods=["GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS"])
+    async def dispatch(self, request: Request, path: str):
+        return await self.pipeline.handle(request, request_id())

@@ -388,12 +388,16 @@ class EdgeKeeper:
                             "every request itself", type(exc).__name__, exc)
 
     def _read_states(self) -> list[State]:
-        states = []
+        states, now = [], self.clock()
         for path in self.folder.glob("router-*.json"):
             try:
-                states.append(State.load(path.read_text()))
+                state = State.load(path.read_text())
             except (OSError, ValueError, TypeError):
                 continue  # a file being replaced, or from another version: skipped this round
+            if now - state.at > LIVE_S:  # a router long gone: its file goes too
+                path.unlink(missing_ok=True)
+                continue
+            states.append(state)
         return states
 
     async def _push(self, maps: dict[str, dict[str, str]]) -> None:

@@ -166,3 +166,13 @@ def test_the_shed_share_follows_what_the_router_sheds_and_lets_load_back_in_when
     shares = [period(0, 0) for _ in range(8)]
     assert shares[-1] == 0.0 and shares[0] < first
     assert period(3, 3) == 0.0  # too few to tell
+
+
+def test_a_long_gone_routers_file_is_removed_and_without_haproxy_the_router_serves_on(tmp_path):
+    folder = tmp_path / "torchrank-edge"
+    folder.mkdir()
+    (folder / "router-gone.json").write_text(state("gone", at=time.time() - LIVE_S - 5).dump())
+    keeper = EdgeKeeper(EdgeConfig(), "a", "r1", 1, table=type("T", (), {"routes": {}})(), folder=folder)
+    asyncio.run(keeper.sync())  # no admin socket there: counted, logged, nothing raised
+    assert sorted(p.name for p in folder.iterdir()) == ["router-r1.json"]
+    assert keeper.leader and keeper.errors == 1
