@@ -272,6 +272,10 @@ def h2load(url: str, rate: int, seconds: float, headers: list[str]) -> dict:
     import subprocess
     import tempfile
 
+    import shutil
+
+    if shutil.which("h2load") is None:
+        raise SystemExit("h2load is missing: apt-get install nghttp2-client (Debian)")
     n = int(rate * seconds)
     with tempfile.NamedTemporaryFile("wb", suffix=".json") as body:
         body.write(json.dumps({"input": TEXT}).encode())
