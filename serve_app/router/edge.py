@@ -262,6 +262,15 @@ def edge_dir() -> Optional[Path]:
     return Path(RAY_SERVE_HAPROXY_SOCKET_PATH).parent / node / EDGE_DIRNAME
 
 
+def socket_name() -> str:
+    """The admin socket's file name in Ray's per-node HAProxy folder (RAY_SERVE_HAPROXY_SOCKET_PATH)."""
+    try:
+        from ray.serve._private.constants import RAY_SERVE_HAPROXY_SOCKET_PATH
+    except ImportError:
+        return "admin.sock"
+    return Path(RAY_SERVE_HAPROXY_SOCKET_PATH).name
+
+
 class HAProxySocket:
     """HAProxy's runtime API over its admin socket: one connection per batch of commands."""
 
@@ -297,7 +306,7 @@ class EdgeKeeper:
         self.cfg, self.app, self.replica, self.replicas = cfg, app, replica, replicas
         self.table = table  # the RouteTable: routes, metagraphs, admission
         self.folder = folder
-        self.socket = HAProxySocket(folder.parent / "admin.sock") if folder is not None else None
+        self.socket = HAProxySocket(folder.parent / socket_name()) if folder is not None else None
         # (route path or "-", reason, refusals since the last read): each app's leader for its own routes,
         # the node's leader for "-" (paths no route has)
         self.on_refused = on_refused
