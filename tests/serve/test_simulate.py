@@ -49,7 +49,8 @@ def test_simulated_validators_score_the_miner_and_a_fault_shows_in_the_breakdown
                   end=restored, duration_s=3.0)
     started = time.monotonic()
     try:
-        report = simulate(sim, 1, seconds=14.0, rate=8.0, seed=1, faults=[fault])
+        # 20 s: the fault window (up to two 5 s metagraph refreshes and 3 s) leaves enough calm tasks.
+        report = simulate(sim, 1, seconds=20.0, rate=8.0, seed=1, faults=[fault])
     finally:
         set_permit(snapshot, alice, True)
         wait_until(lambda: answering(miner), 60, "the miner answers //Alice again")
