@@ -82,8 +82,8 @@ INFO_TTL_S = 1.0  # /info is built at most this often per router, whoever asks
 
 
 class Cached:
-    """An async builder's bytes, kept for `ttl_s`: a stranger asking again and again costs one
-    build a period (concurrent askers share it)."""
+    """An async builder's result (/info's bytes, the public page), kept for `ttl_s`: a stranger asking
+    again and again costs one build a period (concurrent askers share it)."""
 
     def __init__(self, build, ttl_s: float):
         self.build, self.ttl_s = build, ttl_s
@@ -109,8 +109,7 @@ class PublicPage:
 
     def __init__(self, monitor: RouterMonitor, hotkey: str):
         self.monitor, self.hotkey = monitor, hotkey
-        self.html, self.at = "", -PAGE_TTL_S
-        self.lock = asyncio.Lock()
+        self.cache = Cached(self._render, PAGE_TTL_S)
 
     async def _availability(self):
         keeper = self.monitor.keeper  # None until the router has found it
@@ -122,22 +121,20 @@ class PublicPage:
             return None
 
     async def get(self) -> str:
-        async with self.lock:
-            if time.monotonic() - self.at >= PAGE_TTL_S:
-                from serve_app.economics.page import render_page
+        return await self.cache.get()
 
-                build, m = self.monitor.build.as_dict(), self.monitor
-                models = {name: {"model": info.get("model"), "weights_sha256": info.get("weights_sha256")}
-                          for name in m.workloads if (info := m.workload_info.get(name))}
-                self.html = render_page({
-                    "name": m.cfg.name, "version": build["version"], "git_sha": build["git_sha"],
-                    "started_at": build["started_at"], "uptime_s": build["uptime_s"], "hotkey": self.hotkey,
-                    "changes": build["changes"], "models": models,
-                    "subnets": [{"netuid": s.netuid, "routes": [s.prefix + r.path for r in s.routes]}
-                                for s in m.cfg.subnets],
-                    "availability": await self._availability()})
-                self.at = time.monotonic()
-            return self.html
+    async def _render(self) -> str:
+        from serve_app.economics.page import render_page
+
+        build, m = self.monitor.build.as_dict(), self.monitor
+        models = {name: {"model": info.get("model"), "weights_sha256": info.get("weights_sha256")}
+                  for name in m.workloads if (info := m.workload_info.get(name))}
+        return render_page({
+            "name": m.cfg.name, "version": build["version"], "git_sha": build["git_sha"],
+            "started_at": build["started_at"], "uptime_s": build["uptime_s"], "hotkey": self.hotkey,
+            "changes": build["changes"], "models": models,
+            "subnets": [{"netuid": s.netuid, "routes": [s.prefix + r.path for r in s.routes]} for s in m.cfg.subnets],
+            "availability": await self._availability()})
 
 
 # Refusals a route can answer (the router's own endpoints answer neither these nor 499).
