@@ -137,7 +137,7 @@ class Tally:
 
     def record(self, netuid: int, workload: str, outcome: str, admitted: bool, seconds: float, response_bytes: int,
                slo_latency_s: float) -> None:
-        row = self.rows.setdefault((netuid, workload), {c: 0 for c in COUNTS} | {"refused": {}, "latency": []})
+        row = self._row(netuid, workload)
         row["requests"] += 1
         row["egress_bytes"] += response_bytes
         if outcome == "ok":
@@ -154,9 +154,12 @@ class Tally:
             row["refused"][outcome] = row["refused"].get(outcome, 0) + 1
             row["retry_refusals"] += outcome in REFUSALS  # sent with Retry-After: the caller comes back
 
+    def _row(self, netuid: int, workload: str) -> dict:
+        return self.rows.setdefault((netuid, workload), {c: 0 for c in COUNTS} | {"refused": {}, "latency": []})
+
     def refused_at_edge(self, netuid: int, workload: str, outcome: str, count: int) -> None:
         """`count` requests HAProxy refused on a route before they reached a router (serve_app/router/edge.py)."""
-        row = self.rows.setdefault((netuid, workload), {c: 0 for c in COUNTS} | {"refused": {}, "latency": []})
+        row = self._row(netuid, workload)
         row["requests"] += count
         row["refused"][outcome] = row["refused"].get(outcome, 0) + count
         row["retry_refusals"] += count if outcome in REFUSALS else 0
@@ -169,8 +172,7 @@ class Tally:
     def give_back(self, rows: list[dict]) -> None:
         """Rows whose hand-over failed: counted again with the next."""
         for row in rows:
-            mine = self.rows.setdefault((row["netuid"], row["workload"]),
-                                        {c: 0 for c in COUNTS} | {"refused": {}, "latency": []})
+            mine = self._row(row["netuid"], row["workload"])
             for c in COUNTS:
                 mine[c] += row[c]
             for code, n in row["refused"].items():

@@ -168,12 +168,16 @@ class Admission:
             behind += waiter.cost
         return self.queued_work - behind
 
+    def _queue_full_for(self, priority: float) -> bool:
+        """The queue is full and no waiter has a lower stake for this newcomer to displace."""
+        return len(self.waiting) >= self.max_queued and not (
+            self.waiting and -self.waiting[-1].sort_key[0] < priority)
+
     def _refusal(self, priority: float, cost: float, deadline: float, now: float) -> str | None:
         """Why a newcomer must be refused now, or None to admit it."""
         if self.in_flight == 0:
             return None  # nothing ahead of it
-        if len(self.waiting) >= self.max_queued and not (
-                self.waiting and -self.waiting[-1].sort_key[0] < priority):
+        if self._queue_full_for(priority):
             return f"{len(self.waiting)} requests are queued (max_queued)"
         rate = self.drain_rate()
         ahead = self._ahead(priority)
@@ -205,7 +209,7 @@ class Admission:
         deadline. What the edge (serve_app/router/edge.py) sheds on, before the request reaches Python."""
         if self.in_flight == 0:
             return 0.0
-        if len(self.waiting) >= self.max_queued and not (self.waiting and -self.waiting[-1].sort_key[0] < priority):
+        if self._queue_full_for(priority):
             return math.inf
         rate = self.drain_rate()
         if rate is None:
