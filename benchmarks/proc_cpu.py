@@ -25,12 +25,19 @@ def snapshot() -> dict[tuple[str, str], float]:
     return out
 
 
+def spent(before: dict, after: dict) -> dict[tuple[str, str], float]:
+    """CPU seconds each process spent between two snapshots, keyed as `after` names it. Matched by
+    pid: a Ray worker's title names the method it runs, so one process may change names mid-phase
+    (matched by name, its whole life's CPU counted as the phase's)."""
+    before_pid = {pid: seconds for (pid, _), seconds in before.items()}
+    return {key: seconds - before_pid.get(key[0], 0.0) for key, seconds in after.items()
+            if seconds > before_pid.get(key[0], 0.0)}
+
+
 def per_request_ms(before: dict, after: dict, requests: int, top: int = 6) -> dict[str, float]:
     """CPU ms per request by process name, largest first."""
-    spent: dict[str, float] = {}
-    for key, seconds in after.items():
-        delta = seconds - before.get(key, 0.0)
-        if delta > 0:
-            spent[key[1]] = spent.get(key[1], 0.0) + delta
-    ranked = sorted(spent.items(), key=lambda kv: -kv[1])[:top]
+    by_name: dict[str, float] = {}
+    for (_, name), seconds in spent(before, after).items():
+        by_name[name] = by_name.get(name, 0.0) + seconds
+    ranked = sorted(by_name.items(), key=lambda kv: -kv[1])[:top]
     return {name: round(seconds * 1000 / requests, 2) for name, seconds in ranked}

@@ -303,16 +303,12 @@ def cpu_by_kind(before: dict, after: dict) -> dict[str, float]:
     kinds = {"haproxy": "haproxy", "Router": "router", "Embeddings": "embeddings", "h2load": "h2load (client)",
              "reliability.py": "validator (Python client)", "gcs_server": "ray", "raylet": "ray",
              "ServeController": "ray", "dashboard": "ray", "HAProxyManager": "ray", "LedgerKeeper": "ray"}
-    spent: dict[str, float] = {}
-    # By pid: a Ray worker's title names the method it runs, so one process may change names mid-phase.
-    before_pid = {pid: seconds for (pid, _), seconds in before.items()}
-    for key, seconds in after.items():
-        delta = seconds - before_pid.get(key[0], 0.0)
-        if delta > 0:
-            kind = "client (this Python process)" if key[0] == str(os.getpid()) else next(
-                (k for word, k in kinds.items() if word in key[1]), "other")
-            spent[kind] = spent.get(kind, 0.0) + delta
-    return {k: round(v, 2) for k, v in sorted(spent.items(), key=lambda kv: -kv[1])}
+    by_kind: dict[str, float] = {}
+    for (pid, name), seconds in proc_cpu.spent(before, after).items():
+        kind = "client (this Python process)" if pid == str(os.getpid()) else next(
+            (k for word, k in kinds.items() if word in name), "other")
+        by_kind[kind] = by_kind.get(kind, 0.0) + seconds
+    return {k: round(v, 2) for k, v in sorted(by_kind.items(), key=lambda kv: -kv[1])}
 
 
 def flood_phase(url: str, receiver: str, kind: str, rate: int, seconds: float) -> dict:

@@ -241,16 +241,26 @@ def test_sessions_that_cannot_make_their_deadline_are_refused_fast(cut):
                                                     headers={"X-Bittensor-Timeout": f"{timeout_s:.2f}"}), range(n)))
 
     # The runs the tests before cut short are gone from the router's admission too (a hang-up
-    # reaches the router only when HAProxy closes its side): with one still counted, a round below
-    # would wait behind it at a drain rate measured on cut-short runs.
+    # reaches the router only when HAProxy closes its side).
     wait_until(lambda: cut.http.get(CUT + "/info").json()["admission"]["agents"]["in_flight"] == 0, 30,
                lambda: f"the router still counts runs in flight: {cut.http.get(CUT + '/info').json()['admission']}")
-    # Two rounds at the replica's cap (two sessions) give the router its drain rate.
-    started = time.monotonic()
-    for _ in range(2):
+    # Two rounds at the replica's cap (two sessions) give the router its drain rate. A round that
+    # Serve's own queue for the replica refused in part (503 shed "queue is full": in the full suite
+    # the replica was still busy with calls of the tests before, its readiness probe among them; this
+    # test's max_queued_requests is 2) is sent again after its Retry-After, as a validator would.
+    rounds, tries = [], 0
+    while len(rounds) < 2:
+        tries += 1
+        started = time.monotonic()
         answers = burst(2, 60)
-        assert [a.status_code for a in answers] == [200, 200], [(a.status_code, a.text[:200]) for a in answers]
-    round_s = (time.monotonic() - started) / 2
+        statuses = [a.status_code for a in answers]
+        if statuses == [200, 200]:
+            rounds.append(time.monotonic() - started)
+            continue
+        assert tries < 6 and all(a.status_code == 200 or a.json()["error"] == "shed" for a in answers), \
+            [(a.status_code, a.text[:200]) for a in answers]
+        time.sleep(1)
+    round_s = sum(rounds) / 2
     # Ten at once with time for three rounds: admission keeps what fits in 0.8 of it (four sessions,
     # two rounds) and refuses the rest at once, instead of letting them run late.
     deadline_s = 3 * round_s
