@@ -115,9 +115,14 @@ class ShedShare:
     over each period, f = the share the router shed of what reached it; the share the edge should
     shed of what is offered is then 1 - (1 - f)(1 - p), p the share it shed already, kept a little
     under (MARGIN) so the router always sees somewhat more than it can take and keeps measuring.
-    With nothing shed the share halves each period (DECAY): load that ends is let in within about 2 s."""
+    A period in which the router took all that reached it eases the share off (EASE): under
+    sustained overload such a period is chance (the queue dipped under its threshold for a moment),
+    and halving the share there let twice to three times the load through the next period, which
+    the router then spent its CPU shedding. With nothing reaching the router the share halves each
+    period (DECAY): load that ends is let in within about 2 s (EASE: about 5 s)."""
 
     MARGIN = 0.95
+    EASE = 0.8
     DECAY = 0.5
     MIN_SEEN = 4  # fewer requests in a period: not enough to move the share up
     MAX = 0.98
@@ -139,6 +144,8 @@ class ShedShare:
             if shed and seen >= self.MIN_SEEN:
                 target = (1 - (1 - shed / seen) * (1 - before)) * self.MARGIN
                 after = min(self.MAX, max(target, before * self.DECAY))
+            elif seen >= self.MIN_SEEN:
+                after = before * self.EASE
             else:
                 after = before * self.DECAY
             if after < 0.01:

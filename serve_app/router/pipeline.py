@@ -3,7 +3,7 @@ Router deployment (serve_app/router/deployment.py) hands it each request.
 
 In order; a request refused at any step stops there and never reaches a workload:
   route (404; 405 unless POST) -> the entry gate, before any work on it (503 shed)
-  -> JSON content type (415) -> deadline from X-Bittensor-Timeout (422)
+  -> JSON content type (415) -> deadline from X-Bittensor-Timeout (422), counted from HAProxy's arrival stamp
   -> the scheme's auth headers, each exactly once (401) -> authorisation of the claimed hotkey
      from the subnet's metagraph (403, or 503 without a usable metagraph) -> early shed by the
      claimed hotkey's stake when admission could not finish it in time (503 shed)
@@ -47,7 +47,7 @@ from serve_app.errors import (ApiError, ErrorCode, deadline_exceeded, error_resp
 from serve_app.ops.admission import QueueDeadline, Shed
 from serve_app.ops.breaker import OPEN
 from serve_app.router.body import check_content_type
-from serve_app.router.policy import authorise, caller_class, priority, request_timeout
+from serve_app.router.policy import authorise, caller_class, priority, request_timeout, waited_s
 from serve_app.router.routes import Route
 
 log = logging.getLogger("ray.serve.torchrank.router")
@@ -60,6 +60,7 @@ RETRY_BACKOFF_S = 0.05  # doubled per attempt, with full jitter
 REPLICA_GONE = (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError)
 # The caller's address as HAProxy saw it (deployments/haproxy/edge.cfg sets it, replacing any sent).
 CLIENT_HEADER = "x-torchrank-client"
+RECEIVED_HEADER = "x-torchrank-received"  # set by HAProxy (edge.cfg): see policy.waited_s
 
 
 def signed_target(request: Request) -> str:
@@ -254,7 +255,7 @@ class RequestPipeline:
             raise shed("the miner is at capacity", retry_after_s=1)
         check_content_type(request.headers.get("content-type"))
         timeout = request_timeout(request.headers, route.subnet)
-        deadline = self.clock() + timeout
+        deadline = self.clock() + timeout - waited_s(request.headers.get(RECEIVED_HEADER), time.time(), timeout)
         view, policy = route.metagraph.view, route.subnet.auth
         # Not verified yet: only used to refuse (401 without the scheme's headers, each once).
         claimed = self.auth.claimed_hotkey(request.headers, policy)

@@ -62,6 +62,16 @@ def request_timeout(headers, subnet: SubnetConfig) -> float:
     return min(value, subnet.max_timeout_s)
 
 
+def waited_s(received_ms: Optional[str], now: float, timeout_s: float) -> float:
+    """How long the request waited before the router got to it, from HAProxy's stamp
+    (X-Torchrank-Received, ms since the epoch; `now` time.time()), at most its whole timeout: the
+    caller's deadline runs from its arrival. 0 without a usable stamp (a request not through HAProxy)."""
+    try:
+        return min(max(0.0, now - int(received_ms) / 1000), timeout_s)
+    except (TypeError, ValueError):
+        return 0.0
+
+
 def priority(hotkey: str, view: Optional[MetagraphView], policy: AuthPolicy) -> float:
     """Queue priority: the caller's stake; allow-listed hotkeys (the operator's own) go first."""
     if hotkey in policy.allow_hotkeys:

@@ -145,6 +145,33 @@ def test_when_every_read_has_its_whole_body_the_newcomer_is_shed_and_none_is_cut
     assert (err.status, err.code) == (503, "shed") and budget.cut_total == 0
 
 
+def test_bodies_haproxy_held_whole_are_never_cut_even_before_the_router_reads_them():
+    # Under overload the router starts reads it gets to only later: nothing read yet is the router's
+    # lag, not a slow client, when HAProxy says it held the whole body.
+    async def run():
+        budget = reads(limit=2, grace_s=5, min_bytes_per_s=10)
+        gate = asyncio.Event()  # the router has not got to these reads yet
+
+        def held_whole():
+            async def receive():
+                await gate.wait()
+                return {"type": "http.request", "body": b'{"input": "hi"}', "more_body": False}
+
+            headers = [(b"content-length", b"15"), (b"x-torchrank-body-whole", b"1")]
+            return Request({"type": "http", "method": "POST", "path": "/", "headers": headers}, receive)
+
+        held = [asyncio.ensure_future(budget.read(held_whole())) for _ in range(2)]
+        await until(lambda: len(budget.reading) == 2)
+        with pytest.raises(ApiError) as refused:
+            await budget.read(request([b'{"input": "hi"}'])[0])
+        gate.set()
+        assert [await h for h in held] == [b'{"input": "hi"}'] * 2
+        return refused.value, budget
+
+    err, budget = asyncio.run(run())
+    assert (err.status, err.code) == (503, "shed") and budget.cut_total == 0
+
+
 def test_a_router_lagging_behind_its_loop_does_not_take_its_lag_for_a_slow_body():
     # Under overload the router reads a body that came whole (HAProxy buffers small ones) late:
     # that is the router's lag, not the client's rate.

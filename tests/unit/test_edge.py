@@ -162,6 +162,11 @@ def test_the_shed_share_follows_what_the_router_sheds_and_lets_load_back_in_when
     # Then the router sees ~1.15 x what it takes, sheds 13 %: the share holds.
     steady = period(115, 15)
     assert abs(steady - first) < 0.05
+    # A period in which the router took all it saw (its queue dipped for a moment) eases the share
+    # off; it does not halve it and let twice the load through.
+    eased = period(30, 0)
+    assert steady * 0.75 < eased < steady
+    assert period(115, 15) > eased
     # The load ends: nothing reaches the router, nothing is shed; within 8 periods (2 s) the edge lets all in.
     shares = [period(0, 0) for _ in range(8)]
     assert shares[-1] == 0.0 and shares[0] < first

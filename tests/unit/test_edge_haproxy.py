@@ -5,6 +5,7 @@ counting backend in place of the router. What HAProxy answers itself never reach
 
 import asyncio
 import json
+import time
 import os
 import signal
 import subprocess
@@ -58,7 +59,9 @@ class Backend:
             def _answer(self):
                 backend.count += 1
                 self.rfile.read(int(self.headers.get("content-length") or 0))
-                body = json.dumps({"client": self.headers.get("x-torchrank-client")}).encode()
+                body = json.dumps({"client": self.headers.get("x-torchrank-client"),
+                                   "received": self.headers.get_all("x-torchrank-received"),
+                                   "whole": self.headers.get_all("x-torchrank-body-whole")}).encode()
                 self.send_response(200)
                 self.send_header("content-type", "application/json")
                 self.send_header("content-length", str(len(body)))
@@ -175,6 +178,11 @@ def test_the_edge_answers_what_needs_no_signature_and_passes_the_rest(edge):
     assert edge.backend.count == before  # none of them reached the router
     passed = post(edge.url, hotkey=ALICE)
     assert passed.status_code == 200 and passed.json()["client"] == "127.0.0.1"  # the address HAProxy saw
+    # When HAProxy had it, in ms since the epoch, whatever the client claimed (its deadline runs from there).
+    # And that it held the whole body (the router's slow-body rule then never cuts it), whatever the client claimed.
+    seen = post(edge.url, hotkey=ALICE, headers={"X-Torchrank-Received": "1", "X-Torchrank-Body-Whole": "0"}).json()
+    assert len(seen["received"]) == 1 and abs(int(seen["received"][0]) / 1000 - time.time()) < 5, seen
+    assert seen["whole"] == ["1"], seen
     asyncio.run(edge.keeper.sync())
     assert edge.keeper.refused == {(PATH, "malformed_auth"): 2, (PATH, "not_registered"): 1,
                                    (PATH, "no_validator_permit"): 1, ("-", "not_found"): 1,

@@ -386,3 +386,13 @@ def test_refusals_before_a_stream_stay_json_errors():
         route.breaker.record(True)
     status, body = answer(pipeline, request(events, body=b'{"input": "x", "stream": true}'))
     assert (status, body["error"]) == (503, "breaker_open") and "stream" not in events
+
+
+def test_the_deadline_runs_from_when_haproxy_had_the_request():
+    from serve_app.router.policy import waited_s
+
+    now = 1_000_000.0
+    assert waited_s(str(int((now - 1.5) * 1000)), now, 5.0) == 1.5  # it waited 1.5 s for a busy router
+    assert waited_s(str(int((now - 60) * 1000)), now, 5.0) == 5.0  # at most its whole timeout: a 504 at once
+    assert waited_s(str(int((now + 2) * 1000)), now, 5.0) == 0.0  # clocks a little apart: no credit
+    assert waited_s(None, now, 5.0) == 0.0 and waited_s("soon", now, 5.0) == 0.0  # not through HAProxy
