@@ -79,8 +79,8 @@ def raw_model(cfg, texts, seconds):
     return out
 
 
-async def drive(url, prepared, concurrency):
-    """Closed loop: `concurrency` callers send the prepared requests one after another."""
+async def drive(url, prepared, concurrency, method="POST"):
+    """Closed loop: `concurrency` callers send the prepared requests ((body, headers)) one after another."""
     import aiohttp
 
     latencies, statuses = [], {}
@@ -90,7 +90,7 @@ async def drive(url, prepared, concurrency):
         while queue:
             body, headers = queue.pop()
             t0 = time.perf_counter()
-            async with session.post(url, data=body, headers=headers) as resp:
+            async with session.request(method, url, data=body, headers=headers) as resp:
                 await resp.read()
                 statuses[resp.status] = statuses.get(resp.status, 0) + 1
             latencies.append((time.perf_counter() - t0) * 1000)

@@ -36,7 +36,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 import proc_cpu  # noqa: E402
-from embeddings import corpus, pct  # noqa: E402
+from embeddings import corpus, drive, pct  # noqa: E402
 
 from serve_app import rayenv  # noqa: E402
 from serve_app.app import build_app, load_config  # noqa: E402
@@ -65,37 +65,6 @@ def floor_apps():
             return Response(b'{"status":"ok"}', media_type="application/json")
 
     return Floor.bind(), FloorFastAPI.bind()
-
-
-async def drive(url: str, requests: list, concurrency: int):
-    """Closed loop: `concurrency` callers send `requests` ((method, path, body, headers)) in turn."""
-    import aiohttp
-
-    latencies, statuses = [], {}
-    queue = list(reversed(requests))
-
-    async def caller(session):
-        while queue:
-            method, path, body, headers = queue.pop()
-            t0 = time.perf_counter()
-            async with session.request(method, url + path, data=body, headers=headers) as resp:
-                await resp.read()
-                statuses[resp.status] = statuses.get(resp.status, 0) + 1
-            latencies.append((time.perf_counter() - t0) * 1000)
-
-    connector = aiohttp.TCPConnector(limit=concurrency)
-    async with aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=60)) as session:
-        start = time.perf_counter()
-        await asyncio.gather(*(caller(session) for _ in range(concurrency)))
-        return latencies, statuses, time.perf_counter() - start
-
-
-def py_spy(process: str, out: Path) -> subprocess.Popen:
-    """py-spy recording the process whose Ray name contains `process`, until it is sent SIGINT."""
-    pid = next(pid for (pid, name) in proc_cpu.snapshot() if process in name)
-    spy = Path(sys.executable).with_name("py-spy")
-    return subprocess.Popen([str(spy), "record", "-p", pid, "-r", "100", "-f", "raw", "-o", str(out)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
 
 def cpu_ms_per_request(before: dict, after: dict, requests: int, top: int = 6) -> dict[str, float]:
@@ -133,36 +102,41 @@ def main():
     signer, miner, texts = signer_for("//Alice"), cfg.wallet.hotkey_ss58(), corpus(1200)
     path = "/v1/embeddings"
 
-    def requests(stage: str, n: int) -> list:
+    def requests(stage: str, n: int) -> tuple[str, str, list]:
+        """(method, path, [(body, headers)] * n) for a stage."""
         if stage in ("floor", "floor-fastapi", "health"):
-            return [("GET", "/" + stage if stage != "health" else "/health", None, {})] * n
+            return "GET", "/" + stage, [(None, {})] * n
         if stage == "unsigned-401":
-            return [("POST", path, b'{"input": "x"}', {"Content-Type": "application/json"})] * n
+            return "POST", path, [(b'{"input": "x"}', {"Content-Type": "application/json"})] * n
         key = "inputs" if stage == "signed-422" else "input"
-        return [("POST", path, *signed_request(signer, path, {key: texts[i % len(texts)]}, miner)) for i in range(n)]
+        return "POST", path, [signed_request(signer, path, {key: texts[i % len(texts)]}, miner) for i in range(n)]
+
+    def run(stage: str, n: int, concurrency: int):
+        method, where, prepared = requests(stage, n)
+        return asyncio.run(drive(url + where, prepared, concurrency, method))
 
     results = {}
     try:
         # A verified request makes this address trusted at the edge (strangers get 20/s), and the
         # edge's maps fill; then every stage warms up before it is measured.
-        asyncio.run(drive(url, requests("embed-200", 20), 1))
+        run("embed-200", 20, 1)
         time.sleep(2)
         print(f"{'stage':<14} {'c1 p50 ms':>9} {'c32 req/s':>9}  statuses      CPU ms per request by process")
         for stage in STAGES:
-            asyncio.run(drive(url, requests(stage, 20), 4))
-            lat, _, _ = asyncio.run(drive(url, requests(stage, 150), 1))
-            load = requests(stage, args.requests)
+            run(stage, 20, 4)
+            lat, _, _ = run(stage, 150, 1)
+            method, where, prepared = requests(stage, args.requests)  # signed before the clock starts
             spy = py_spy("stages:Router", args.profile) if args.profile and stage == "embed-200" else None
             before = proc_cpu.snapshot()
-            _, statuses, wall = asyncio.run(drive(url, load, 32))
+            _, statuses, wall = asyncio.run(drive(url + where, prepared, 32, method))
             if spy is not None:
                 spy.send_signal(signal.SIGINT)
                 spy.wait(60)
-            cpu = cpu_ms_per_request(before, proc_cpu.snapshot(), len(load))
-            results[stage] = {"c1_p50_ms": round(pct(lat, 0.5), 2), "c32_per_s": round(len(load) / wall, 1),
+            cpu = cpu_ms_per_request(before, proc_cpu.snapshot(), args.requests)
+            results[stage] = {"c1_p50_ms": round(pct(lat, 0.5), 2), "c32_per_s": round(args.requests / wall, 1),
                               "statuses": statuses, "cpu_ms_per_request": cpu}
             shown = ", ".join(f"{name} {ms}" for name, ms in cpu.items())
-            print(f"{stage:<14} {pct(lat, 0.5):>9.1f} {len(load) / wall:>9.0f}  {str(statuses):<13} {shown}",
+            print(f"{stage:<14} {pct(lat, 0.5):>9.1f} {args.requests / wall:>9.0f}  {str(statuses):<13} {shown}",
                   flush=True)
     finally:
         serve.shutdown()
