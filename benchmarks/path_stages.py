@@ -14,7 +14,9 @@ Serve's own floor. Requests that stop at successive stages:
   signed-422     signature, replay claim, authorisation, a body that fails its schema: no model
   embed-200      a single-text embedding, answered
 
-For each: c=1 p50, c=32 requests/s with the status counts, and the CPU ms per request by
+First the processes' CPU over 10 s with no requests (the Router's own loops: monitor, edge sync,
+metrics, ledger), which the per-request figures below include. For each stage: c=1 p50, c=32
+requests/s with the status counts, and the CPU ms per request by
 process over the c=32 phase (from /proc; the client is this process, aiohttp). `--profile`
 records the Router with py-spy over the embed-200 c=32 phase (raw collapsed stacks, for a
 flame graph or `sort | uniq`; py-spy's sampling costs the router some CPU, so take the CPU
@@ -43,6 +45,7 @@ from serve_app.app import build_app, load_config  # noqa: E402
 from serve_app.client import signed_request, signer_for  # noqa: E402
 
 STAGES = ("floor", "floor-fastapi", "health", "unsigned-401", "signed-422", "embed-200")
+IDLE_S = 10
 
 
 def floor_apps():
@@ -121,6 +124,11 @@ def main():
         # edge's maps fill; then every stage warms up before it is measured.
         run("embed-200", 20, 1)
         time.sleep(2)
+        before = proc_cpu.snapshot()
+        time.sleep(IDLE_S)
+        idle = cpu_ms_per_request(before, proc_cpu.snapshot(), IDLE_S)
+        results["idle"] = {"cpu_ms_per_s": idle}
+        print("idle, CPU ms per second by process: " + ", ".join(f"{name} {ms}" for name, ms in idle.items()))
         print(f"{'stage':<14} {'c1 p50 ms':>9} {'c32 req/s':>9}  statuses      CPU ms per request by process")
         for stage in STAGES:
             run(stage, 20, 4)

@@ -96,8 +96,8 @@ async def start_ledger(cfg: MinerConfig, app_name: str):
 
 class PipelineFirst:
     """ASGI middleware: a request to a subnet route goes straight to the replica's pipeline
-    (`app.state.pipeline`); FastAPI's routing, dependency solving and response wrapping, ~13 % of the
-    router's CPU per answered request (benchmarks/README.md, the edge), serve the other endpoints.
+    (`app.state.pipeline`); FastAPI's routing, dependency solving and response wrapping (0.5-0.9 ms
+    of the router's CPU per request on 2 cores: benchmarks/README.md, issue 31) serve the others.
     Still inside the ASGI call Serve makes, so a caller's hang-up cancels the request as before."""
 
     def __init__(self, app):
