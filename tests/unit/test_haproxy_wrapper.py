@@ -117,13 +117,26 @@ def test_haproxy_gets_a_thread_per_core_up_to_rays_four(monkeypatch):
     assert os.environ["RAY_SERVE_HAPROXY_NBTHREAD"] == "2"
 
 
+def haproxy_children(parent: int) -> list[int]:
+    """Processes named haproxy whose parent is `parent`."""
+    found = []
+    for comm in Path("/proc").glob("[0-9]*/comm"):
+        try:
+            if comm.read_text() == "haproxy\n" and (comm.parent / "stat").read_text().split()[3] == str(parent):
+                found.append(int(comm.parent.name))
+        except OSError:  # gone meanwhile
+            continue
+    return found
+
+
 def test_a_start_stops_rays_haproxy_that_no_manager_owns_any_more(tmp_path):
     # Stand-ins named haproxy, each with a config under a haproxy-serve/ folder as Ray's: one whose
     # HAProxyManager died with Ray (`ray stop --force`: its HAProxy kept the miner's ports, the next
     # start failed), one whose manager lives.
     import shutil
     import sys
-    import time
+
+    from tests.conftest import wait_until
 
     fake = tmp_path / "haproxy-serve" / "haproxy"
     fake.parent.mkdir()
@@ -131,25 +144,18 @@ def test_a_start_stops_rays_haproxy_that_no_manager_owns_any_more(tmp_path):
     orphan = subprocess.Popen([str(fake), "300"])
     manager = subprocess.Popen(["ray::HAProxyManager", "-c", f"import subprocess; subprocess.run([{str(fake)!r}, '300'])"],
                                executable=sys.executable)
-    owned = None
     try:
-        deadline = time.monotonic() + 10
-        while not any(p.read_text() == "haproxy\n" and Path(f"/proc/{p.parent.name}/stat").read_text().split()[3]
-                      == str(manager.pid) for p in Path("/proc").glob("[0-9]*/comm") if p.exists()):
-            assert time.monotonic() < deadline, "the manager's haproxy did not start"
-            time.sleep(0.05)
-        owned = next(int(p.parent.name) for p in Path("/proc").glob("[0-9]*/comm") if p.exists()
-                     and p.read_text() == "haproxy\n" and Path(f"/proc/{p.parent.name}/stat").read_text().split()[3]
-                     == str(manager.pid))
+        wait_until(lambda: haproxy_children(manager.pid), 10, "the manager's haproxy started", interval_s=0.1)
+        owned = haproxy_children(manager.pid)[0]
         # A reload (-sf) or a check (-c) stops nothing.
         run_wrapper("-c", "-f", str(ray_config(tmp_path)))
         run_wrapper("-f", str(tmp_path / "missing.cfg"), "-sf", "1")
         assert orphan.poll() is None
         run_wrapper("-f", str(tmp_path / "missing.cfg"))  # a start: HAProxy itself then fails on the missing file
         assert orphan.wait(10) is not None
-        assert Path(f"/proc/{owned}").exists() and manager.poll() is None
+        assert haproxy_children(manager.pid) == [owned] and manager.poll() is None
     finally:
+        for pid in haproxy_children(manager.pid):
+            os.kill(pid, 9)
         for proc in (orphan, manager):
             proc.kill()
-        if owned is not None and Path(f"/proc/{owned}").exists():
-            os.kill(owned, 9)
