@@ -114,54 +114,38 @@ def test_when_the_budget_is_full_the_slowest_read_is_cut_and_the_newcomer_is_rea
     assert budget.cut_total == 1 and len(budget.reading) == 0
 
 
-def test_when_every_read_has_its_whole_body_the_newcomer_is_shed_and_none_is_cut():
-    # Bodies HAProxy buffered whole, read by a busy router, are never a slow client's to cut.
+BODY = {"type": "http.request", "body": b'{"input": "hi"}', "more_body": False}
+
+
+@pytest.mark.parametrize("case", ["read in full", "held whole by HAProxy"])
+def test_when_every_read_has_its_whole_body_the_newcomer_is_shed_and_none_is_cut(case):
+    # A busy router's reads of bodies it has whole are never a slow client's to cut: bodies read in
+    # full whose end it has not handed on yet, and (under overload, the router getting to its reads
+    # only later) bodies of which it has read nothing yet but HAProxy says it held them whole.
     async def run():
         budget = reads(limit=2, grace_s=5, min_bytes_per_s=10)
-        gate = asyncio.Event()  # the router has not handed the reads their ends yet
+        gate = asyncio.Event()  # the router has not got further with these reads yet
+        headers = [(b"content-length", b"15")]
+        if case == "read in full":
+            before, after = [dict(BODY, more_body=True)], dict(BODY, body=b"")
+        else:
+            before, after = [], BODY
+            headers.append((b"x-torchrank-body-whole", b"1"))
 
         def whole():
-            chunks = iter([{"type": "http.request", "body": b'{"input": "hi"}', "more_body": True}])
+            chunks = iter(before)
 
             async def receive():
                 try:
                     return next(chunks)
                 except StopIteration:
                     await gate.wait()
-                    return {"type": "http.request", "body": b"", "more_body": False}
+                    return after
 
-            scope = {"type": "http", "method": "POST", "path": "/", "headers": [(b"content-length", b"15")]}
-            return Request(scope, receive)
-
-        held = [asyncio.ensure_future(budget.read(whole())) for _ in range(2)]
-        await until(lambda: all(p[1] == 15 for p in budget.reading.values()) and len(budget.reading) == 2)
-        with pytest.raises(ApiError) as refused:
-            await budget.read(request([b'{"input": "hi"}'])[0])
-        gate.set()
-        assert [await h for h in held] == [b'{"input": "hi"}'] * 2
-        return refused.value, budget
-
-    err, budget = asyncio.run(run())
-    assert (err.status, err.code) == (503, "shed") and budget.cut_total == 0
-
-
-def test_bodies_haproxy_held_whole_are_never_cut_even_before_the_router_reads_them():
-    # Under overload the router starts reads it gets to only later: nothing read yet is the router's
-    # lag, not a slow client, when HAProxy says it held the whole body.
-    async def run():
-        budget = reads(limit=2, grace_s=5, min_bytes_per_s=10)
-        gate = asyncio.Event()  # the router has not got to these reads yet
-
-        def held_whole():
-            async def receive():
-                await gate.wait()
-                return {"type": "http.request", "body": b'{"input": "hi"}', "more_body": False}
-
-            headers = [(b"content-length", b"15"), (b"x-torchrank-body-whole", b"1")]
             return Request({"type": "http", "method": "POST", "path": "/", "headers": headers}, receive)
 
-        held = [asyncio.ensure_future(budget.read(held_whole())) for _ in range(2)]
-        await until(lambda: len(budget.reading) == 2)
+        held = [asyncio.ensure_future(budget.read(whole())) for _ in range(2)]
+        await until(lambda: len(budget.reading) == 2 and all(p[1] == 15 * len(before) for p in budget.reading.values()))
         with pytest.raises(ApiError) as refused:
             await budget.read(request([b'{"input": "hi"}'])[0])
         gate.set()
