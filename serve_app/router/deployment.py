@@ -161,12 +161,13 @@ class Router:
         """Serve's health check: the shared replay store (see Authenticator.check_store)."""
         await self.auth.check_store()
 
+    # async: FastAPI runs a plain `def` in its thread pool, a thread hop per health check.
     @app.get("/health")
-    def health(self):
+    async def health(self):
         return Response(b'{"status":"ok"}', media_type="application/json")
 
     @app.get("/ready")
-    def ready(self):
+    async def ready(self):
         body, ok = endpoints.readiness(self.monitor)
         return json_response(body, 200 if ok else 503, None if ok else retry_after(5))
 
@@ -179,7 +180,7 @@ class Router:
         return HTMLResponse(await self.page_cache.get())
 
     @app.get("/openapi.json")
-    def openapi(self):
+    async def openapi(self):
         return Response(self.openapi_bytes, media_type="application/json")
 
     # Unknown paths (404, in the catalogue's JSON); the routes themselves arrive by PipelineFirst.
